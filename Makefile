@@ -1,0 +1,51 @@
+# postcopy: set-up, tests and the demo.  `make test` and `make demo` install everything they need
+# on a fresh Debian 12 machine (apt packages as root or through sudo, then a virtualenv).
+SHELL := /bin/bash
+# nbdkit's python plugin embeds Debian's interpreter, so the venv is built from it.
+PYTHON := /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := nbdkit nbdkit-plugin-python qemu-utils libnbd-bin python3-libnbd fio nbd-server \
+	python3-venv iproute2 qemu-system-x86 busybox-static cpio
+PYTEST_ARGS ?=
+
+.PHONY: all setup system-deps venv test lint typecheck demo bench clean
+
+all: test
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | system-deps
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: system-deps $(VENV)/.installed
+
+setup: venv
+
+test: venv
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check nbdsrv postcopy plugin tests bench
+	$(VENV)/bin/mypy
+
+demo: venv
+	$(VENV)/bin/postcopy demo
+
+bench: venv
+	$(VPY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
