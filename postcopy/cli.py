@@ -1,0 +1,54 @@
+"""The `postcopy` command line: a thin shell over the library.
+
+Each subcommand lives in its own module under `postcopy.commands` and offers two names:
+`register(subparsers)`, which adds its argparse parser and sets `run` as the parser's default
+`func`, and `run(args) -> int`, which turns the parsed arguments into a config object and calls one
+service function.  Modules are discovered, so adding a command touches no shared file.  Errors that
+an operator can fix (`postcopy.errors.UserError`) print as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from postcopy import commands
+from postcopy.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="postcopy",
+        description="Post-copy live migration of VM disks over NBD.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"postcopy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def fetch_progress_main(argv: Sequence[str] | None = None) -> int:
+    """The `fetch-progress` console script: the same as `postcopy fetch-progress`."""
+    return main(["fetch-progress", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

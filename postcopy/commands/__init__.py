@@ -1,0 +1,1 @@
+"""Subcommands of `postcopy`, one module each (see `postcopy.cli`)."""
