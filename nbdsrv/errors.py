@@ -2,8 +2,8 @@
 
     NBDError
     ├── LocalProtocolError     we misused the API (a request that the negotiated session forbids)
-    ├── RemoteProtocolError    the peer broke the NBD protocol (bad magic, bad length, unknown cookie,
-    │                          overlapping chunks...); the connection cannot be trusted any more
+    ├── RemoteProtocolError    the peer broke the NBD protocol (bad magic, bad length, unknown
+    │                          cookie, overlapping chunks...); the connection is not trusted after
     ├── NegotiationError       the handshake did not end in a usable export (carries the option
     │                          reply code, e.g. ERR_UNKNOWN for a missing export, ERR_TLS_REQD)
     ├── CommandError           the server answered a command with an error: carries `errno`
