@@ -1,0 +1,449 @@
+"""The block map: which chunks of the destination disk are present, and its durable journal.
+
+The disk is split into chunks of `chunk_size` bytes (a power of two; the last chunk may be short).
+In memory the map is one `bytearray` with one byte per chunk (16 MiB for 1 TiB at 64 KiB chunks;
+a fresh one is `calloc`ed, so start-up touches nothing in proportion to the disk).  Each byte holds
+three bits that are only ever set, never cleared:
+
+    PRESENT        the chunk's bytes in the local file are authoritative
+    SOURCE_HOLE    the source's block status said the whole chunk is a hole / reads as zeros
+    GUEST_WRITTEN  the guest wrote, trimmed or zeroed (part of) the chunk here (rollback needs it)
+
+A chunk is MISSING when PRESENT is clear.  Range questions ("is every chunk of this read present?",
+"where is the next missing run?") are answered by a compiled regular expression searching the
+bytearray in C, so no Python loop runs per chunk.
+
+Persistence (in the state directory) is a snapshot plus an append-only journal:
+
+    blockmap          header (magic, version, identity) + zlib(map bytes) + crc32 of all of it
+    blockmap.journal  header (magic, version, identity, crc32) + 24-byte records
+                      (first chunk, chunk count, bits to set, crc32 of the record)
+
+Because bits are only ever set, replaying journal records is idempotent and order-free, so a crash
+between writing a new snapshot and resetting the journal is harmless.  A torn last record is
+dropped (its chunks are fetched again).  The identity (disk size, chunk size, source export size,
+export name and source id) must match, or the state is refused with a one-line `StateError`.
+
+Durability order lives in `BlockMap.make_durable`: changes made since the last call are captured,
+the data file is fdatasync'd (by the caller's callback), and only then are the captured changes
+appended to the journal and fsync'd (or written as a new snapshot when the journal grew large).
+A PRESENT bit therefore never reaches disk before the chunk's data does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from postcopy.errors import StateError
+
+PRESENT = 0x01
+SOURCE_HOLE = 0x02
+GUEST_WRITTEN = 0x04
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+
+SNAPSHOT_FILENAME = "blockmap"
+JOURNAL_FILENAME = "blockmap.journal"
+SNAPSHOT_MAGIC = b"PCOPYMAP"
+JOURNAL_MAGIC = b"PCOPYJNL"
+FORMAT_VERSION = 1
+# Compact the journal into a snapshot once it holds this many bytes of records.
+JOURNAL_COMPACT_BYTES = 1024 * 1024
+
+_RECORD = struct.Struct("<QQBxxxI")  # first chunk, chunk count, bits set, pad, crc32 of the rest
+_RECORD_BODY = struct.Struct("<QQBxxx")
+_IDENTITY_FIXED = struct.Struct("<8sIQIQHH")  # magic, version, disk size, chunk size,
+#                                                source size, len(export name), len(source id)
+_CRC = struct.Struct("<I")
+
+# A byte whose PRESENT bit is clear (values 0, 2, 4, 6): runs of them are missing chunks.
+_MISSING_BYTE = re.compile(b"[\x00\x02\x04\x06]")
+_MISSING_RUN = re.compile(b"[\x00\x02\x04\x06]+")
+_PRESENT_RUN = re.compile(b"[\x01\x03\x05\x07]+")
+_GUEST_WRITTEN_RUN = re.compile(b"[\x04-\x07]+")
+_ONLY_PRESENT_BIT = bytes(b & PRESENT for b in range(256))
+_OR_TABLES = {bits: bytes(b | bits for b in range(256)) for bits in range(8)}
+
+
+@dataclass(frozen=True)
+class MapIdentity:
+    """What a state directory belongs to; a mismatch in any field refuses the state."""
+
+    disk_size: int
+    chunk_size: int
+    source_size: int
+    export_name: str
+    source_id: str
+
+    def encode(self, magic: bytes) -> bytes:
+        name = self.export_name.encode()
+        source_id = self.source_id.encode()
+        return (
+            _IDENTITY_FIXED.pack(
+                magic, FORMAT_VERSION, self.disk_size, self.chunk_size, self.source_size,
+                len(name), len(source_id),
+            )
+            + name
+            + source_id
+        )
+
+    def describe_mismatch(self, other: MapIdentity) -> str:
+        for field in ("disk_size", "chunk_size", "source_size", "export_name", "source_id"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                return f"{field.replace('_', ' ')} {theirs!r} in the state, {mine!r} now"
+        return "identical"
+
+
+def _decode_identity(data: bytes, magic: bytes, what: str) -> tuple[MapIdentity, int]:
+    """Parse an identity header; returns it and the number of bytes it used."""
+    if len(data) < _IDENTITY_FIXED.size:
+        raise StateError(f"{what} is truncated")
+    got_magic, version, disk_size, chunk_size, source_size, name_len, id_len = (
+        _IDENTITY_FIXED.unpack_from(data)
+    )
+    if got_magic != magic:
+        raise StateError(f"{what} is not a postcopy block map (bad magic)")
+    if version != FORMAT_VERSION:
+        raise StateError(
+            f"{what} has format version {version}, this postcopy reads {FORMAT_VERSION}"
+        )
+    end = _IDENTITY_FIXED.size + name_len + id_len
+    if len(data) < end:
+        raise StateError(f"{what} is truncated")
+    name = data[_IDENTITY_FIXED.size:_IDENTITY_FIXED.size + name_len].decode(errors="replace")
+    source_id = data[_IDENTITY_FIXED.size + name_len:end].decode(errors="replace")
+    return MapIdentity(disk_size, chunk_size, source_size, name, source_id), end
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    """temp file, write, fsync, rename over `path`, fsync the directory."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temp, path)
+    _fsync_directory(path.parent)
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if (
+        chunk_size < MIN_CHUNK_SIZE
+        or chunk_size > MAX_CHUNK_SIZE
+        or chunk_size & (chunk_size - 1)
+    ):
+        raise StateError(
+            f"chunk size {chunk_size} must be a power of two between {MIN_CHUNK_SIZE} and "
+            f"{MAX_CHUNK_SIZE}"
+        )
+
+
+class BlockMap:
+    """The chunk map of one disk, with its journal in `state_dir`.  Thread-safe.
+
+    Chunk ranges are half-open `[first, end)` chunk indexes.  Mutations take `self.lock`;
+    callers that must check-and-update atomically together with a data write hold their own lock
+    around both (see `postcopy.engine`).
+    """
+
+    def __init__(self, state_dir: Path, identity: MapIdentity, states: bytearray) -> None:
+        self.state_dir = Path(state_dir)
+        self.identity = identity
+        self.disk_size = identity.disk_size
+        self.chunk_size = identity.chunk_size
+        self.chunk_shift = identity.chunk_size.bit_length() - 1
+        self.chunk_count = len(states)
+        self._states = states
+        self.lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._pending: list[tuple[int, int, int]] = []
+        self._present_count = self.chunk_count - states.translate(_ONLY_PRESENT_BIT).count(0)
+        self._journal_fd = -1
+        self._journal_bytes = 0
+
+    # ----- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path, identity: MapIdentity) -> BlockMap:
+        """Load the map of `state_dir` (or start an empty one there); refuse a mismatch."""
+        check_chunk_size(identity.chunk_size)
+        state_dir = Path(state_dir)
+        if not state_dir.is_dir():
+            raise StateError(f"state directory {state_dir} does not exist")
+        chunk_count = -(-identity.disk_size // identity.chunk_size)
+        snapshot_path = state_dir / SNAPSHOT_FILENAME
+        journal_path = state_dir / JOURNAL_FILENAME
+        if snapshot_path.exists():
+            states = cls._load_snapshot(snapshot_path, identity, chunk_count)
+        else:
+            states = bytearray(chunk_count)
+        block_map = cls(state_dir, identity, states)
+        block_map._open_journal(journal_path)
+        return block_map
+
+    @staticmethod
+    def _load_snapshot(path: Path, identity: MapIdentity, chunk_count: int) -> bytearray:
+        what = f"state file {path}"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"cannot read {what}: {exc.strerror}") from None
+        if len(data) < _CRC.size:
+            raise StateError(f"{what} is truncated")
+        (stored_crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+        if zlib.crc32(memoryview(data)[:-_CRC.size]) != stored_crc:
+            raise StateError(f"{what} is corrupt (checksum mismatch)")
+        found, header_len = _decode_identity(data, SNAPSHOT_MAGIC, what)
+        if found != identity:
+            raise StateError(
+                f"state directory {path.parent} belongs to another disk: "
+                f"{identity.describe_mismatch(found)}"
+            )
+        try:
+            states = bytearray(zlib.decompress(memoryview(data)[header_len:-_CRC.size]))
+        except zlib.error:
+            raise StateError(f"{what} is corrupt (bad compressed map)") from None
+        if len(states) != chunk_count:
+            raise StateError(f"{what} is corrupt (map length)")
+        return states
+
+    def _open_journal(self, path: Path) -> None:
+        what = f"journal {path}"
+        header = self.identity.encode(JOURNAL_MAGIC)
+        header += _CRC.pack(zlib.crc32(header))
+        if not path.exists():
+            _write_file_atomically(path, header)
+            good_end = len(header)
+        else:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise StateError(f"cannot read {what}: {exc.strerror}") from None
+            found, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
+            if len(data) < header_len + _CRC.size:
+                raise StateError(f"{what} is truncated")
+            (crc,) = _CRC.unpack_from(data, header_len)
+            if crc != zlib.crc32(memoryview(data)[:header_len]):
+                raise StateError(f"{what} is corrupt (header checksum mismatch)")
+            if found != self.identity:
+                raise StateError(
+                    f"state directory {path.parent} belongs to another disk: "
+                    f"{self.identity.describe_mismatch(found)}"
+                )
+            good_end = self._replay_journal(data, header_len + _CRC.size, what)
+        self._journal_fd = os.open(path, os.O_WRONLY)
+        os.ftruncate(self._journal_fd, good_end)  # drop a torn tail
+        os.lseek(self._journal_fd, good_end, os.SEEK_SET)
+        self._journal_bytes = good_end - len(header)
+
+    def _replay_journal(self, data: bytes, start: int, what: str) -> int:
+        position = start
+        while position + _RECORD.size <= len(data):
+            first, count, bits, crc = _RECORD.unpack_from(data, position)
+            body = memoryview(data)[position:position + _RECORD_BODY.size]
+            if zlib.crc32(body) != crc:
+                if position + _RECORD.size == len(data):
+                    break  # a torn last record: its chunks will be fetched again
+                raise StateError(f"{what} is corrupt (record checksum mismatch)")
+            if first + count > self.chunk_count or bits & ~0x07 or count == 0:
+                raise StateError(f"{what} is corrupt (record out of range)")
+            self._set_bits(first, first + count, bits)
+            position += _RECORD.size
+        return position
+
+    def close(self) -> None:
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+            self._journal_fd = -1
+
+    # ----- queries (lock-free: bits only ever get set) -----------------------------------------
+
+    def chunk_of(self, offset: int) -> int:
+        return offset >> self.chunk_shift
+
+    def chunk_range(self, offset: int, length: int) -> tuple[int, int]:
+        """The chunks `[first, end)` that the byte range touches (length > 0)."""
+        return offset >> self.chunk_shift, ((offset + length - 1) >> self.chunk_shift) + 1
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """Byte offsets `[start, end)` of a chunk (the last one may be short)."""
+        start = chunk << self.chunk_shift
+        return start, min(start + self.chunk_size, self.disk_size)
+
+    def is_present(self, chunk: int) -> bool:
+        return bool(self._states[chunk] & PRESENT)
+
+    def all_present(self, first: int, end: int) -> bool:
+        if end - first == 1:
+            return bool(self._states[first] & PRESENT)
+        return _MISSING_BYTE.search(self._states, first, end) is None
+
+    def is_source_hole(self, chunk: int) -> bool:
+        return bool(self._states[chunk] & SOURCE_HOLE)
+
+    def is_guest_written(self, chunk: int) -> bool:
+        return bool(self._states[chunk] & GUEST_WRITTEN)
+
+    def bits(self, chunk: int) -> int:
+        return self._states[chunk]
+
+    def missing_ranges(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Coalesced runs `[a, b)` of missing chunks within `[first, end)`, in order."""
+        stop = self.chunk_count if end is None else end
+        for match in _MISSING_RUN.finditer(self._states, first, stop):
+            yield match.start(), match.end()
+
+    def next_missing_range(self, first: int, end: int | None = None) -> tuple[int, int] | None:
+        stop = self.chunk_count if end is None else end
+        match = _MISSING_RUN.search(self._states, first, stop)
+        return None if match is None else (match.start(), match.end())
+
+    def present_ranges(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        stop = self.chunk_count if end is None else end
+        for match in _PRESENT_RUN.finditer(self._states, first, stop):
+            yield match.start(), match.end()
+
+    def guest_written_ranges(self) -> Iterator[tuple[int, int]]:
+        """Runs of chunks the guest changed here: what a reverse sync would have to copy."""
+        for match in _GUEST_WRITTEN_RUN.finditer(self._states):
+            yield match.start(), match.end()
+
+    @property
+    def present_count(self) -> int:
+        return self._present_count
+
+    @property
+    def present_bytes(self) -> int:
+        count = self._present_count
+        total = count * self.chunk_size
+        if count and self._states[self.chunk_count - 1] & PRESENT:
+            total -= self.chunk_count * self.chunk_size - self.disk_size  # the short last chunk
+        return total
+
+    @property
+    def is_complete(self) -> bool:
+        return self._present_count == self.chunk_count
+
+    # ----- mutations -------------------------------------------------------------------------
+
+    def _set_bits(self, first: int, end: int, bits: int) -> int:
+        """Set `bits` on chunks `[first, end)`; returns how many became present.  Lock held."""
+        before = self._states[first:end]
+        newly_present = 0
+        if bits & PRESENT:
+            newly_present = before.translate(_ONLY_PRESENT_BIT).count(0)
+        self._states[first:end] = before.translate(_OR_TABLES[bits])
+        self._present_count += newly_present
+        return newly_present
+
+    def mark(self, first: int, end: int, bits: int) -> int:
+        """Set `bits` on `[first, end)` in memory and queue them for the journal.
+
+        Returns how many chunks became present.  Call it only after the data the bits describe
+        has been written to the local file (not necessarily synced: `make_durable` does that).
+        """
+        if first >= end:
+            return 0
+        with self.lock:
+            newly_present = self._set_bits(first, end, bits)
+            self._pending.append((first, end - first, bits))
+        return newly_present
+
+    def mark_present(
+        self, first: int, end: int, *, source_hole: bool = False, guest_written: bool = False
+    ) -> int:
+        bits = PRESENT | (SOURCE_HOLE if source_hole else 0)
+        bits |= GUEST_WRITTEN if guest_written else 0
+        return self.mark(first, end, bits)
+
+    def note_source_hole(self, first: int, end: int) -> None:
+        """Remember that the source reported `[first, end)` as holes (chunks stay missing)."""
+        self.mark(first, end, SOURCE_HOLE)
+
+    @property
+    def pending_changes(self) -> int:
+        return len(self._pending)
+
+    # ----- durability ------------------------------------------------------------------------
+
+    def make_durable(self, sync_data: Callable[[], None], *, compact: bool = False) -> None:
+        """Persist every change marked so far, in the one safe order:
+
+        1. capture: take the pending changes (and, when compacting, a copy of the map); every
+           one of them describes data already written to the local file;
+        2. sync data: `sync_data()` (the engine's fdatasync of the data file);
+        3. persist map: append the captured changes to the journal and fsync it, or write the
+           captured copy as a new snapshot and start an empty journal.
+
+        On failure the captured changes are put back, so the next call retries them.
+        """
+        with self._sync_lock:
+            compact = compact or self._journal_bytes >= JOURNAL_COMPACT_BYTES
+            # step 1: capture
+            with self.lock:
+                captured = self._pending
+                self._pending = []
+                snapshot = bytes(self._states) if compact else None
+            if not captured and snapshot is None:
+                return
+            try:
+                # step 2: sync data
+                sync_data()
+                # step 3: persist map
+                if snapshot is not None:
+                    self._write_snapshot(snapshot)
+                else:
+                    self._append_journal(captured)
+            except BaseException:
+                with self.lock:
+                    self._pending[:0] = captured
+                raise
+
+    def _append_journal(self, changes: list[tuple[int, int, int]]) -> None:
+        records = bytearray()
+        for first, count, bits in changes:
+            body = _RECORD_BODY.pack(first, count, bits)
+            records += body + _CRC.pack(zlib.crc32(body))
+        view = memoryview(records)
+        while view:
+            view = view[os.write(self._journal_fd, view):]
+        os.fdatasync(self._journal_fd)
+        self._journal_bytes += len(records)
+
+    def _write_snapshot(self, states: bytes) -> None:
+        data = bytearray(self.identity.encode(SNAPSHOT_MAGIC))
+        data += zlib.compress(states, 1)
+        data += _CRC.pack(zlib.crc32(data))
+        _write_file_atomically(self.state_dir / SNAPSHOT_FILENAME, bytes(data))
+        # the snapshot holds everything: start an empty journal (atomically replaced)
+        header = self.identity.encode(JOURNAL_MAGIC)
+        header += _CRC.pack(zlib.crc32(header))
+        journal_path = self.state_dir / JOURNAL_FILENAME
+        _write_file_atomically(journal_path, header)
+        new_fd = os.open(journal_path, os.O_WRONLY | os.O_APPEND)
+        old_fd, self._journal_fd = self._journal_fd, new_fd
+        if old_fd >= 0:
+            os.close(old_fd)
+        self._journal_bytes = 0
