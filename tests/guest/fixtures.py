@@ -1,0 +1,35 @@
+"""pytest fixtures for tests that boot the test guest.
+
+Import the fixture functions into a test module to use them (they are registered under the names
+given below), e.g. `from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401`.
+`guest_boot_files` builds the guest once per session (or finds it in `.cache/guest/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.guest.build import GuestBootFiles, ensure_guest_boot_files
+from tests.guest.qemu import GuestLayout, prepare_disk_image
+
+
+@pytest.fixture(scope="session", name="guest_boot_files")
+def guest_boot_files_fixture() -> GuestBootFiles:
+    return ensure_guest_boot_files()
+
+
+@pytest.fixture(name="guest_layout")
+def guest_layout_fixture() -> GuestLayout:
+    return GuestLayout()
+
+
+@pytest.fixture(name="guest_image")
+def guest_image_fixture(
+    tmp_path: Path, guest_boot_files: GuestBootFiles, guest_layout: GuestLayout
+) -> Path:
+    """A fresh raw disk image with the layout's pre-boot pattern."""
+    image = tmp_path / "guest.img"
+    prepare_disk_image(image, guest_layout, guest_boot_files)
+    return image
