@@ -211,15 +211,24 @@ class QMPClient:
 @asynccontextmanager
 async def open_qmp_stream(stream: trio.abc.Stream) -> AsyncIterator[QMPClient]:
     """Negotiate QMP over `stream` and yield the client; closes the stream on exit."""
-    async with stream, trio.open_nursery() as nursery:
+    async with stream:
         client = QMPClient(stream)
         await client._read_greeting()
-        nursery.start_soon(client._reader)
-        await client.execute("qmp_capabilities")
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
+        # The reader's nursery spans the caller's block.  An exception from that block is carried
+        # out of the nursery and raised as itself, not wrapped in an ExceptionGroup (the reader
+        # never raises, so the block's exception is the only one).
+        block_error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._reader)
+            try:
+                await client.execute("qmp_capabilities")
+                yield client
+            except Exception as exc:
+                block_error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if block_error is not None:
+            raise block_error
 
 
 @asynccontextmanager

@@ -77,11 +77,9 @@ def prepare_disk_image(path: Path, layout: GuestLayout, boot_files: GuestBootFil
     with open(path, "wb") as image:
         image.truncate(layout.disk_size)
     start, length = layout.preboot_byte_range()
-    subprocess.run(
-        [str(boot_files.workload_tool), "fill", str(path), str(layout.seed), str(start), str(length)],
-        check=True,
-        timeout=60,
-    )
+    tool = str(boot_files.workload_tool)
+    fill = [tool, "fill", str(path), str(layout.seed), str(start), str(length)]
+    subprocess.run(fill, check=True, timeout=60)
 
 
 def splitmix64(value: int) -> int:
