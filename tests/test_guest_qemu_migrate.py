@@ -1,0 +1,156 @@
+"""`postcopy qemu-migrate` against real QEMU processes (TCG) running the self-checking guest.
+
+Both QEMUs open the same local raw image (shared storage), so these tests check the QMP driver
+alone: the RAM migration, the switchover, the report, and the rollback when things go wrong.
+The postcopy disk is exercised by test_guest_migration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from postcopy.errors import UserError
+from postcopy.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
+from postcopy.qmp import open_qmp
+from tests.guest.build import GuestBootFiles
+from tests.guest.fixtures import (  # noqa: F401  (fixtures)
+    guest_boot_files_fixture,
+    guest_image_fixture,
+    guest_layout_fixture,
+)
+from tests.guest.qemu import GuestLayout, QemuGuest, kill_now, run_qemu_guest, wait_until_exited
+
+BOOT_TIMEOUT = 30
+SLOW_BANDWIDTH = 1 << 20  # bytes/s: keeps a 128 MiB guest's migration busy for a while
+
+
+async def qemu_status(guest: QemuGuest) -> str:
+    with trio.fail_after(5):
+        async with open_qmp(guest.qmp_socket) as qmp:
+            return str((await qmp.execute("query-status"))["status"])
+
+
+def written_slots(detail: str) -> int:
+    return int(detail.split("written_slots=")[1].split()[0])
+
+
+def test_qemu_migrate_moves_a_running_guest_and_it_keeps_passing(
+    guest_boot_files: GuestBootFiles, guest_layout: GuestLayout, guest_image: Path, tmp_path: Path
+) -> None:
+    with (
+        run_qemu_guest(guest_boot_files, guest_layout, guest_image, tmp_path, "src") as source,
+        run_qemu_guest(
+            guest_boot_files, guest_layout, guest_image, tmp_path, "dst", incoming=True
+        ) as dest,
+    ):
+        source.wait_for_marker(BOOT_TIMEOUT, ok=True, min_pass=2)
+        command = [
+            sys.executable, "-m", "postcopy.cli", "qemu-migrate",
+            "--source-qmp", str(source.qmp_socket), "--dest-qmp", str(dest.qmp_socket),
+            "--shared-storage", "--timeout", "30", "--json",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        migrated_at = time.monotonic()
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["status"] == "completed"
+        assert 0 < report["qemu_downtime_ms"] <= report["qemu_total_time_ms"]
+        assert report["ram_transferred_bytes"] > 0
+
+        source.poll_serial()
+        last_on_source = source.markers[-1]
+        first_on_dest = dest.wait_for_marker(BOOT_TIMEOUT, ok=None)
+        later = dest.wait_for_passes(4, BOOT_TIMEOUT)
+        # The same guest, memory and all: its pass counter and its record of written slots go on.
+        last_number = last_on_source.pass_number
+        assert last_number < first_on_dest.pass_number <= last_number + 2
+        assert written_slots(first_on_dest.detail) > written_slots(last_on_source.detail)
+        numbers = [m.pass_number for m in later]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        assert source.failures() == [] and dest.failures() == []
+        assert all(m.ok for m in later)
+        # Only one guest runs: the source stays paused after the switchover.
+        assert trio.run(qemu_status, source) == "postmigrate"
+        assert trio.run(qemu_status, dest) == "running"
+        source.poll_serial()
+        assert source.markers[-1].pass_number == last_on_source.pass_number
+        print(
+            f"RAM migration {report['qemu_total_time_ms']} ms, downtime "
+            f"{report['qemu_downtime_ms']} ms, first OK on destination "
+            f"{first_on_dest.seen_at - migrated_at:.2f} s after qemu-migrate returned"
+        )
+
+
+async def test_migration_to_a_destination_that_dies_leaves_the_source_running(
+    guest_boot_files: GuestBootFiles, guest_layout: GuestLayout, guest_image: Path, tmp_path: Path
+) -> None:
+    with run_qemu_guest(guest_boot_files, guest_layout, guest_image, tmp_path, "src") as source:
+        source.wait_for_marker(BOOT_TIMEOUT, ok=True, min_pass=1)
+
+        # 1. The destination is killed in the middle of the RAM migration.
+        with run_qemu_guest(
+            guest_boot_files, guest_layout, guest_image, tmp_path, "dst1", incoming=True
+        ) as dest:
+            config = MigrationConfig(
+                source.qmp_socket, dest.qmp_socket, None, timeout_seconds=30,
+                max_bandwidth_bytes=SLOW_BANDWIDTH,
+            )  # fmt: skip
+            failure: MigrationFailed | None = None
+
+            async def migrate() -> None:
+                nonlocal failure
+                with pytest.raises(MigrationFailed) as caught:
+                    await migrate_qemu_domain(config)
+                failure = caught.value
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(migrate)
+                await trio.sleep(1.5)
+                kill_now(dest)
+        assert failure is not None
+        assert failure.source_resumed and failure.destination_stopped, str(failure)
+        assert await qemu_status(source) == "running"
+        resumed_at = time.monotonic()
+        source.wait_for_marker(BOOT_TIMEOUT, ok=True, after=resumed_at)
+
+        # 2. The migration takes longer than --timeout: cancelled, destination told to quit.
+        with run_qemu_guest(
+            guest_boot_files, guest_layout, guest_image, tmp_path, "dst2", incoming=True
+        ) as dest:
+            config = MigrationConfig(
+                source.qmp_socket, dest.qmp_socket, None, timeout_seconds=1.5,
+                max_bandwidth_bytes=SLOW_BANDWIDTH,
+            )  # fmt: skip
+            with pytest.raises(MigrationFailed, match="timed out") as caught:
+                await migrate_qemu_domain(config)
+            assert caught.value.source_resumed and caught.value.destination_stopped
+            assert wait_until_exited(dest, timeout=10) == 0
+        assert await qemu_status(source) == "running"
+        resumed_at = time.monotonic()
+        source.wait_for_marker(BOOT_TIMEOUT, ok=True, after=resumed_at)
+        assert source.failures() == []
+
+
+async def test_qemu_migrate_refuses_a_destination_not_waiting_for_a_migration(
+    guest_boot_files: GuestBootFiles, guest_layout: GuestLayout, guest_image: Path, tmp_path: Path
+) -> None:
+    # Two QEMUs without -incoming: nothing to migrate into.  Nothing must be touched.
+    other_image = tmp_path / "other.img"
+    other_image.write_bytes(guest_image.read_bytes())
+    with (
+        run_qemu_guest(guest_boot_files, guest_layout, guest_image, tmp_path, "a") as first,
+        run_qemu_guest(
+            guest_boot_files, guest_layout, other_image, tmp_path, "b",
+            extra_args=["-S"],
+        ) as second,
+    ):  # fmt: skip
+        with pytest.raises(UserError, match="-incoming defer"):
+            await migrate_qemu_domain(MigrationConfig(first.qmp_socket, second.qmp_socket, None))
+        assert await qemu_status(first) == "running"
