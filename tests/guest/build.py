@@ -98,7 +98,14 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def resolve_kernel_package() -> tuple[str, str]:
     """(package, version) of the kernel that linux-image-amd64 currently depends on."""
-    depends = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+    try:
+        depends = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+    except GuestBuildError:
+        if os.geteuid() != 0:
+            raise
+        # A machine whose apt lists were never fetched (or were cleaned): fetch them once.
+        _run(["apt-get", "update", "-qq"])
+        depends = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
     package = None
     for line in depends.splitlines():
         line = line.strip()
