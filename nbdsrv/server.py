@@ -1,0 +1,561 @@
+"""The trio NBD server: a thin shell that drives `nbdsrv.server_core` over sockets.
+
+    exports = [Export("", FileBackend("disk.img"))]
+    async with trio.open_nursery() as nursery:
+        serving = await nursery.start(partial(serve_nbd, exports, socket_path="/run/d.sock"))
+        print(serving.uris)
+
+Per connection: the handshake runs under a timeout; then one reader task parses requests with the
+sans-IO core and starts a handler task per request, so requests run concurrently and are answered
+out of order.  Backpressure: the reader stops reading while `max_in_flight` requests, or
+`max_bytes_in_flight` bytes of reads and writes, are being served.  A lock keeps the chunks of one
+reply together on the wire.  Backend calls block, so they run in worker threads
+(`trio.to_thread.run_sync` under one CapacityLimiter per server).  A READ is read with os.preadv
+straight into a pooled buffer and sent from it with sendmsg (reply header + memoryview, no copy).
+With structured replies a READ's holes are found with SEEK_DATA/SEEK_HOLE first: they go out as
+OFFSET_HOLE chunks and are never read nor sent.
+
+Failures stay per connection: a peer that breaks the protocol or vanishes loses its own connection
+with one log line (logger "nbdsrv.server"); a backend OSError becomes an NBD error reply with the
+nearest errno; an unexpected exception in a handler is logged and answered EIO.  TCP sockets get
+TCP_NODELAY (trio's SocketStream sets it); Unix sockets are created mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket as stdlib_socket
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from nbdsrv import constants as k
+from nbdsrv import server_core as core
+from nbdsrv.backend import Backend
+from nbdsrv.errors import ConnectionClosedError, RemoteProtocolError
+from nbdsrv.extent import Extent
+
+log = logging.getLogger("nbdsrv.server")
+
+HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to reach transmission
+RECEIVE_SIZE = 256 * 1024
+_IOV_BATCH = 512  # buffers per sendmsg call (Linux IOV_MAX is 1024)
+_BUFFERED_COMMANDS = frozenset({k.Command.READ, k.Command.WRITE})  # count against the byte budget
+
+
+@dataclass(frozen=True)
+class Export:
+    """One named export: the name clients ask for, and the disk behind it."""
+
+    name: str
+    backend: Backend
+    description: str = ""
+
+    def spec(self) -> core.ExportSpec:
+        backend = self.backend
+        size = backend.size
+        return core.ExportSpec(
+            name=self.name,
+            size=size,
+            read_only=backend.read_only,
+            description=self.description,
+            can_multi_conn=backend.can_multi_conn,
+            # 512 keeps clients sector-aligned; an odd-sized image must allow byte access.
+            minimum_block_size=512 if size % 512 == 0 else 1,
+        )
+
+
+@dataclass
+class ServerStatistics:
+    connections_accepted: int = 0
+    connections_open: int = 0
+    connections_failed: int = 0  # closed because the peer broke the protocol
+    requests: int = 0
+    requests_refused: int = 0
+    bytes_sent: int = 0  # every byte written to clients, handshake included
+    read_data_bytes: int = 0  # READ payload bytes sent as data
+    read_hole_bytes: int = 0  # READ bytes described by OFFSET_HOLE chunks (not sent)
+    commands: dict[str, int] = field(default_factory=dict)
+
+
+class _BufferPool:
+    """Reusable read buffers in power-of-two size classes (64 KiB up to 32 MiB)."""
+
+    def __init__(self, keep_per_class: int = 16) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._keep = keep_per_class
+
+    @staticmethod
+    def _class_of(size: int) -> int:
+        return max(65536, 1 << (size - 1).bit_length())
+
+    def get(self, size: int) -> bytearray:
+        free = self._free.get(self._class_of(size))
+        return free.pop() if free else bytearray(self._class_of(size))
+
+    def put(self, buffer: bytearray) -> None:
+        free = self._free.setdefault(len(buffer), [])
+        if len(free) < self._keep:
+            free.append(buffer)
+
+
+class _ByteBudget:
+    """At most `total` bytes of requests in flight; a bigger request waits for an empty budget."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.available = total
+        self._waiters = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, amount: int) -> int:
+        amount = min(amount, self.total)
+        while self.available < amount:
+            await self._waiters.park()
+        self.available -= amount
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.available += amount
+        self._waiters.unpark_all()
+
+
+class _Connection:
+    """The state a connection's reader and handlers share."""
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.core = core.ServerConnection(server.specs)
+        self.send_lock = trio.Lock()
+        self.socket: Any = getattr(stream, "socket", None)
+        self.export: Export | None = None
+        self.slots = trio.Semaphore(server.max_in_flight)
+        self.budget = _ByteBudget(server.max_bytes_in_flight)
+        self.broken: BaseException | None = None
+
+    async def send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        stats = self.server.stats
+        async with self.send_lock:
+            if self.socket is None:
+                for buffer in buffers:
+                    await self.stream.send_all(buffer)
+                    stats.bytes_sent += len(buffer)
+                return
+            pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+            while pending:
+                try:
+                    sent = await self.socket.sendmsg(pending[:_IOV_BATCH])
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+                stats.bytes_sent += sent
+                while sent:
+                    head = pending[0]
+                    if sent >= len(head):
+                        sent -= len(head)
+                        pending.pop(0)
+                    else:
+                        pending[0] = head[sent:]
+                        sent = 0
+
+
+class Server:
+    """Serves `exports` to any number of connections; `handle_stream` serves one."""
+
+    def __init__(
+        self,
+        exports: Sequence[Export],
+        *,
+        max_in_flight: int = 64,
+        max_bytes_in_flight: int = 64 * 1024 * 1024,
+        io_threads: int = 8,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        names = [export.name for export in exports]
+        if len(set(names)) != len(names):
+            raise ValueError("two exports share one name")
+        self.exports = {export.name: export for export in exports}
+        self.specs = {export.name: export.spec() for export in exports}
+        self.max_in_flight = max_in_flight
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.handshake_timeout = handshake_timeout
+        self.stats = ServerStatistics()
+        self._io_limiter = trio.CapacityLimiter(io_threads)
+        self._buffers = _BufferPool()
+
+    def statistics(self) -> ServerStatistics:
+        return self.stats
+
+    async def _run_io(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(function, *args, limiter=self._io_limiter)
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def handle_stream(self, stream: trio.abc.Stream, peer: str = "client") -> None:
+        """Serve one connection until it ends; never raises (except Cancelled)."""
+        stats = self.stats
+        stats.connections_accepted += 1
+        stats.connections_open += 1
+        connection = _Connection(self, stream, peer)
+        try:
+            opened = await self._handshake(connection)
+            if opened is not None:
+                await self._transmission(connection, opened)
+        except ConnectionClosedError as exc:
+            log.debug("%s: %s", peer, exc)
+        except RemoteProtocolError as exc:
+            stats.connections_failed += 1
+            log.warning("%s: protocol error, closing: %s", peer, exc)
+        except trio.TooSlowError:
+            stats.connections_failed += 1
+            log.warning("%s: handshake not finished in %.0f s, closing", peer,
+                        self.handshake_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("%s: connection lost: %s", peer, exc)
+        except Exception as exc:  # a bug here must not take the server down
+            stats.connections_failed += 1
+            log.error("%s: internal error, closing: %r", peer, exc)
+        finally:
+            stats.connections_open -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _handshake(self, connection: _Connection) -> core.ExportOpened | None:
+        conn, stream = connection.core, connection.stream
+        with trio.fail_after(self.handshake_timeout):
+            while True:
+                outgoing = conn.data_to_send()
+                if outgoing:
+                    await connection.send([outgoing])
+                event = conn.next_event()
+                if event is core.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, core.ExportOpened):
+                    await connection.send([conn.data_to_send()])
+                    connection.export = self.exports[event.export.name]
+                    log.debug("%s: export %r opened (structured=%s, block status=%s)",
+                              connection.peer, event.export.name, event.structured_replies,
+                              event.block_status)
+                    return event
+                elif isinstance(event, core.HandshakeEnded):
+                    await connection.send([conn.data_to_send()])
+                    log.info("%s: handshake ended: %s", connection.peer, event.reason)
+                    return None
+                elif isinstance(event, core.TLSRequested):
+                    # Issue 7 wraps the stream in TLS here and calls conn.tls_established().
+                    raise RemoteProtocolError("STARTTLS accepted but TLS is not implemented")
+                elif isinstance(event, core.OptionHandled):
+                    log.debug("%s: %s -> %s %s", connection.peer, event.state,
+                              _reply_name(event.reply_type), event.detail)
+
+    async def _transmission(self, connection: _Connection, opened: core.ExportOpened) -> None:
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._read_requests(connection, nursery)
+            except Exception as exc:  # re-raised below, outside the nursery's exception group
+                failure = exc
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if connection.broken is not None:
+            raise connection.broken
+
+    async def _read_requests(self, connection: _Connection, nursery: trio.Nursery) -> None:
+        conn, stream = connection.core, connection.stream
+        while True:
+            event = conn.next_event()
+            if event is core.NEED_DATA:
+                if connection.broken is not None:
+                    raise connection.broken
+                conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                continue
+            if isinstance(event, core.DisconnectRequested):
+                log.debug("%s: NBD_CMD_DISC", connection.peer)
+                return  # the nursery waits for the requests in flight
+            if isinstance(event, core.CommandRefused):
+                self.stats.requests_refused += 1
+                reply = conn.error_reply(event.request, event.errno, event.message)
+                if event.close_after:
+                    await connection.send([reply])
+                    raise RemoteProtocolError(
+                        f"{event.message} ({event.request.length} bytes), refused"
+                    )
+                await connection.slots.acquire()
+                nursery.start_soon(self._send_refusal, connection, reply)
+            elif isinstance(event, core.CommandReceived):
+                await connection.slots.acquire()
+                command = event.request.command
+                weight = event.request.length if command in _BUFFERED_COMMANDS else 0
+                granted = await connection.budget.acquire(weight)
+                nursery.start_soon(self._serve_request, connection, event, granted)
+
+    async def _send_refusal(self, connection: _Connection, reply: bytes) -> None:
+        try:
+            await connection.send([reply])
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if connection.broken is None:
+                connection.broken = exc
+        finally:
+            connection.slots.release()
+
+    async def _serve_request(
+        self, connection: _Connection, event: core.CommandReceived, granted: int
+    ) -> None:
+        request = event.request
+        conn = connection.core
+        self.stats.requests += 1
+        name = _command_name(request.command)
+        self.stats.commands[name] = self.stats.commands.get(name, 0) + 1
+        buffer: bytearray | None = None
+        try:
+            try:
+                if request.command == k.Command.READ:
+                    buffer = self._buffers.get(request.length)
+                    reply = await self._read(connection, request, buffer)
+                elif request.command == k.Command.BLOCK_STATUS:
+                    reply = [await self._block_status(connection, request)]
+                else:
+                    await self._execute(connection, request, event.payload)
+                    reply = [conn.ok_reply(request)]
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                reply = [conn.error_reply(request, code, exc.strerror or "I/O error")]
+            except Exception as exc:
+                log.error("%s: %s failed unexpectedly: %r", connection.peer, name, exc)
+                reply = [conn.error_reply(request, errno.EIO, "internal error")]
+            try:
+                await connection.send(reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if connection.broken is None:
+                    connection.broken = exc
+        finally:
+            if buffer is not None:
+                self._buffers.put(buffer)
+            connection.budget.release(granted)
+            connection.slots.release()
+
+    async def _read(
+        self, connection: _Connection, request: Any, buffer: bytearray
+    ) -> list[bytes | memoryview]:
+        assert connection.export is not None
+        backend = connection.export.backend
+        view = memoryview(buffer)[: request.length]
+        sparse = connection.core.structured_replies and not request.flags & k.CommandFlag.DF
+        offset, length = request.offset, request.length
+
+        def read() -> list[Extent]:
+            if not sparse:
+                backend.read_into(offset, view)
+                return []
+            extents = backend.extents(offset, length, limit=256)
+            holes = []
+            covered = offset
+            for extent in extents:
+                if extent.flags & k.BlockStatusFlag.ZERO:
+                    holes.append(extent)
+                else:
+                    start = extent.offset - offset
+                    backend.read_into(extent.offset, view[start : start + extent.length])
+                covered = extent.end
+            if covered < offset + length:  # the extent limit was reached: read the rest
+                backend.read_into(covered, view[covered - offset :])
+            return holes
+
+        holes = await self._run_io(read)
+        hole_bytes = sum(min(h.end, offset + length) - max(h.offset, offset) for h in holes)
+        self.stats.read_hole_bytes += hole_bytes
+        self.stats.read_data_bytes += length - hole_bytes
+        return connection.core.read_reply(request, view, holes)
+
+    async def _block_status(self, connection: _Connection, request: Any) -> bytes:
+        assert connection.export is not None
+        backend = connection.export.backend
+        limit = 1 if request.flags & k.CommandFlag.REQ_ONE else core.MAX_BLOCK_STATUS_DESCRIPTORS
+        extents = await self._run_io(backend.extents, request.offset, request.length, limit)
+        return connection.core.block_status_reply(request, extents)
+
+    async def _execute(self, connection: _Connection, request: Any, payload: Any) -> None:
+        assert connection.export is not None
+        backend = connection.export.backend
+        fua = bool(request.flags & k.CommandFlag.FUA)
+        command = request.command
+        if command == k.Command.WRITE:
+            await self._run_io(backend.write, request.offset, payload, fua)
+        elif command == k.Command.FLUSH:
+            await self._run_io(backend.flush)
+        elif command == k.Command.TRIM:
+            await self._run_io(backend.trim, request.offset, request.length, fua)
+        elif command == k.Command.WRITE_ZEROES:
+            may_trim = not request.flags & k.CommandFlag.NO_HOLE
+            fast_only = bool(request.flags & k.CommandFlag.FAST_ZERO)
+
+            def zero() -> None:
+                backend.write_zeroes(
+                    request.offset, request.length, may_trim=may_trim, fast_only=fast_only,
+                    fua=fua,
+                )
+
+            await self._run_io(zero)
+        elif command == k.Command.CACHE:
+            await self._run_io(backend.cache, request.offset, request.length)
+        else:  # validate() admits nothing else
+            raise OSError(errno.EINVAL, f"command {command} not implemented")
+
+    # -- listening ---------------------------------------------------------------------------
+
+    async def serve_listeners(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                await nursery.start(self._accept_loop, listener)
+            task_status.started()
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: wait, do not die
+                    log.error("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.handle_stream, stream, _peer_name(stream))
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "client"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return f"unix:{stream.socket.fileno()}"
+
+
+def _command_name(command: int) -> str:
+    try:
+        return k.Command(command).name
+    except ValueError:
+        return str(command)
+
+
+def _reply_name(reply_type: int) -> str:
+    try:
+        return k.OptionReply(reply_type).name
+    except ValueError:
+        return str(reply_type)
+
+
+# -- listeners and the service entry point -----------------------------------------------------
+
+
+async def open_unix_listener(path: str, *, mode: int = 0o600) -> trio.SocketListener:
+    """Listen on a Unix socket at `path` (mode 0600).  A stale socket file left by a dead server is
+    replaced; a live one raises OSError(EADDRINUSE); any other file raises FileExistsError."""
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        else:
+            raise OSError(errno.EADDRINUSE, "a server is already listening on", path)
+        finally:
+            probe.close()
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        os.chmod(path, mode)  # before listen(): nobody can connect in between
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def open_tcp_listener(host: str, port: int) -> trio.SocketListener:
+    """Listen on the first address `host` resolves to (port 0: any free port)."""
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    if not infos:
+        raise OSError(errno.EADDRNOTAVAIL, f"{host} resolves to no address")
+    family, kind, proto, _, address = infos[0]
+    sock = trio.socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        await sock.bind(address)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def listener_uri(listener: trio.SocketListener, export_name: str = "") -> str:
+    """The NBD URI (nbd:// or nbd+unix://) that reaches `listener`."""
+    address = listener.socket.getsockname()
+    if listener.socket.family == trio.socket.AF_UNIX:
+        return f"nbd+unix:///{export_name}?socket={address}"
+    host = address[0]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{address[1]}/{export_name}"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What serve_nbd hands to task_status.started()."""
+
+    server: Server
+    uris: list[str]
+
+
+async def serve_nbd(
+    exports: Sequence[Export],
+    *,
+    listen: tuple[str, int] | None = None,
+    socket_path: str | None = None,
+    server: Server | None = None,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `exports` on a TCP address and/or a Unix socket until cancelled; the socket file
+    is removed on the way out.  `task_status.started()` receives a `Serving`."""
+    if listen is None and socket_path is None:
+        raise ValueError("serve_nbd needs listen= or socket_path=")
+    server = server or Server(exports)
+    listeners: list[trio.SocketListener] = []
+    try:
+        if socket_path is not None:
+            listeners.append(await open_unix_listener(socket_path))
+        if listen is not None:
+            listeners.append(await open_tcp_listener(*listen))
+        uris = [listener_uri(listener) for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_listeners, listeners)
+            task_status.started(Serving(server, uris))
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+        if socket_path is not None and listeners:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)

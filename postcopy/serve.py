@@ -1,0 +1,141 @@
+"""The `postcopy serve` service: export disk images over NBD until SIGINT or SIGTERM.
+
+    config = ServeConfig(exports=[("", "/srv/disk.img")], socket_path="/run/disk.sock")
+    trio.run(run_serve, config)
+
+Each image is opened with `nbdsrv.backend.FileBackend` (read-only unless `writable`) and served by
+`nbdsrv.server.serve_nbd`.  When the listeners are up a ready line goes to stdout and is flushed:
+`ready <uri> [<uri> ...]`, one URI per listener, so scripts and tests can wait for it.  A signal
+stops the server; the Unix socket is removed and the function returns normally.
+
+Problems an operator can fix (a missing image, a bad or busy address, two exports with one name,
+no export at all) raise `postcopy.errors.UserError` with a one-line message.
+
+Test hook: the environment variable POSTCOPY_SERVE_READ_DELAY (seconds, a float) delays every read
+(see `FileBackend.read_delay`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import trio
+
+from nbdsrv.backend import FileBackend
+from nbdsrv.server import Export, Serving, serve_nbd
+from postcopy.errors import UserError
+
+log = logging.getLogger("postcopy.serve")
+READ_DELAY_VARIABLE = "POSTCOPY_SERVE_READ_DELAY"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    exports: Sequence[tuple[str, str]]  # (export name, image path)
+    listen: tuple[str, int] | None = None
+    socket_path: str | None = None
+    writable: bool = False
+    read_delay: float = 0.0
+    ready_stream: TextIO | None = field(default=None, compare=False)
+
+
+def parse_export(text: str) -> tuple[str, str]:
+    """`PATH` (the empty export name) or `NAME=PATH`."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        return "", text
+    if not path:
+        raise UserError(f"export {text!r} names no image path")
+    return name, path
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[IPV6]:PORT` or `:PORT` (all addresses)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise UserError(f"bad listen address {text!r}: expected HOST:PORT")
+    host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def read_delay_from_environment() -> float:
+    value = os.environ.get(READ_DELAY_VARIABLE, "")
+    if not value:
+        return 0.0
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"{READ_DELAY_VARIABLE}={value!r} is not a number") from None
+
+
+async def run_serve(
+    config: ServeConfig, *, task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
+) -> None:
+    if not config.exports:
+        raise UserError("no export given")
+    if config.listen is None and config.socket_path is None:
+        raise UserError("give --listen HOST:PORT and/or --socket PATH")
+    names = [name for name, _ in config.exports]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise UserError(f"two exports are named {duplicates[0]!r}")
+    with ExitStack() as stack:
+        exports = []
+        for name, path in config.exports:
+            try:
+                backend = FileBackend(path, writable=config.writable,
+                                      read_delay=config.read_delay)
+            except OSError as exc:
+                raise UserError(f"cannot open {path}: {exc.strerror or exc}") from None
+            stack.callback(backend.close)
+            exports.append(Export(name, backend, description=os.path.basename(path)))
+        listen_failure: OSError | None = None
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                try:
+                    serving: Serving = await nursery.start(
+                        _serve, exports, config.listen, config.socket_path
+                    )
+                except OSError as exc:  # raised below, outside the nursery's exception group
+                    listen_failure = exc
+                    nursery.cancel_scope.cancel()
+                else:
+                    stream = config.ready_stream or sys.stdout
+                    print("ready " + " ".join(serving.uris), file=stream, flush=True)
+                    task_status.started(serving)
+                    async for signum in signals:
+                        log.info("%s received, stopping", signal.Signals(signum).name)
+                        break
+                    nursery.cancel_scope.cancel()
+        if listen_failure is not None:
+            raise UserError(_listen_error(config, listen_failure))
+
+
+async def _serve(
+    exports: list[Export],
+    listen: tuple[str, int] | None,
+    socket_path: str | None,
+    *,
+    task_status: trio.TaskStatus[Serving],
+) -> None:
+    await serve_nbd(exports, listen=listen, socket_path=socket_path, task_status=task_status)
+
+
+def _listen_error(config: ServeConfig, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        where = config.socket_path if config.listen is None else "the address"
+        return f"cannot listen: {where} is already in use"
+    if isinstance(exc, FileExistsError):
+        return f"cannot listen: {config.socket_path} exists and is not a socket"
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return f"cannot listen on {config.listen}: {exc.strerror or 'no such local address'}"
+    return f"cannot listen: {exc.strerror or exc}"
