@@ -1,0 +1,437 @@
+"""The config rewriters (xl, libvirt, QEMU) and `postcopy config`, on real-looking configs.
+
+The real-peer checks (QEMU opening the rewritten disks over NBD) are in
+tests/test_integrations_qemu.py."""
+
+from __future__ import annotations
+
+import io
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from postcopy.cli import main
+from postcopy.config import DomainPolicy, load_config, parse_config
+from postcopy.errors import UserError
+from postcopy.integrations import libvirt, qemu, xl
+from postcopy.integrations.qemu import join_qemu_opts, parse_qemu_args, split_qemu_opts
+from postcopy.integrations.xl import parse_disk_spec
+
+DATA = Path(__file__).parent / "data"
+POLICY = DATA / "domains.toml"
+
+
+@pytest.fixture(scope="module")
+def policy_text() -> str:
+    return POLICY.read_text()
+
+
+def domain(name: str) -> DomainPolicy:
+    return load_config(POLICY, environ={}).domain(name)
+
+
+# --- xl -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "/dev/vg/guest-volume,,hda",
+        "/dev/vg/guest-volume,raw,hda,rw",
+        "format=raw, vdev=hda, access=rw, target=/dev/vg/guest-volume",
+        "raw:/dev/vg/guest-volume,hda,w",
+        "phy:/dev/vg/guest-volume,hda,w",
+    ],
+)
+def test_xl_disk_spec_forms_from_the_manual_are_equivalent(spec: str) -> None:
+    disk = parse_disk_spec(spec)
+    assert (disk.target, disk.vdev) == ("/dev/vg/guest-volume", "hda")
+    assert disk.format in (None, "raw")
+    assert disk.access in (None, "rw", "w")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "/root/image.iso,,hdc,cdrom",
+        "/root/image.iso,,hdc,,cdrom",
+        "/root/image.iso,raw,hdc,devtype=cdrom",
+        "format=raw, vdev=hdc, access=ro, devtype=cdrom, target=/root/image.iso",
+        "raw:/root/image.iso,hdc:cdrom,ro",
+    ],
+)
+def test_xl_cdrom_spec_forms_are_equivalent(spec: str) -> None:
+    disk = parse_disk_spec(spec)
+    assert (disk.target, disk.vdev, disk.devtype) == ("/root/image.iso", "hdc", "cdrom")
+
+
+def test_xl_target_keyword_takes_the_rest_including_commas() -> None:
+    disk = parse_disk_spec("vdev=xvda, target=nbd+unix:///a,b?socket=/run/x,y.sock")
+    assert disk.target == "nbd+unix:///a,b?socket=/run/x,y.sock"
+    assert disk.vdev == "xvda"
+
+
+def test_xl_bad_specs_are_refused() -> None:
+    with pytest.raises(ValueError, match="given twice"):
+        parse_disk_spec("/a.img,raw,xvda,rw,vdev=xvdb")
+    with pytest.raises(ValueError, match="access"):
+        parse_disk_spec("/a.img,raw,xvda,sometimes")
+
+
+def test_xl_rewrite_touches_only_the_policy_disks_strings() -> None:
+    original = (DATA / "web1.xl.cfg").read_text()
+    result = xl.rewrite_xl(original, domain("web1"), "web1.xl.cfg")
+    assert result.changed == ("xvda", "xvdb")
+    before, after = original.splitlines(), result.text.splitlines()
+    assert len(before) == len(after)
+    changed_lines = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert changed_lines == [16, 17]  # the two disk strings, nothing else
+    # The comment after the first disk string and the indentation survive.
+    assert after[16].startswith("    '") and after[16].endswith("',  # root fs")
+    assert after[16] == (
+        "    'format=raw, vdev=xvda, access=rw, backendtype=qdisk, "
+        "target=nbd+unix:///web1-xvda?socket=/run/postcopy/web1-xvda.sock',  # root fs"
+    )
+    assert after[17] == (
+        '    "format=raw, vdev=xvdb, access=rw, backendtype=qdisk, '
+        'target=nbd+unix:///web1-data?socket=/run/postcopy/web1-xvdb.sock",'
+    )
+    assert any("script=block" in note for note in result.notes)
+    assert xl.domain_name(result.text) == "web1"
+
+
+def test_xl_rewrite_is_idempotent() -> None:
+    once = xl.rewrite_xl((DATA / "web1.xl.cfg").read_text(), domain("web1")).text
+    twice = xl.rewrite_xl(once, domain("web1"))
+    assert twice.text == once and twice.changed == ("xvda", "xvdb")
+
+
+def _policy(extra: str = "", mode: str = "postcopy") -> DomainPolicy:
+    text = (
+        f'[domains.g]\nmode = "{mode}"\nsocket_dir = "/run/pc"\n'
+        '[[domains.g.disks]]\ndevice = "xvda"\nsource_image = "/img/g.qcow2"\n' + extra
+    )
+    return parse_config(text, "t.toml").domain("g")
+
+
+def test_xl_rewrite_keeps_format_options_and_uses_tcp_when_listening() -> None:
+    cfg = (
+        'name="g"\n'
+        'disk=["tap:qcow2:/img/g.qcow2,xvda,w,discard", "/img/swap.img,raw,xvdb"];memory=512\n'
+    )
+    result = xl.rewrite_xl(cfg, _policy('listen = "127.0.0.1:10900"\n'))
+    assert result.text == (
+        'name="g"\n'
+        'disk=["format=qcow2, vdev=xvda, access=rw, backendtype=qdisk, discard, '
+        'target=nbd://127.0.0.1:10900/g-xvda", "/img/swap.img,raw,xvdb"];memory=512\n'
+    )
+
+
+def test_xl_rewrite_matches_by_path_when_device_names_differ() -> None:
+    cfg = "disk = [ '/img/g.qcow2,qcow2,hda,rw' ]\n"
+    result = xl.rewrite_xl(cfg, _policy())
+    assert result.changed == ("xvda",)
+    assert "vdev=hda" in result.text and "socket=/run/pc/g-xvda.sock" in result.text
+
+
+def test_xl_missing_policy_disk_is_an_error() -> None:
+    with pytest.raises(UserError, match="no disk for xvda of domain 'g'"):
+        xl.rewrite_xl("disk = [ '/other.img,raw,xvdb' ]\n", _policy())
+    with pytest.raises(UserError, match="no 'disk = \\[...\\]'"):
+        xl.rewrite_xl("name = 'g'\n", _policy())
+
+
+def test_xl_precopy_domain_is_unchanged_with_a_note() -> None:
+    cfg = (DATA / "web1.xl.cfg").read_text()
+    result = xl.rewrite_xl(cfg, domain("build"))
+    assert result.text == cfg and result.changed == ()
+    assert "precopy mode" in result.notes[0]
+
+
+def test_xl_syntax_error_names_the_line() -> None:
+    with pytest.raises(UserError, match=r"^x.cfg:2: unexpected '\$'"):
+        xl.rewrite_xl("name = 'g'\n$disk = []\n", _policy(), "x.cfg")
+
+
+# --- libvirt ------------------------------------------------------------------------------------
+
+
+def _without_disks(text: str) -> str:
+    return re.sub(r"<disk .*?</disk>", "<disk/>", text, flags=re.S)
+
+
+def test_libvirt_rewrite_changes_only_the_matched_disks() -> None:
+    original = (DATA / "db-primary.libvirt.xml").read_text()
+    result = libvirt.rewrite_libvirt(original, domain("db-primary"), "db.xml")
+    assert result.changed == ("vda", "vdb")
+    # Byte for byte equal outside the <disk> elements: comments, declaration, quoting, order.
+    assert _without_disks(result.text) == _without_disks(original)
+    # The CD-ROM disk is untouched.
+    cdrom = re.findall(r"<disk type='file' device='cdrom'>.*?</disk>", original, flags=re.S)
+    assert len(cdrom) == 1 and cdrom[0] in result.text
+
+    old_disks = ET.fromstring(original.encode()).findall("./devices/disk")
+    new_disks = ET.fromstring(result.text.encode()).findall("./devices/disk")
+    root, wal, iso = new_disks
+    assert root.get("type") == "network" and root.get("device") == "disk"
+    source = root.find("source")
+    assert source is not None and source.attrib == {"protocol": "nbd", "name": "db-primary-vda"}
+    hosts = source.findall("host")
+    assert [h.attrib for h in hosts] == [
+        {"transport": "unix", "socket": "/run/postcopy/db-primary-vda.sock"}
+    ]
+    wal_source = wal.find("source")
+    assert wal_source is not None
+    assert [h.attrib for h in wal_source.findall("host")] == [
+        {"name": "127.0.0.1", "port": "10811"}
+    ]
+    # Driver (qcow2 stays qcow2), target, boot order and PCI address are kept as they were.
+    for old, new in zip(old_disks[:2], new_disks[:2], strict=True):
+        for tag in ("driver", "target", "address", "boot"):
+            old_child, new_child = old.find(tag), new.find(tag)
+            assert (old_child is None) == (new_child is None)
+            if old_child is not None and new_child is not None:
+                assert new_child.attrib == old_child.attrib
+    assert ET.tostring(iso) == ET.tostring(old_disks[2])
+    # The new elements follow the document's indentation and quote style.
+    assert (
+        "      <source protocol='nbd' name='db-primary-vda'>\n"
+        "        <host transport='unix' socket='/run/postcopy/db-primary-vda.sock'/>\n"
+        "      </source>\n" in result.text
+    )
+    assert '<disk type="network" device="disk">' in result.text
+
+
+def test_libvirt_rewrite_is_idempotent_and_reads_the_name() -> None:
+    original = (DATA / "db-primary.libvirt.xml").read_text()
+    once = libvirt.rewrite_libvirt(original, domain("db-primary")).text
+    assert libvirt.rewrite_libvirt(once, domain("db-primary")).text == once
+    assert libvirt.domain_name(once) == "db-primary"
+
+
+def test_libvirt_disk_without_driver_or_type_gets_raw_nbd() -> None:
+    xml = (
+        "<domain type='kvm'><name>g</name><devices>\n"
+        "  <disk device='disk'>\n"
+        "    <source file='/img/g.qcow2'/>\n"
+        "    <target dev='xvda' bus='xen'/>\n"
+        "  </disk>\n"
+        "</devices></domain>\n"
+    )
+    result = libvirt.rewrite_libvirt(xml, _policy())
+    assert result.text == (
+        "<domain type='kvm'><name>g</name><devices>\n"
+        "  <disk type='network' device='disk'>\n"
+        "    <driver name='qemu' type='raw'/>\n"
+        "    <source protocol='nbd' name='g-xvda'>\n"
+        "      <host transport='unix' socket='/run/pc/g-xvda.sock'/>\n"
+        "    </source>\n"
+        "    <target dev='xvda' bus='xen'/>\n"
+        "  </disk>\n"
+        "</devices></domain>\n"
+    )
+
+
+def test_libvirt_errors_name_the_problem() -> None:
+    with pytest.raises(UserError, match="not well-formed"):
+        libvirt.rewrite_libvirt("<domain><devices>", _policy(), "d.xml")
+    with pytest.raises(UserError, match="root element is not <domain>"):
+        libvirt.rewrite_libvirt("<network/>", _policy(), "d.xml")
+    with pytest.raises(UserError, match="no disk for xvda"):
+        libvirt.rewrite_libvirt("<domain><devices/></domain>", _policy(), "d.xml")
+
+
+def test_libvirt_shared_domain_is_unchanged() -> None:
+    original = (DATA / "db-primary.libvirt.xml").read_text()
+    result = libvirt.rewrite_libvirt(original, domain("nfs-guest"))
+    assert result.text == original and "shared mode" in result.notes[0]
+
+
+# --- QEMU ---------------------------------------------------------------------------------------
+
+
+def test_qemu_opts_split_and_join_with_escaped_commas() -> None:
+    pairs = split_qemu_opts("file=/a,,b.img,if=virtio,readonly")
+    assert pairs == [("file", "/a,b.img"), ("if", "virtio"), ("readonly", "")]
+    assert join_qemu_opts(pairs) == "file=/a,,b.img,if=virtio,readonly"
+
+
+def _qemu_policy() -> DomainPolicy:
+    return parse_config(
+        '[domains.qemu-guest]\nmode = "postcopy"\nsocket_dir = "/run/pc"\n'
+        '[[domains.qemu-guest.disks]]\ndevice = "disk0"\n'
+        'source_image = "/var/lib/images/qemu-guest.raw"\n'
+        '[[domains.qemu-guest.disks]]\ndevice = "home"\n'
+        'source_image = "/var/lib/images/qemu-guest-home.qcow2"\n',
+        "q.toml",
+    ).domain("qemu-guest")
+
+
+def test_qemu_rewrite_swaps_only_the_protocol_layer() -> None:
+    original = (DATA / "qemu-guest.args.sh").read_text()
+    result = qemu.rewrite_qemu_args(original, _qemu_policy())
+    assert result.changed == ("disk0", "home")
+    old_args, _ = parse_qemu_args(original)
+    new_args, style = parse_qemu_args(result.text)
+    assert style == "shell" and len(new_args) == len(old_args)
+    changed = {i for i, (a, b) in enumerate(zip(old_args, new_args, strict=True)) if a != b}
+    drive = old_args.index("-drive") + 1
+    blockdev = old_args.index("-blockdev") + 1
+    assert changed == {drive, blockdev}
+    assert split_qemu_opts(new_args[drive]) == [
+        ("file.driver", "nbd"),
+        ("file.server.type", "unix"),
+        ("file.server.path", "/run/pc/qemu-guest-disk0.sock"),
+        ("file.export", "qemu-guest-disk0"),
+        ("format", "raw"),
+        ("if", "none"),
+        ("id", "disk0"),
+        ("cache", "none"),
+        ("discard", "unmap"),
+    ]
+    assert any("aio=native" in note for note in result.notes)
+    import json
+
+    assert json.loads(new_args[blockdev]) == {
+        "driver": "nbd",
+        "server": {"type": "unix", "path": "/run/pc/qemu-guest-home.sock"},
+        "export": "qemu-guest-home",
+        "node-name": "home-file",
+        "cache": {"direct": True},
+    }
+    assert "console=ttyS0 root=/dev/vda1" in new_args  # a value with a space stays one argument
+    assert qemu.rewrite_qemu_args(result.text, _qemu_policy()).text == result.text
+
+
+def test_qemu_blockdev_keyvalue_form_and_hd_shorthand() -> None:
+    policy = _qemu_policy()
+    args = (
+        "-blockdev driver=file,filename=/var/lib/images/qemu-guest-home.qcow2,node-name=h,"
+        "aio=io_uring,read-only=on "
+        "-blockdev driver=qcow2,file=h,node-name=home-fmt "
+        "-hda /var/lib/images/qemu-guest.raw"
+    )
+    result = qemu.rewrite_qemu_args(args, policy)
+    new_args, _ = parse_qemu_args(result.text)
+    assert new_args == [
+        "-blockdev",
+        "driver=nbd,server.type=unix,server.path=/run/pc/qemu-guest-home.sock,"
+        "export=qemu-guest-home,node-name=h,read-only=on",
+        "-blockdev",
+        "driver=qcow2,file=h,node-name=home-fmt",
+        "-drive",
+        "index=0,media=disk,file.driver=nbd,file.server.type=unix,"
+        "file.server.path=/run/pc/qemu-guest-disk0.sock,file.export=qemu-guest-disk0",
+    ]
+
+
+def test_qemu_one_argument_per_line_stays_that_way() -> None:
+    original = (DATA / "qemu-guest.args").read_text()
+    policy = parse_config(
+        '[domains.qemu-guest]\nmode = "postcopy"\nsocket_dir = "/run/pc"\n'
+        '[[domains.qemu-guest.disks]]\ndevice = "hda"\n'
+        'source_image = "/var/lib/images/qemu-guest.raw"\nlisten = "127.0.0.1:10900"\n',
+        "q.toml",
+    ).domain("qemu-guest")
+    result = qemu.rewrite_qemu_args(original, policy)
+    assert qemu.domain_name(original) == "qemu-guest"
+    assert result.text == original.replace(
+        "-hda\n/var/lib/images/qemu-guest.raw\n",
+        "-drive\nindex=0,media=disk,file.driver=nbd,file.server.type=inet,"
+        "file.server.host=127.0.0.1,file.server.port=10900,file.export=qemu-guest-hda\n",
+    )
+
+
+def test_qemu_image_opts_and_uri_for_a_disk() -> None:
+    policy = _qemu_policy()
+    endpoint = policy.dest_endpoint(policy.disk("home"))
+    assert qemu.image_opts(endpoint) == (
+        "driver=nbd,server.type=unix,server.path=/run/pc/qemu-guest-home.sock,"
+        "export=qemu-guest-home"
+    )
+    assert qemu.image_opts(endpoint, "qcow2") == (
+        "driver=qcow2,file.driver=nbd,file.server.type=unix,"
+        "file.server.path=/run/pc/qemu-guest-home.sock,file.export=qemu-guest-home"
+    )
+    assert qemu.nbd_uri(endpoint) == (
+        "nbd+unix:///qemu-guest-home?socket=/run/pc/qemu-guest-home.sock"
+    )
+
+
+# --- postcopy config ----------------------------------------------------------------------------
+
+
+def test_cli_prints_the_rewritten_config(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["config", "--config", str(POLICY), "--xl", str(DATA / "web1.xl.cfg")])
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert out == xl.rewrite_xl((DATA / "web1.xl.cfg").read_text(), domain("web1")).text
+    assert "dropped script=block" in err
+
+
+def test_cli_in_place_keeps_a_backup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "db.xml"
+    original = (DATA / "db-primary.libvirt.xml").read_text()
+    target.write_text(original)
+    target.chmod(0o640)
+    status = main(
+        ["config", "--config", str(POLICY), "--domain", "db-primary", "--libvirt", str(target),
+         "--in-place"]
+    )  # fmt: skip
+    assert status == 0
+    backup = tmp_path / "db.xml.postcopy-bak"
+    assert backup.read_text() == original
+    assert target.read_text() == libvirt.rewrite_libvirt(original, domain("db-primary")).text
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.xml", "db.xml.postcopy-bak"]
+    assert "rewrote vda, vdb" in capsys.readouterr().err
+
+
+def test_cli_precopy_domain_leaves_the_file_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "build.cfg"
+    target.write_text("name = 'build'\ndisk = [ '/img/build.img,raw,xvda' ]\n")
+    status = main(["config", "--config", str(POLICY), "--xl", str(target), "--in-place"])
+    assert status == 0
+    assert target.read_text() == "name = 'build'\ndisk = [ '/img/build.img,raw,xvda' ]\n"
+    assert not (tmp_path / "build.cfg.postcopy-bak").exists()
+    assert "precopy mode" in capsys.readouterr().err
+
+
+def test_cli_reads_stdin_and_uses_the_environment_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("POSTCOPY_CONFIG", str(POLICY))
+    monkeypatch.setattr("sys.stdin", io.StringIO((DATA / "qemu-guest.args").read_text()))
+    status = main(["config", "--domain", "qemu-guest", "--qemu-args", "-"])
+    out, _ = capsys.readouterr()
+    assert status == 0
+    assert "file.server.path=/run/postcopy/qemu-guest-disk0.sock" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--domain", "other", "--xl", str(DATA / "web1.xl.cfg")], "config of domain 'web1'"),
+        (["--qemu-args", "-", "--in-place"], "--in-place needs a file"),
+        (["--xl", "/nonexistent/x.cfg"], "cannot read /nonexistent/x.cfg"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "--config", str(POLICY), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_bad_policy_file_names_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "domains.toml"
+    bad.write_text('[domains.web1]\nmode = "postcopy"\ndisks = []\nchunk_size = "3K"\n')
+    assert main(["config", "--config", str(bad), "--xl", str(DATA / "web1.xl.cfg")]) == 2
+    assert f"{bad}:4: domains.web1.chunk_size" in capsys.readouterr().err
