@@ -39,7 +39,8 @@ class ReceiveBuffer:
     def take_into(self, target: memoryview) -> int:
         """Move up to len(target) bytes into `target`; returns how many were moved."""
         count = min(len(self), len(target))
-        target[:count] = self._data[self._start : self._start + count]
+        with memoryview(self._data) as view:  # a view, not a slice copy: one copy only
+            target[:count] = view[self._start : self._start + count]
         self._advance(count)
         return count
 

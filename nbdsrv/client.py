@@ -1,0 +1,586 @@
+"""The trio NBD client: a thin shell around nbdsrv.client_core.
+
+    async with nbdsrv.open_client("nbd+unix:///?socket=/run/disk.sock") as client:
+        data = await client.pread(0, 65536)
+        async for extent in client.iter_extents(0, client.size):
+            ...
+
+How it works.  `open_client` connects (TCP or Unix socket, see nbdsrv.uri), runs the handshake
+(`ClientHandshake`), and starts one reader task per connection in a nursery it owns.  A request is
+built by the connection's `ClientTransmission` (which registers its cookie) and sent under a send
+lock, so frames never interleave; the caller then waits on its own trio.Event.  The reader receives
+bytes (a READ's payload straight into the caller's buffer when the core says where it goes), feeds
+the core, and sets the waiters of finished requests; replies may come in any order, and any number
+of requests may be in flight.  Requests longer than the server's maximum payload are split and
+pipelined.  With `connections=N` and a server that offers CAN_MULTI_CONN, a pool of N connections
+is used, each request going to the one with the fewest requests in flight.
+
+Failure: a dropped connection or a protocol violation fails EVERY pending request at once (with
+ConnectionClosedError or RemoteProtocolError), and every later request; a pool fails as a whole.
+A server's error reply raises CommandError in the one caller; the connection stays usable.
+
+Cancellation: every await is cancellable.  A request cancelled while queued for the send lock was
+never sent.  The send itself is shielded (a half-sent frame would desync the stream; a socket
+write only blocks when the server stops reading, and then closing the connection ends it).  A
+request cancelled while waiting for its reply is abandoned: the core still parses its reply, and
+discards it instead of writing into the caller's buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from nbdsrv import constants as k
+from nbdsrv.buffer import ReceiveBuffer
+from nbdsrv.client_core import (
+    MAX_EFFECT_LENGTH,
+    ClientHandshake,
+    ClientTransmission,
+    NegotiatedExport,
+)
+from nbdsrv.errors import (
+    CommandError,
+    ConnectionClosedError,
+    LocalProtocolError,
+    NBDError,
+    NegotiationError,
+    RemoteProtocolError,
+)
+from nbdsrv.extent import Extent
+from nbdsrv.uri import NBDAddress, parse_nbd_uri
+
+RECEIVE_SIZE = 256 * 1024  # bytes asked of the socket per receive outside READ payloads
+SMALL_WRITE = 64 * 1024  # a WRITE payload up to this size goes out in one send with its header
+DISCONNECT_TIMEOUT = 5.0  # seconds to wait for the server to close after NBD_CMD_DISC
+
+__all__ = ["Client", "ClientStatistics", "open_client"]
+
+_Build = Callable[[ClientTransmission], tuple[int, bytes]]  # makes one request on a core
+
+
+# Request builders as plain functions (partial() binds their arguments; the core comes last).
+def _read(core: ClientTransmission, *, offset: int, target: memoryview) -> tuple[int, bytes]:
+    return core.request_read(offset, target)
+
+
+def _write(core: ClientTransmission, *, offset: int, length: int, fua: bool) -> tuple[int, bytes]:
+    return core.request_write(offset, length, fua=fua)
+
+
+def _trim(core: ClientTransmission, *, offset: int, length: int, fua: bool) -> tuple[int, bytes]:
+    return core.request_trim(offset, length, fua=fua)
+
+
+def _write_zeroes(
+    core: ClientTransmission, *, offset: int, length: int, no_hole: bool, fua: bool
+) -> tuple[int, bytes]:
+    return core.request_write_zeroes(offset, length, no_hole=no_hole, fua=fua)
+
+
+def _cache(core: ClientTransmission, *, offset: int, length: int) -> tuple[int, bytes]:
+    return core.request_cache(offset, length)
+
+
+@dataclass(frozen=True)
+class ClientStatistics:
+    connections: int
+    in_flight: int  # requests sent and not yet answered
+    requests: int  # requests sent since the client opened
+    bytes_read: int  # READ payload bytes received
+    bytes_written: int  # WRITE payload bytes sent
+    command_errors: int  # requests the server failed (CommandError)
+
+
+class _Waiter:
+    __slots__ = ("event", "error", "extents")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.error: NBDError | None = None
+        self.extents: list[Extent] | None = None
+
+
+def _fresh(error: NBDError) -> NBDError:
+    """A new exception of the same kind for each failed caller (one object raised in many tasks
+    would collect all their tracebacks)."""
+    if isinstance(error, CommandError):
+        return CommandError(error.errno, error.message)
+    if isinstance(error, NegotiationError):
+        return NegotiationError(str(error), error.reply_type)
+    return type(error)(str(error))
+
+
+class _Connection:
+    """One socket: its transmission core, send lock, waiters and reader task."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, core: ClientTransmission, on_failure: Callable[[], None]
+    ) -> None:
+        self.stream = stream
+        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.core = core
+        self.send_lock = trio.Lock()
+        self.waiters: dict[int, _Waiter] = {}
+        self.error: NBDError | None = None
+        self.reader_scope = trio.CancelScope()
+        self.reader_done = trio.Event()
+        self.disconnected = False
+        self._on_failure = on_failure
+
+    def fail(self, error: NBDError) -> None:
+        """Fail every pending and later request with `error` and stop the reader."""
+        if self.error is None:
+            self.error = error
+        waiters, self.waiters = self.waiters, {}
+        for waiter in waiters.values():
+            waiter.error = _fresh(self.error)
+            waiter.event.set()
+        self.reader_scope.cancel()
+        self._on_failure()
+
+    def abandon(self, cookie: int) -> None:
+        if self.waiters.pop(cookie, None) is not None:
+            self.core.abandon(cookie)
+
+    async def run_reader(self) -> None:
+        core = self.core
+        sock = self.socket
+        scratch = memoryview(bytearray(RECEIVE_SIZE))
+        try:
+            with self.reader_scope:
+                self._dispatch()  # bytes that arrived with the end of the handshake
+                while True:
+                    if sock is not None:
+                        target = core.payload_target()
+                        if target is not None:
+                            count = await sock.recv_into(target)
+                            if count:
+                                core.payload_received(count)
+                        else:
+                            count = await sock.recv_into(scratch)
+                            if count:
+                                core.receive_data(scratch[:count])
+                    else:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        count = len(data)
+                        if count:
+                            core.receive_data(data)
+                    if not count:
+                        core.receive_eof()  # raises ConnectionClosedError unless after DISC
+                        return
+                    self._dispatch()
+        except NBDError as exc:
+            self.fail(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.fail(ConnectionClosedError(f"connection lost: {exc}"))
+        finally:
+            if self.error is None:
+                # clean EOF after NBD_CMD_DISC, cancellation, or a bug: nobody may wait forever
+                self.error = ConnectionClosedError("the connection is closed")
+                self.fail(self.error)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+            self.reader_done.set()
+
+    def _dispatch(self) -> None:
+        core = self.core
+        waiters = self.waiters
+        while (event := core.next_event()) is not None:
+            waiter = waiters.pop(event.cookie, None)
+            if waiter is None:
+                continue  # abandoned by its caller
+            waiter.error = event.error
+            waiter.extents = event.extents
+            waiter.event.set()
+
+    async def submit(self, build: _Build, payload: memoryview | None = None) -> tuple[int, _Waiter]:
+        """Build and send one request; returns its cookie and waiter (the reply may be pending)."""
+        async with self.send_lock:
+            if self.error is not None:
+                raise _fresh(self.error)
+            cookie, header = build(self.core)
+            waiter = _Waiter()
+            self.waiters[cookie] = waiter
+            try:
+                with trio.CancelScope(shield=True):
+                    if payload is None:
+                        await self.stream.send_all(header)
+                    elif len(payload) <= SMALL_WRITE:
+                        await self.stream.send_all(header + bytes(payload))
+                    else:
+                        await self.stream.send_all(header)
+                        await self.stream.send_all(payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if self.error is None:
+                    self.fail(ConnectionClosedError(f"connection lost while sending: {exc}"))
+                raise waiter.error or _fresh(ConnectionClosedError("closed")) from None
+        return cookie, waiter
+
+    async def wait(self, cookie: int, waiter: _Waiter) -> list[Extent] | None:
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if not waiter.event.is_set():
+                self.abandon(cookie)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.extents
+
+    async def send_disconnect(self) -> None:
+        async with self.send_lock:
+            if self.error is not None or self.disconnected:
+                return
+            self.disconnected = True
+            header = self.core.request_disconnect()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_all(header)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the server is gone already: nothing left to say goodbye to
+
+
+class Client:
+    """A connected NBD client (make one with `open_client`).  See the module docstring."""
+
+    def __init__(self, address: NBDAddress, export: NegotiatedExport) -> None:
+        self.address = address
+        self.export = export
+        self.size = export.size
+        self.export_name = export.export_name
+        self.description = export.description
+        self.transmission_flags = export.transmission_flags
+        self.read_only = bool(export.transmission_flags & k.TransmissionFlag.READ_ONLY)
+        self.can_multi_conn = bool(export.transmission_flags & k.TransmissionFlag.CAN_MULTI_CONN)
+        self.block_size = export.block_size
+        self.structured_replies = export.structured_replies
+        self.has_base_allocation = export.has_base_allocation
+        minimum, _, maximum = export.block_size
+        self.max_request = max(minimum, maximum // minimum * minimum)
+        self._connections: list[_Connection] = []
+        self._requests = 0
+        self._bytes_read = 0
+        self._bytes_written = 0
+        self._command_errors = 0
+        self._closing = False
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def _add_connection(self, connection: _Connection, nursery: trio.Nursery) -> None:
+        self._connections.append(connection)
+        nursery.start_soon(connection.run_reader)
+
+    def _on_connection_failure(self) -> None:
+        """One connection of a pool failed: the pool fails as a whole (the server is gone or
+        broken, and callers should see one consistent state)."""
+        for connection in self._connections:
+            if connection.error is None:
+                cause = next((c.error for c in self._connections if c.error is not None), None)
+                connection.fail(ConnectionClosedError(f"another connection failed: {cause}"))
+
+    async def disconnect(self) -> None:
+        """Send NBD_CMD_DISC on every connection and wait (bounded) for the server to close.
+        Requests still in flight are answered first by the server (spec: NBD_CMD_DISC)."""
+        if self._closing:
+            return
+        self._closing = True
+        for connection in self._connections:
+            await connection.send_disconnect()
+        with trio.move_on_after(DISCONNECT_TIMEOUT):
+            for connection in self._connections:
+                await connection.reader_done.wait()
+        self._close_now()
+
+    def _close_now(self) -> None:
+        self._closing = True
+        for connection in self._connections:
+            if connection.error is None:
+                connection.fail(ConnectionClosedError("the client was closed"))
+            connection.reader_scope.cancel()
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(
+            connections=len(self._connections),
+            in_flight=sum(len(c.waiters) for c in self._connections),
+            requests=self._requests,
+            bytes_read=self._bytes_read,
+            bytes_written=self._bytes_written,
+            command_errors=self._command_errors,
+        )
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _pick(self) -> _Connection:
+        connections = self._connections
+        if len(connections) == 1:
+            return connections[0]
+        return min(connections, key=lambda c: len(c.waiters))
+
+    async def _one(
+        self,
+        build: _Build,
+        payload: memoryview | None = None,
+    ) -> list[Extent] | None:
+        connection = self._pick()
+        cookie, waiter = await connection.submit(build, payload)
+        self._requests += 1
+        try:
+            return await connection.wait(cookie, waiter)
+        except CommandError:
+            self._command_errors += 1
+            raise
+
+    async def _many(self, pieces: Sequence[tuple[_Build, memoryview | None]]) -> None:
+        """Send several requests pipelined, then wait for all; the first error wins and the rest
+        are abandoned."""
+        submitted: list[tuple[_Connection, int, _Waiter]] = []
+        try:
+            for build, payload in pieces:
+                connection = self._pick()
+                cookie, waiter = await connection.submit(build, payload)
+                self._requests += 1
+                submitted.append((connection, cookie, waiter))
+            for connection, cookie, waiter in submitted:
+                await connection.wait(cookie, waiter)
+        except BaseException as exc:
+            if isinstance(exc, CommandError):
+                self._command_errors += 1
+            for connection, cookie, waiter in submitted:
+                if not waiter.event.is_set():
+                    connection.abandon(cookie)
+            raise
+
+    def _spans(self, offset: int, length: int, step: int) -> list[tuple[int, int]]:
+        end = offset + length
+        return [(start, min(step, end - start)) for start in range(offset, end, step)]
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes at `offset` (holes read as zeroes)."""
+        buffer = bytearray(length)
+        await self.pread_into(buffer, offset)
+        return bytes(buffer)
+
+    async def pread_into(self, buffer: memoryview | bytearray, offset: int) -> None:
+        """Fill the writable `buffer` with the bytes at `offset`."""
+        view = memoryview(buffer)
+        if view.readonly:
+            raise TypeError("pread_into needs a writable buffer")
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        length = len(view)
+        if offset < 0 or offset + length > self.size:
+            raise LocalProtocolError(
+                f"read of {length} bytes at {offset} is outside the export ({self.size} bytes)"
+            )
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if length <= self.max_request:
+            await self._one(lambda core: core.request_read(offset, view))
+        else:
+            pieces: list[tuple[_Build, memoryview | None]] = [
+                (
+                    partial(
+                        _read, offset=start, target=view[start - offset : start - offset + size]
+                    ),
+                    None,
+                )
+                for start, size in self._spans(offset, length, self.max_request)
+            ]
+            await self._many(pieces)
+        self._bytes_read += length
+
+    async def pwrite(
+        self, data: bytes | bytearray | memoryview, offset: int, *, fua: bool = False
+    ) -> None:
+        """Write `data` at `offset`; with `fua`, the data is durable when this returns."""
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        length = len(view)
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if length <= self.max_request:
+            await self._one(lambda core: core.request_write(offset, length, fua=fua), view)
+        else:
+            self._check_range(offset, length, "write")
+            pieces = [
+                (
+                    partial(_write, offset=start, length=size, fua=fua),
+                    view[start - offset : start - offset + size],
+                )
+                for start, size in self._spans(offset, length, self.max_request)
+            ]
+            await self._many(pieces)
+        self._bytes_written += length
+
+    async def flush(self) -> None:
+        """Make every write answered so far durable (on every connection, with CAN_MULTI_CONN)."""
+        await self._one(lambda core: core.request_flush())
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._effect(offset, length, partial(_trim, fua=fua), "trim")
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False
+    ) -> None:
+        await self._effect(
+            offset,
+            length,
+            partial(_write_zeroes, no_hole=no_hole, fua=fua),
+            "write-zeroes",
+        )
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._effect(offset, length, _cache, "cache")
+
+    async def _effect(
+        self,
+        offset: int,
+        length: int,
+        build: Callable[..., tuple[int, bytes]],
+        what: str,
+    ) -> None:
+        """A command without payload that may be longer than one request can say (32 bits)."""
+        self._check_range(offset, length, what)
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        spans = self._spans(offset, length, MAX_EFFECT_LENGTH)
+        if len(spans) == 1:
+            await self._one(partial(build, offset=offset, length=length))
+        else:
+            await self._many([(partial(build, offset=o, length=n), None) for o, n in spans])
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise LocalProtocolError(
+                f"{what} of {length} bytes at {offset} is outside the export ({self.size} bytes)"
+            )
+
+    async def block_status(
+        self, offset: int, length: int, *, req_one: bool = False
+    ) -> list[Extent]:
+        """Extents of `base:allocation` from `offset`: contiguous, at least 1 byte, at most
+        `length` (the server may answer for less).  Without base:allocation, one data extent."""
+        self._check_range(offset, length, "block status")
+        if length == 0:
+            raise LocalProtocolError("block status of 0 bytes")
+        length = min(length, MAX_EFFECT_LENGTH)
+        if not self.has_base_allocation:
+            await trio.lowlevel.checkpoint()
+            return [Extent(offset, length, 0)]
+        extents = await self._one(
+            lambda core: core.request_block_status(offset, length, req_one=req_one)
+        )
+        assert extents is not None
+        return extents
+
+    async def iter_extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        """Every extent of [offset, offset+length), asking block status as often as needed."""
+        self._check_range(offset, length, "block status")
+        end = offset + length
+        while offset < end:  # bounded: each answer covers at least one byte
+            for extent in await self.block_status(offset, end - offset):
+                yield extent
+                offset = extent.end
+
+    def __repr__(self) -> str:
+        return f"<nbdsrv.Client {self.address.uri()} size={self.size}>"
+
+
+async def _connect(address: NBDAddress) -> trio.abc.Stream:
+    if address.transport == "unix":
+        assert address.socket_path is not None
+        return await trio.open_unix_socket(address.socket_path)
+    assert address.host is not None
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    return stream
+
+
+async def _handshake(
+    stream: trio.abc.Stream, export_name: str
+) -> tuple[NegotiatedExport, ReceiveBuffer]:
+    buffer = ReceiveBuffer()
+    handshake = ClientHandshake(export_name, buffer=buffer)
+    for _ in range(10_000):  # bounded: each round trip makes progress or the server closes
+        if handshake.done:
+            break
+        data = await stream.receive_some(65536)
+        if not data:
+            handshake.receive_eof()
+        handshake.receive_data(data)
+        outgoing = handshake.data_to_send()
+        if outgoing:
+            await stream.send_all(outgoing)
+    else:
+        raise RemoteProtocolError("handshake did not finish")
+    return handshake.result, buffer
+
+
+async def _open_connection(
+    address: NBDAddress, on_failure: Callable[[], None]
+) -> tuple[_Connection, NegotiatedExport]:
+    stream = await _connect(address)
+    try:
+        export, buffer = await _handshake(stream, address.export_name)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    core = ClientTransmission(export, buffer)
+    return _Connection(stream, core, on_failure), export
+
+
+@asynccontextmanager
+async def open_client(
+    uri_or_path: str, *, export_name: str | None = None, connections: int = 1
+) -> AsyncIterator[Client]:
+    """Connect to an NBD export and yield a `Client`; disconnects on leaving.
+
+    `uri_or_path`: nbd://host[:port][/export], nbd+unix:///export?socket=/path, or a socket path
+    (ValueError when malformed).  `export_name` overrides the URI's.  `connections` > 1 opens a
+    pool when the server offers CAN_MULTI_CONN (else one connection is used)."""
+    address = parse_nbd_uri(uri_or_path)
+    if export_name is not None:
+        address = dataclasses.replace(address, export_name=export_name)
+    if address.tls:
+        raise LocalProtocolError("TLS (nbds://) is not supported by this client yet")
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, not {connections}")
+    try:
+        async with trio.open_nursery() as nursery:
+            client: Client | None = None
+            try:
+                first, export = await _open_connection(address, lambda: None)
+                client = Client(address, export)
+                first._on_failure = client._on_connection_failure
+                client._add_connection(first, nursery)
+                if client.can_multi_conn:
+                    for _ in range(connections - 1):
+                        extra, other = await _open_connection(
+                            address, client._on_connection_failure
+                        )
+                        client._add_connection(extra, nursery)
+                        if other.size != export.size:
+                            raise RemoteProtocolError("the export changed size between connections")
+                yield client
+                with trio.CancelScope(shield=True):
+                    await client.disconnect()
+            finally:
+                if client is not None:
+                    client._close_now()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
