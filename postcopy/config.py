@@ -491,9 +491,7 @@ class _Checker:
         allowed = tuple(allowed)
         for name in table:
             if name not in allowed:
-                raise self.fail(
-                    (*key, name), f"unknown key {name!r} (known: {', '.join(allowed)})"
-                )
+                raise self.fail((*key, name), f"unknown key {name!r} (known: {', '.join(allowed)})")
 
     def string(self, value: Any, key: KeyPath) -> str:
         if not isinstance(value, str):
@@ -516,7 +514,7 @@ class _Checker:
 
     def chunk_size(self, value: Any, key: KeyPath) -> int:
         if not isinstance(value, str | int) or isinstance(value, bool):
-            raise self.fail(key, f"must be a size like \"64K\", not {_type_name(value)}")
+            raise self.fail(key, f'must be a size like "64K", not {_type_name(value)}')
         try:
             size = parse_size(value)
         except UnitError as exc:
@@ -527,7 +525,7 @@ class _Checker:
 
     def bandwidth(self, value: Any, key: KeyPath) -> int | None:
         if not isinstance(value, str | int) or isinstance(value, bool):
-            raise self.fail(key, f"must be a rate like \"200M\", not {_type_name(value)}")
+            raise self.fail(key, f'must be a rate like "200M", not {_type_name(value)}')
         try:
             return parse_rate(value)
         except UnitError as exc:
@@ -579,9 +577,7 @@ def _policy_fields(
     )  # fmt: skip
 
 
-def _disks(
-    checker: _Checker, value: Any, key: KeyPath, domain: str
-) -> tuple[DiskPolicy, ...]:
+def _disks(checker: _Checker, value: Any, key: KeyPath, domain: str) -> tuple[DiskPolicy, ...]:
     if not isinstance(value, list):
         raise checker.fail(
             key, f"must be an array of tables ([[{_dotted(key)}]]), not {_type_name(value)}"

@@ -302,8 +302,7 @@ def test_syntax_error_carries_tomllib_line_and_column() -> None:
 
 def test_duplicate_listen_address_is_refused() -> None:
     error = _error(
-        VALID_HEAD
-        + '\n[domains.db]\nmode = "postcopy"\n'
+        VALID_HEAD + '\n[domains.db]\nmode = "postcopy"\n'
         'disks = [{device = "vda", source_image = "/a", listen = "127.0.0.1:10900"},\n'
         '         {device = "vdb", source_image = "/b", listen = "127.0.0.1:10900"}]\n'
     )
@@ -315,7 +314,9 @@ def test_duplicate_listen_address_is_refused() -> None:
 
 def test_nbd_addresses_and_uris() -> None:
     assert parse_nbd_address("nbd://a.example") == NbdEndpoint(host="a.example", port=10809)
-    assert parse_nbd_address("nbds://10.0.0.1:777").with_export("x").uri() == "nbds://10.0.0.1:777/x"
+    assert (
+        parse_nbd_address("nbds://10.0.0.1:777").with_export("x").uri() == "nbds://10.0.0.1:777/x"
+    )
     assert parse_nbd_address("nbd://[fd00::1]:99").with_export("e").uri() == "nbd://[fd00::1]:99/e"
     unix = parse_nbd_address("nbd+unix:///?socket=/run/a.sock")
     assert unix == parse_nbd_address("unix:/run/a.sock") == parse_nbd_address("/run/a.sock")

@@ -1,0 +1,281 @@
+"""QEMU really opens the disks the rewriters and `image_opts()`/`nbd_uri()` produce.
+
+Real peers: the NBD server is `nbdkit file` on the socket (or port) the policy assigns to the
+disk, standing in for `postcopy receive`, which serves the same kind of endpoint; the clients are
+qemu-img, qemu-io, nbdinfo and a paused qemu-system-x86_64 whose drives we read and write through
+its monitor's `qemu-io` command. When `postcopy receive` exists, `nbd_server` below can start it
+instead of nbdkit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from postcopy.config import DomainPolicy, NbdEndpoint, parse_config
+from postcopy.integrations import qemu
+
+MiB = 1 << 20
+IMAGE_SIZE = 8 * MiB
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path, so Unix socket paths stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pc-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_pattern(path: Path, offset: int, length: int, byte: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes([byte]) * length)
+
+
+@pytest.fixture
+def raw_image(short_dir: Path) -> Path:
+    """8 MiB raw: 1 MiB of 0xab, a hole, and 64 KiB of 0x5c at the end."""
+    path = short_dir / "guest.raw"
+    with open(path, "wb") as handle:
+        handle.truncate(IMAGE_SIZE)
+    _write_pattern(path, 0, MiB, 0xAB)
+    _write_pattern(path, IMAGE_SIZE - 64 * 1024, 64 * 1024, 0x5C)
+    return path
+
+
+@pytest.fixture
+def qcow2_image(short_dir: Path) -> Path:
+    """A 4 MiB qcow2 whose first 128 KiB read as 0xcd."""
+    path = short_dir / "home.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), "4M"], check=True, timeout=30
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 0 128k", str(path)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _ready(endpoint: NbdEndpoint) -> bool:
+    family = socket.AF_UNIX if endpoint.socket else socket.AF_INET
+    address = str(endpoint.socket) if endpoint.socket else (str(endpoint.host), endpoint.port)
+    with socket.socket(family) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def nbd_server(endpoint: NbdEndpoint, image: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Serve `image` on `endpoint` with nbdkit (the stand-in for `postcopy receive`)."""
+    command = ["nbdkit", "-f", "--exit-with-parent"]
+    if endpoint.socket is not None:
+        endpoint.socket.parent.mkdir(parents=True, exist_ok=True)
+        endpoint.socket.unlink(missing_ok=True)  # nbdkit does not remove a stale socket
+        command += ["-U", str(endpoint.socket)]
+    else:
+        command += ["-i", str(endpoint.host), "-p", str(endpoint.port)]
+    process = subprocess.Popen([*command, "file", str(image)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not _ready(endpoint):
+            if process.poll() is not None or time.monotonic() > deadline:
+                stderr = process.stderr.read() if process.stderr else b""
+                raise RuntimeError(f"nbdkit did not start: {stderr.decode(errors='replace')}")
+            time.sleep(0.02)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        if process.stderr:
+            process.stderr.close()
+
+
+def _policy(socket_dir: Path, disks: str) -> DomainPolicy:
+    text = f'[domains.qg]\nmode = "postcopy"\nsocket_dir = "{socket_dir}"\n{disks}'
+    return parse_config(text, "test.toml").domain("qg")
+
+
+def _qemu_io(image_opts: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    argv = ["qemu-io", "--image-opts", image_opts]
+    for command in commands:
+        argv += ["-c", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def test_image_opts_open_the_disk_on_its_unix_socket(short_dir: Path, raw_image: Path) -> None:
+    policy = _policy(
+        short_dir / "run", f'disks = [{{device = "vda", source_image = "{raw_image}"}}]\n'
+    )
+    endpoint = policy.dest_endpoint(policy.disk("vda"))
+    assert endpoint.socket == short_dir / "run" / "qg-vda.sock"
+    opts = qemu.image_opts(endpoint)
+    with nbd_server(endpoint, raw_image):
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", "--image-opts", opts],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert json.loads(info.stdout)["virtual-size"] == IMAGE_SIZE
+
+        good = _qemu_io(opts, "read -P 0xab 0 1M", "read -P 0 1M 6M", "read -P 0x5c 8128k 64k")
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert "Pattern verification failed" not in good.stdout
+        # The same check fails when the bytes differ, so it really compares data.
+        bad = _qemu_io(opts, "read -P 0x00 0 4k")
+        assert "Pattern verification failed" in bad.stdout
+
+
+def test_uri_opens_with_qemu_img_and_nbdinfo(short_dir: Path, raw_image: Path) -> None:
+    policy = _policy(short_dir, f'disks = [{{device = "vda", source_image = "{raw_image}"}}]\n')
+    endpoint = policy.dest_endpoint(policy.disk("vda"))
+    uri = qemu.nbd_uri(endpoint)
+    assert uri == f"nbd+unix:///qg-vda?socket={short_dir}/qg-vda.sock"
+    with nbd_server(endpoint, raw_image):
+        size = subprocess.run(
+            ["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=30, check=True
+        )
+        assert int(size.stdout) == IMAGE_SIZE
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", uri],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert json.loads(info.stdout)["virtual-size"] == IMAGE_SIZE
+
+
+def test_qcow2_image_through_nbd_keeps_its_format(short_dir: Path, qcow2_image: Path) -> None:
+    policy = _policy(short_dir, f'disks = [{{device = "home", source_image = "{qcow2_image}"}}]\n')
+    endpoint = policy.dest_endpoint(policy.disk("home"))
+    with nbd_server(endpoint, qcow2_image):
+        opts = qemu.image_opts(endpoint, "qcow2")
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", "--image-opts", opts],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert json.loads(info.stdout)["format"] == "qcow2"
+        assert json.loads(info.stdout)["virtual-size"] == 4 * MiB
+        result = _qemu_io(opts, "read -P 0xcd 0 128k", "read -P 0 128k 128k")
+        assert result.returncode == 0 and "Pattern verification failed" not in result.stdout
+
+
+def test_tcp_listen_endpoint_opens_over_loopback(short_dir: Path, raw_image: Path) -> None:
+    port = _free_port()
+    policy = _policy(
+        short_dir,
+        f'disks = [{{device = "vda", source_image = "{raw_image}", '
+        f'listen = "127.0.0.1:{port}"}}]\n',
+    )
+    endpoint = policy.dest_endpoint(policy.disk("vda"))
+    assert qemu.nbd_uri(endpoint) == f"nbd://127.0.0.1:{port}/qg-vda"
+    with nbd_server(endpoint, raw_image):
+        result = _qemu_io(qemu.image_opts(endpoint), "read -P 0xab 0 1M")
+        assert result.returncode == 0 and "Pattern verification failed" not in result.stdout
+
+
+def _monitor(argv: list[str], hmp_commands: list[str]) -> list[str]:
+    """Run a paused QEMU, send HMP commands over QMP on stdio, return each command's output."""
+    lines = [json.dumps({"execute": "qmp_capabilities"})]
+    lines += [
+        json.dumps({"execute": "human-monitor-command", "arguments": {"command-line": command}})
+        for command in hmp_commands
+    ]
+    lines.append(json.dumps({"execute": "quit"}))
+    completed = subprocess.run(
+        [*argv, "-qmp", "stdio"], input="\n".join(lines) + "\n",
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    outputs: list[str] = []
+    current = ""
+    replies = 0
+    for line in completed.stdout.splitlines():
+        if line.startswith("{"):
+            message = json.loads(line)
+            if "return" in message:
+                replies += 1
+                if 1 < replies <= len(hmp_commands) + 1:  # skip qmp_capabilities and quit
+                    outputs.append(current + str(message["return"]))
+                current = ""
+        else:
+            current += line + "\n"
+    assert len(outputs) == len(hmp_commands), completed.stdout
+    return outputs
+
+
+def test_qemu_runs_the_rewritten_command_line_on_nbd(
+    short_dir: Path, raw_image: Path, qcow2_image: Path
+) -> None:
+    iso = short_dir / "install.iso"
+    iso.write_bytes(b"\x42" * 65536)
+    args_file = short_dir / "qg.args"
+    args_file.write_text(
+        "# the domain's command line, as its unit file would run it\n"
+        "qemu-system-x86_64 \\\n"
+        "    -name guest=qg \\\n"
+        "    -machine pc,accel=tcg -nodefaults -display none -S \\\n"
+        f"    -drive file={raw_image},format=raw,if=none,id=disk0,cache=writeback,aio=threads \\\n"
+        "    -device virtio-blk-pci,drive=disk0,id=vd0 \\\n"
+        f'    -blockdev \'{{"driver":"file","filename":"{qcow2_image}",'
+        '"node-name":"home-file"}\' \\\n'
+        "    -blockdev driver=qcow2,file=home-file,node-name=home \\\n"
+        "    -device virtio-blk-pci,drive=home,id=vd1 \\\n"
+        f"    -drive file={iso},format=raw,media=cdrom,if=ide,index=2,readonly=on\n"
+    )
+    policy = _policy(
+        short_dir / "run",
+        f'[[domains.qg.disks]]\ndevice = "disk0"\nsource_image = "{raw_image}"\n'
+        f'[[domains.qg.disks]]\ndevice = "home"\nsource_image = "{qcow2_image}"\n',
+    )
+    result = qemu.rewrite_qemu_args(args_file.read_text(), policy, str(args_file))
+    assert result.changed == ("disk0", "home")
+    assert str(raw_image) not in result.text and str(qcow2_image) not in result.text
+    assert str(iso) in result.text  # the CD-ROM is not a policy disk
+    argv, _ = qemu.parse_qemu_args(result.text)
+
+    with (
+        nbd_server(policy.dest_endpoint(policy.disk("disk0")), raw_image),
+        nbd_server(policy.dest_endpoint(policy.disk("home")), qcow2_image),
+    ):
+        outputs = _monitor(
+            argv,
+            [
+                'qemu-io disk0 "read -P 0xab 0 1M"',
+                'qemu-io disk0 "read -P 0x5c 8128k 64k"',
+                'qemu-io disk0 "write -P 0x11 2M 64k"',
+                'qemu-io -d vd1/virtio-backend "read -P 0xcd 0 128k"',
+                'qemu-io disk0 "read -P 0x77 0 4k"',  # must fail: proves the data is compared
+            ],
+        )
+    for output in outputs[:4]:
+        assert "Pattern verification failed" not in output and "Error" not in output, output
+    assert "Pattern verification failed" in outputs[4]
+    # The guest's write went through nbdkit into the image.
+    with open(raw_image, "rb") as handle:
+        handle.seek(2 * MiB)
+        assert handle.read(64 * 1024) == b"\x11" * 65536
+    assert os.path.getsize(raw_image) == IMAGE_SIZE
