@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -435,3 +436,33 @@ def test_cli_bad_policy_file_names_file_and_line(
     bad.write_text('[domains.web1]\nmode = "postcopy"\ndisks = []\nchunk_size = "3K"\n')
     assert main(["config", "--config", str(bad), "--xl", str(DATA / "web1.xl.cfg")]) == 2
     assert f"{bad}:4: domains.web1.chunk_size" in capsys.readouterr().err
+
+
+def _virt_xml_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virt-xml-validate", str(path), "domain"], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_libvirt_rewritten_xml_passes_libvirts_own_schema(tmp_path: Path) -> None:
+    """libvirt's RelaxNG domain schema (virt-xml-validate) accepts every rewrite we produce."""
+    original = (DATA / "db-primary.libvirt.xml").read_text()
+    rewritten = tmp_path / "db.xml"
+    rewritten.write_text(libvirt.rewrite_libvirt(original, domain("db-primary")).text)
+    result = _virt_xml_validate(rewritten)
+    assert result.returncode == 0, result.stdout + result.stderr
+    no_driver = tmp_path / "g.xml"
+    no_driver.write_text(
+        libvirt.rewrite_libvirt(
+            "<domain type='kvm'><name>g</name><memory>65536</memory><os><type>hvm</type></os>"
+            "<devices><disk device='disk'><source file='/img/g.qcow2'/>"
+            "<target dev='xvda' bus='xen'/></disk></devices></domain>",
+            _policy(),
+        ).text
+    )
+    result = _virt_xml_validate(no_driver)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The validator is strict: a wrong protocol fails, so the check above means something.
+    broken = tmp_path / "broken.xml"
+    broken.write_text(rewritten.read_text().replace("protocol='nbd'", "protocol='nbdx'"))
+    assert _virt_xml_validate(broken).returncode != 0
