@@ -96,6 +96,8 @@ class ClientStatistics:
     bytes_read: int  # READ payload bytes received
     bytes_written: int  # WRITE payload bytes sent
     command_errors: int  # requests the server failed (CommandError)
+    data_chunks: int  # structured OFFSET_DATA chunks received
+    hole_chunks: int  # structured OFFSET_HOLE chunks received (zero-filled locally)
 
 
 class _Waiter:
@@ -313,6 +315,8 @@ class Client:
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,
             command_errors=self._command_errors,
+            data_chunks=sum(c.core.data_chunks for c in self._connections),
+            hole_chunks=sum(c.core.hole_chunks for c in self._connections),
         )
 
     # -- plumbing -------------------------------------------------------------------------------

@@ -423,6 +423,8 @@ class ClientTransmission:
         self._payload_view: memoryview | None = None  # where payload bytes go (None: discard)
         self._payload_remaining = 0
         self._simple_payload = False  # the payload is a simple reply's READ data
+        self.data_chunks = 0  # NBD_REPLY_TYPE_OFFSET_DATA chunks received (for statistics)
+        self.hole_chunks = 0  # NBD_REPLY_TYPE_OFFSET_HOLE chunks received
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -693,6 +695,7 @@ class ClientTransmission:
         start = wire.parse_offset_data_header(frame)
         count = self._chunk_length - wire.OFFSET_DATA_HEADER_SIZE
         self._claim(pending, start, count)
+        self.data_chunks += 1
         self._state = _DATA_PAYLOAD
         self._payload_remaining = count
         target = pending.target
@@ -711,6 +714,7 @@ class ClientTransmission:
         if reply_type == k.ReplyType.OFFSET_HOLE:
             start, count = struct.unpack(">QI", data)
             self._claim(pending, start, count)
+            self.hole_chunks += 1
             target = pending.target
             if target is not None:
                 relative = start - pending.offset
