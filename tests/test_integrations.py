@@ -6,6 +6,7 @@ tests/test_integrations_qemu.py."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import xml.etree.ElementTree as ET
@@ -293,8 +294,6 @@ def test_qemu_rewrite_swaps_only_the_protocol_layer() -> None:
         ("discard", "unmap"),
     ]
     assert any("aio=native" in note for note in result.notes)
-    import json
-
     assert json.loads(new_args[blockdev]) == {
         "driver": "nbd",
         "server": {"type": "unix", "path": "/run/pc/qemu-guest-home.sock"},
@@ -466,3 +465,40 @@ def test_libvirt_rewritten_xml_passes_libvirts_own_schema(tmp_path: Path) -> Non
     broken = tmp_path / "broken.xml"
     broken.write_text(rewritten.read_text().replace("protocol='nbd'", "protocol='nbdx'"))
     assert _virt_xml_validate(broken).returncode != 0
+
+
+def test_cli_plan_lists_the_commands_of_a_migration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--config", str(POLICY), "--domain", "web1", "--plan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line for line in lines if not line.startswith("#")]
+    assert commands == [
+        "postcopy serve --listen host-a.example:10809 "
+        "web1-xvda=/srv/xen/web1-root.img web1-data=/srv/xen/web1-data.img",
+        "postcopy receive --domain web1 --source nbd://host-a.example:10809/web1-xvda "
+        "--dest /srv/xen/web1-root.img --state-dir /var/lib/postcopy/web1/xvda "
+        "--socket /run/postcopy/web1-xvda.sock --chunk-size 262144 --wait-for-source",
+        "postcopy receive --domain web1 --source nbd://host-a.example:10809/web1-data "
+        "--dest /srv/xen/incoming/web1-data.img --state-dir /var/lib/postcopy/web1/xvdb "
+        "--socket /run/postcopy/web1-xvdb.sock --chunk-size 262144 --wait-for-source",
+        "postcopy source-frozen --state-dir /var/lib/postcopy/web1/xvda",
+        "postcopy source-frozen --state-dir /var/lib/postcopy/web1/xvdb",
+    ]
+    assert "#   xvda: nbd+unix:///web1-xvda?socket=/run/postcopy/web1-xvda.sock" in lines
+
+
+def test_cli_plan_json_for_scripts(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["config", "--config", str(POLICY), "--domain", "db-primary", "--plan", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["serve"][:4] == ["postcopy", "serve", "--socket", "/run/postcopy/tunnel-a.sock"]
+    wal = plan["disks"][1]
+    assert wal["dest_uri"] == "nbd://127.0.0.1:10811/db-primary-vdb"
+    assert wal["receive"][-5:] == [
+        "--listen",
+        "127.0.0.1:10811",
+        "--chunk-size",
+        "65536",
+        "--wait-for-source",
+    ]
+    assert main(["config", "--config", str(POLICY), "--domain", "build", "--plan", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["disks"] == []

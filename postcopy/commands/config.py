@@ -2,6 +2,7 @@
 
     postcopy config [--domain NAME] [--config F] (--xl FILE | --libvirt FILE | --qemu-args FILE)
                     [--in-place]
+    postcopy config --domain NAME [--config F] --plan [--json]
 
 The domain's policy comes from the policy file (`postcopy.config`); the rewriting from
 `postcopy.integrations`. FILE may be `-` for standard input (a libvirt qemu hook passes the domain
@@ -13,18 +14,26 @@ new file, never half of one. A domain that is not in postcopy mode is printed un
 
 Without `--domain`, the domain is the one the config names (`name = ...`, `<name>`, `-name`); with
 both, they must agree.
+
+`--plan` prints, from the policy alone, the commands one migration of the domain runs: the
+`postcopy serve` line for the source host, a `postcopy receive` per disk for the destination, the
+`postcopy source-frozen` lines for the switchover, and the NBD URI each disk is opened with
+(`--json`: the same as one JSON object, for scripts).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from postcopy.config import add_config_argument, load_config
+from postcopy.config import DomainPolicy, add_config_argument, load_config
 from postcopy.errors import UserError
 from postcopy.integrations import Rewrite, libvirt, qemu, xl
 
@@ -47,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="FILE",
         help="a QEMU command line, shell-quoted or one argument per line (`-` for stdin)",
     )
+    kind.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the serve/receive/source-frozen commands and URIs of the domain's migration",
+    )
+    parser.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
     parser.add_argument(
         "--in-place",
         action="store_true",
@@ -88,7 +103,87 @@ def write_atomically(path: Path, data: str, mode: int | None = None) -> None:
         os.close(directory_fd)
 
 
+def migration_plan(domain: DomainPolicy) -> dict[str, object]:
+    """What one postcopy migration of `domain` runs, as data (see `--plan`)."""
+    if not domain.is_postcopy:
+        return {"domain": domain.name, "mode": domain.mode.value, "disks": []}
+    serve: list[str] = ["postcopy", "serve"]
+    source = domain.source
+    if source is not None and source.socket is not None:
+        serve += ["--socket", str(source.socket)]
+    elif source is not None:
+        serve += ["--listen", f"{source.host}:{source.port}"]
+    disks = []
+    for disk in domain.disks:
+        serve.append(f"{disk.export}={disk.source_image}")
+        state_dir = domain.state_dir(disk)
+        dest = domain.dest_endpoint(disk)
+        receive = ["postcopy", "receive", "--domain", domain.name]
+        receive += ["--source", domain.source_endpoint(disk).uri() if source else "SOURCE-URI"]
+        receive += ["--dest", str(disk.dest_file), "--state-dir", str(state_dir)]
+        if dest.socket is not None:
+            receive += ["--socket", str(dest.socket)]
+        else:
+            receive += ["--listen", f"{dest.host}:{dest.port}"]
+        receive += ["--chunk-size", str(domain.chunk_size), "--wait-for-source"]
+        disks.append(
+            {
+                "device": disk.device,
+                "source_image": str(disk.source_image),
+                "dest_file": str(disk.dest_file),
+                "export": disk.export,
+                "state_dir": str(state_dir),
+                "dest_uri": dest.uri(),
+                "qemu_image_opts": qemu.image_opts(dest),
+                "receive": receive,
+                "source_frozen": ["postcopy", "source-frozen", "--state-dir", str(state_dir)],
+            }
+        )
+    return {
+        "domain": domain.name,
+        "mode": domain.mode.value,
+        "chunk_size": domain.chunk_size,
+        "bandwidth": domain.bandwidth,
+        "source": source.uri() if source else None,
+        "serve": serve,
+        "disks": disks,
+    }
+
+
+def _print_plan(domain: DomainPolicy, as_json: bool) -> None:
+    plan = migration_plan(domain)
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    if not domain.is_postcopy:
+        print(f"# domain {domain.name}: {domain.mode.value} mode, nothing for postcopy to do")
+        return
+    disks: list[dict[str, Any]] = plan["disks"]  # type: ignore[assignment]
+    cap = f"{domain.bandwidth} bytes/s" if domain.bandwidth else "none"
+    print(
+        f"# domain {domain.name}: postcopy, chunk size {domain.chunk_size} bytes, drain cap {cap}"
+    )
+    if domain.source is None:
+        print(f"# no 'source' in {domain.config_file}: replace SOURCE-URI below")
+    print("# on the source host (A), before the migration:")
+    print(shlex.join(plan["serve"]))  # type: ignore[arg-type]
+    print("# on the destination host (B), one per disk; each prints its URI:")
+    for disk in disks:
+        print(shlex.join(disk["receive"]))
+    print("# the domain's disks then open:")
+    for disk in disks:
+        print(f"#   {disk['device']}: {disk['dest_uri']}")
+    print("# at switchover, once the domain on A is paused for good:")
+    for disk in disks:
+        print(shlex.join(disk["source_frozen"]))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        if not args.domain:
+            raise UserError("--plan needs --domain NAME")
+        _print_plan(load_config(args.config).domain(args.domain), args.json)
+        return 0
     rewriters: dict[str, tuple[Callable[..., Rewrite], Callable[..., str | None]]] = {
         "xl": (xl.rewrite_xl, xl.domain_name),
         "libvirt": (libvirt.rewrite_libvirt, libvirt.domain_name),
