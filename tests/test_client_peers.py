@@ -14,6 +14,7 @@ import pytest
 import trio
 
 import nbdsrv
+from nbdsrv.constants import OptionReply
 from nbdsrv.errors import CommandError, ConnectionClosedError, LocalProtocolError
 from tests.client_peers_fixtures import (
     free_tcp_port,
@@ -168,8 +169,11 @@ async def test_server_errors_raise_command_error_and_connection_stays_usable(
 ) -> None:
     inject = tmp_path / "inject"
     options = ["--filter=error"]
-    args = ["memory", "4M", "error-pread=EIO", "error-pread-rate=1", f"error-pread-file={inject}",
-            "error-pwrite=ENOSPC", "error-pwrite-rate=1", f"error-pwrite-file={inject}"]  # fmt: skip
+    args = [
+        "memory", "4M",
+        "error-pread=EIO", "error-pread-rate=1", f"error-pread-file={inject}",
+        "error-pwrite=ENOSPC", "error-pwrite-rate=1", f"error-pwrite-file={inject}",
+    ]  # fmt: skip
     for extra in ([], ["--no-sr"]):  # structured error chunks, then simple error replies
         with run_nbdkit(tmp_path, args, [*options, *extra]) as peer:
             async with nbdsrv.open_client(peer.uri) as client:
@@ -259,7 +263,9 @@ async def test_reads_larger_than_max_payload_are_split(tmp_path: Path) -> None:
 async def test_missing_export_is_a_negotiation_error(tmp_path: Path) -> None:
     image = tmp_path / "small.img"
     image.write_bytes(bytes(4096))
-    with run_qemu_nbd(tmp_path, image, export="disk") as peer:
-        with pytest.raises(nbdsrv.NegotiationError):
-            async with nbdsrv.open_client(peer.uri, export_name="nope"):
-                pass  # pragma: no cover
+    with run_qemu_nbd(tmp_path, image, export="disk") as peer, pytest.raises(
+        nbdsrv.NegotiationError
+    ) as refused:
+        async with nbdsrv.open_client(peer.uri, export_name="nope"):
+            pass  # pragma: no cover
+    assert refused.value.reply_type == OptionReply.ERR_UNKNOWN
