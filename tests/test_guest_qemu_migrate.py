@@ -8,8 +8,10 @@ The postcopy disk is exercised by test_guest_migration.py.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import trio
 from postcopy.errors import UserError
 from postcopy.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
 from postcopy.qmp import open_qmp
+from postcopy.source_gate import is_source_frozen
 from tests.guest.build import GuestBootFiles
 from tests.guest.fixtures import (  # noqa: F401  (fixtures)
     guest_boot_files_fixture,
@@ -31,10 +34,14 @@ BOOT_TIMEOUT = 30
 SLOW_BANDWIDTH = 1 << 20  # bytes/s: keeps a 128 MiB guest's migration busy for a while
 
 
-async def qemu_status(guest: QemuGuest) -> str:
+async def qemu_status_at(qmp_socket: Path) -> str:
     with trio.fail_after(5):
-        async with open_qmp(guest.qmp_socket) as qmp:
+        async with open_qmp(qmp_socket) as qmp:
             return str((await qmp.execute("query-status"))["status"])
+
+
+async def qemu_status(guest: QemuGuest) -> str:
+    return await qemu_status_at(guest.qmp_socket)
 
 
 def written_slots(detail: str) -> int:
@@ -44,22 +51,44 @@ def written_slots(detail: str) -> int:
 def test_qemu_migrate_moves_a_running_guest_and_it_keeps_passing(
     guest_boot_files: GuestBootFiles, guest_layout: GuestLayout, guest_image: Path, tmp_path: Path
 ) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    # A second QMP monitor on the source, for the watcher (short path: Unix socket limits).
+    monitor_dir = Path(tempfile.mkdtemp(prefix="pcg-mon-"))
+    monitor = monitor_dir / "src.qmp"
     with (
-        run_qemu_guest(guest_boot_files, guest_layout, guest_image, tmp_path, "src") as source,
+        run_qemu_guest(
+            guest_boot_files, guest_layout, guest_image, tmp_path, "src",
+            extra_args=["-qmp", f"unix:{monitor},server=on,wait=off"],
+        ) as source,
         run_qemu_guest(
             guest_boot_files, guest_layout, guest_image, tmp_path, "dst", incoming=True
         ) as dest,
-    ):
+    ):  # fmt: skip
         source.wait_for_marker(BOOT_TIMEOUT, ok=True, min_pass=2)
         command = [
             sys.executable, "-m", "postcopy.cli", "qemu-migrate",
             "--source-qmp", str(source.qmp_socket), "--dest-qmp", str(dest.qmp_socket),
-            "--shared-storage", "--timeout", "30", "--json",
+            "--state-dir", str(state_dir), "--timeout", "30", "--json",
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        migration = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            # Watch for the gate: when it opens, the source must already be paused for good.
+            deadline = time.monotonic() + 30
+            while not is_source_frozen(state_dir) and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert is_source_frozen(state_dir)
+            source_status_at_gate = trio.run(qemu_status_at, monitor)
+            stdout, stderr = migration.communicate(timeout=30)
+        finally:
+            if migration.poll() is None:
+                migration.kill()
+                migration.wait()
+            shutil.rmtree(monitor_dir, ignore_errors=True)
         migrated_at = time.monotonic()
-        assert done.returncode == 0, done.stderr
-        report = json.loads(done.stdout)
+        assert source_status_at_gate == "postmigrate"
+        assert migration.returncode == 0, stderr
+        report = json.loads(stdout)
         assert report["status"] == "completed"
         assert 0 < report["qemu_downtime_ms"] <= report["qemu_total_time_ms"]
         assert report["ram_transferred_bytes"] > 0

@@ -1,0 +1,281 @@
+"""The end-to-end scenario: a running QEMU guest live-migrated with its disk moved by postcopy.
+
+How it works (`run_postcopy_scenario`), all on one machine over Unix sockets:
+    Host A  QEMU on a local raw image (`a.img`, with the seeded pre-boot pattern), and
+            `postcopy serve --socket A.sock a.img` exporting it read-only.
+    Host B  `postcopy receive --source nbd+unix:///?socket=A.sock --dest b.img --state-dir B.state
+            --socket B.sock --wait-for-source`, and QEMU with `-incoming defer` on the URI it
+            printed.
+    Then `migrate_qemu_domain` moves the guest (declaring the source frozen at switchover), and
+    the scenario watches the guest pass on B while the drain runs, waits for the status record's
+    `complete`, and lets the guest pass some more rounds after completion.
+
+`stale_source=True` is the negative control: B is fed a copy of `a.img` taken a few passes
+before the migration, so the guest's re-reads on B must find old data and say FAIL.
+`check_scenario` holds the assertions the positive test makes; the negative test expects it to
+fail.  Every process started here is terminated on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from postcopy.qemu_migrate import MigrationConfig, MigrationReport, migrate_qemu_domain
+from tests.guest.build import GuestBootFiles
+from tests.guest.qemu import GuestLayout, Marker, QemuGuest, prepare_disk_image, run_qemu_guest
+
+BOOT_TIMEOUT = 30.0
+URI_RE = re.compile(r"nbd(\+unix)?://\S+")
+POLL_SECONDS = 0.02
+
+
+def _terminate(process: subprocess.Popen[bytes], name: str) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def _tail(path: Path, size: int = 2000) -> str:
+    try:
+        return path.read_bytes()[-size:].decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+@contextmanager
+def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str]:
+    """`postcopy serve` exporting `image` read-only on `socket`; yields the NBD URI."""
+    log = workdir / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "postcopy.cli", "serve", "--socket", str(socket), str(image)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while not socket.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"postcopy serve did not start:\n{_tail(log)}")
+            time.sleep(POLL_SECONDS)
+        yield f"nbd+unix:///?socket={socket}"
+    finally:
+        _terminate(process, "serve")
+
+
+@dataclass
+class ReceiveProcess:
+    uri: str
+    process: subprocess.Popen[bytes]
+    state_dir: Path
+    log: Path
+
+    def status(self) -> dict[str, Any]:
+        try:
+            record: dict[str, Any] = json.loads((self.state_dir / "status.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return record
+
+
+@contextmanager
+def run_postcopy_receive(
+    source_uri: str, dest: Path, state_dir: Path, socket: Path, workdir: Path
+) -> Iterator[ReceiveProcess]:
+    """`postcopy receive --wait-for-source`; yields it once it printed the NBD URI."""
+    log = workdir / "receive.log"
+    command = [
+        sys.executable, "-m", "postcopy.cli", "receive", "--source", source_uri,
+        "--dest", str(dest), "--state-dir", str(state_dir), "--socket", str(socket),
+        "--wait-for-source",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            match = URI_RE.search(_tail(log, 10000))
+            if match:
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"postcopy receive printed no URI:\n{_tail(log)}")
+            time.sleep(POLL_SECONDS)
+        yield ReceiveProcess(match.group(0), process, state_dir, log)
+    finally:
+        _terminate(process, "receive")
+
+
+@dataclass
+class ScenarioResult:
+    """What one run saw; times are seconds unless named otherwise."""
+
+    report: MigrationReport | None
+    source_markers: list[Marker]
+    dest_markers: list[Marker]
+    boot_seconds: float
+    first_marker_after_switchover_seconds: float | None
+    drain_seconds: float | None  # qemu-migrate returning until the status record said complete
+    passes_during_drain: int
+    passes_after_complete: int
+    final_status: dict[str, Any]
+    errors: list[str] = field(default_factory=list)
+    logs: str = ""
+
+    @property
+    def failures(self) -> list[Marker]:
+        return [m for m in self.source_markers + self.dest_markers if not m.ok]
+
+
+def check_scenario(result: ScenarioResult, min_passes_after_complete: int = 2) -> None:
+    """The positive scenario's acceptance: raises AssertionError when anything is wrong."""
+    assert not result.errors, f"{result.errors}\n{result.logs}"
+    assert result.failures == [], f"FAIL markers: {result.failures}\n{result.logs}"
+    assert result.report is not None and result.report.status == "completed"
+    assert result.final_status.get("state") == "complete", result.final_status
+    assert result.passes_after_complete >= min_passes_after_complete
+    assert all(m.ok for m in result.dest_markers)
+    numbers = [m.pass_number for m in result.dest_markers]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
+    last_source = result.source_markers[-1].pass_number
+    assert last_source < numbers[0] <= last_source + 2, (last_source, numbers[0])
+
+
+def run_postcopy_scenario(
+    boot_files: GuestBootFiles,
+    workdir: Path,
+    layout: GuestLayout | None = None,
+    stale_source: bool = False,
+    passes_after_complete: int = 2,
+    drain_timeout: float = 60.0,
+) -> ScenarioResult:
+    layout = layout or GuestLayout()
+    image_a = workdir / "a.img"
+    image_b = workdir / "b.img"
+    state_dir = workdir / "b.state"
+    state_dir.mkdir()
+    prepare_disk_image(image_a, layout, boot_files)
+    socket_dir = Path(tempfile.mkdtemp(prefix="pcg-sc-"))
+    errors: list[str] = []
+    report = None
+    first_after: float | None = None
+    drain_seconds: float | None = None
+    during = after = 0
+    final_status: dict[str, Any] = {}
+    source: QemuGuest | None = None
+    dest: QemuGuest | None = None
+    receive: ReceiveProcess | None = None
+    try:
+        with ExitStack() as stack:
+            source = stack.enter_context(
+                run_qemu_guest(boot_files, layout, image_a, workdir, "hostA")
+            )
+            source.wait_for_marker(BOOT_TIMEOUT, ok=True, min_pass=2)
+            served = image_a
+            if stale_source:
+                served = workdir / "stale.img"
+                subprocess.run(["cp", "--sparse=always", str(image_a), str(served)], check=True)
+                last = source.markers[-1].pass_number
+                source.wait_for_marker(BOOT_TIMEOUT, ok=None, min_pass=last + 2)
+            source_uri = stack.enter_context(
+                run_postcopy_serve(served, socket_dir / "A.sock", workdir)
+            )
+            receive = stack.enter_context(
+                run_postcopy_receive(
+                    source_uri, image_b, state_dir, socket_dir / "B.sock", workdir
+                )
+            )
+            dest = stack.enter_context(
+                run_qemu_guest(boot_files, layout, receive.uri, workdir, "hostB", incoming=True)
+            )
+            report = trio.run(
+                migrate_qemu_domain,
+                MigrationConfig(source.qmp_socket, dest.qmp_socket, state_dir, timeout_seconds=60),
+            )
+            switched = time.monotonic()
+            first = dest.wait_for_marker(BOOT_TIMEOUT, ok=None)
+            first_after = first.seen_at - switched
+            deadline = switched + drain_timeout
+            completed_at = None
+            while completed_at is None:
+                dest.poll_serial()
+                if receive.status().get("state") == "complete":
+                    completed_at = time.monotonic()
+                    break
+                if receive.status().get("state") == "failed":
+                    errors.append(f"receive failed: {receive.status().get('error')}")
+                    break
+                if receive.process.poll() is not None:
+                    errors.append(f"receive exited {receive.process.returncode}")
+                    break
+                if dest.process.poll() is not None or time.monotonic() > deadline:
+                    errors.append("drain did not complete in time or QEMU B died")
+                    break
+                time.sleep(POLL_SECONDS)
+            if completed_at is not None:
+                drain_seconds = completed_at - switched
+                during = len([m for m in dest.markers if m.seen_at < completed_at])
+                seen = dest.wait_for_passes(passes_after_complete, BOOT_TIMEOUT, after=completed_at)
+                after = len(seen)
+            final_status = receive.status()
+            dest.poll_serial()
+            source.poll_serial()
+    except AssertionError as exc:
+        errors.append(str(exc))
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    logs = "\n".join(
+        [
+            source.console_tail() if source else "",
+            dest.console_tail() if dest else "",
+            f"--- receive ---\n{_tail(receive.log) if receive else ''}",
+            f"--- serve ---\n{_tail(workdir / 'serve.log')}",
+        ]
+    )
+    return ScenarioResult(
+        report=report,
+        source_markers=list(source.markers) if source else [],
+        dest_markers=list(dest.markers) if dest else [],
+        boot_seconds=(source.markers[0].seen_at - source.started_at)
+        if source and source.markers
+        else 0.0,
+        first_marker_after_switchover_seconds=first_after,
+        drain_seconds=drain_seconds,
+        passes_during_drain=during,
+        passes_after_complete=after,
+        final_status=final_status,
+        errors=errors,
+        logs=logs,
+    )
+
+
+def measure_postcopy_run(boot_files: GuestBootFiles, workdir: Path) -> dict[str, float]:
+    """One scenario run for `tests.guest.measure --mode postcopy`."""
+    result = run_postcopy_scenario(boot_files, workdir)
+    check_scenario(result)
+    assert result.report is not None and result.drain_seconds is not None
+    return {
+        "boot_s": result.boot_seconds,
+        "ram_migration_ms": result.report.qemu_total_time_ms,
+        "downtime_ms": result.report.qemu_downtime_ms,
+        "first_marker_after_switchover_s": result.first_marker_after_switchover_seconds or 0.0,
+        "drain_s": result.drain_seconds,
+        "passes_during_drain": result.passes_during_drain,
+        "demand_fetches": float(result.final_status.get("demand_fetches", 0)),
+        "guest_fail_markers": float(len(result.failures)),
+    }
