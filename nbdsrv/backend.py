@@ -6,6 +6,7 @@ cached between calls (a writable file changes under us).
 
     backend = FileBackend("/var/lib/disk.img", writable=False)
     backend.read_into(0, memoryview(buffer))       # os.preadv straight into the caller's buffer
+    backend.read_cached(0, memoryview(buffer))     # the same, only what is cached (RWF_NOWAIT)
     backend.extents(0, backend.size)               # from SEEK_DATA/SEEK_HOLE, asked every time
 
 Holes: `extents()` reports HOLE|ZERO for ranges that SEEK_HOLE finds and plain data elsewhere; a
@@ -57,6 +58,11 @@ class Backend(Protocol):
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with the bytes at `offset` (zeroes past the end of the data)."""
+        ...
+
+    def read_cached(self, offset: int, buffer: memoryview) -> int:
+        """Without blocking, fill a prefix of `buffer` with bytes already in memory (page cache);
+        returns how many bytes were filled (0 when none, or when the backend cannot tell)."""
         ...
 
     def extents(self, offset: int, length: int, limit: int = 1024) -> list[Extent]:
@@ -122,6 +128,7 @@ class FileBackend:
             os.close(self._fd)
             raise
         self._seek_data_works = True
+        self._nowait_works = True
         self._punch_works = True
         self._zero_range_works = True
         self._closed = False
@@ -156,6 +163,27 @@ class FileBackend:
                 buffer[done:] = bytes(wanted - done)
                 return
             done += count
+
+    def read_cached(self, offset: int, buffer: memoryview) -> int:
+        if self.read_delay or not self._nowait_works:
+            return 0
+        wanted = len(buffer)
+        done = 0
+        while done < wanted:
+            try:
+                count = os.preadv(self._fd, [buffer[done:]], offset + done, os.RWF_NOWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait_works = False
+                break
+            if count == 0:  # end of file: zeroes
+                buffer[done:] = bytes(wanted - done)
+                return wanted
+            done += count
+        return done
 
     def extents(self, offset: int, length: int, limit: int = 1024) -> list[Extent]:
         end = min(offset + length, self._size)

@@ -1,0 +1,255 @@
+"""Helpers for tests that talk to real NBD peers: test images and servers run as subprocesses.
+
+    with running_serve(image, writable=True) as serve:      # `postcopy serve` on a Unix socket
+        subprocess.run(["nbdinfo", serve.uri], check=True)
+    with running_nbdkit(["memory", "64M"]) as nbdkit: ...   # any nbdkit plugin and arguments
+
+Every server is started with a bounded wait for readiness and is terminated (then killed) when
+the `with` block ends, whatever happens inside.  `sparse_test_image` writes a deterministic image of
+random data runs and holes; `file_extents` reads a file's allocation back with SEEK_DATA/SEEK_HOLE
+(written here independently of nbdsrv.backend so that tests compare two implementations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def sparse_test_image(
+    path: str | os.PathLike[str],
+    size: int,
+    seed: int,
+    *,
+    data_fraction: float = 0.5,
+    min_run: int = 64 * 1024,
+    max_run: int = 4 * 1024 * 1024,
+) -> list[tuple[int, int]]:
+    """Write a raw image of `size` bytes: runs (multiples of 64 KiB, between min_run and
+    max_run) that are random data with probability `data_fraction`, holes otherwise.  The same
+    arguments give the same bytes.  Returns the data runs as (offset, length)."""
+    rng = random.Random(seed)
+    data_runs: list[tuple[int, int]] = []
+    step = 64 * 1024
+    with open(path, "wb") as image:
+        image.truncate(size)
+        position = 0
+        while position < size:
+            run = min(rng.randrange(min_run, max_run + 1, step), size - position)
+            if rng.random() < data_fraction:
+                image.seek(position)
+                image.write(rng.randbytes(run))
+                if data_runs and data_runs[-1][0] + data_runs[-1][1] == position:
+                    data_runs[-1] = (data_runs[-1][0], data_runs[-1][1] + run)
+                else:
+                    data_runs.append((position, run))
+            position += run
+    return data_runs
+
+
+def file_extents(path: str | os.PathLike[str]) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_data) runs of a file, from SEEK_DATA/SEEK_HOLE."""
+    runs: list[tuple[int, int, bool]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        position = 0
+        while position < size:
+            try:
+                data = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = size
+            if data > position:
+                runs.append((position, data - position, False))
+            if data >= size:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            runs.append((data, hole - data, True))
+            position = hole
+    finally:
+        os.close(fd)
+    return runs
+
+
+def files_identical(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
+    """cmp(1): True when both files have the same bytes."""
+    return subprocess.run(["cmp", "-s", os.fspath(first), os.fspath(second)]).returncode == 0
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
+    return process.returncode
+
+
+def _wait_for_socket(path: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+def serve_command() -> list[str]:
+    """The command line that runs `postcopy` from this checkout's interpreter."""
+    return [sys.executable, "-m", "postcopy.cli"]
+
+
+@dataclass
+class RunningServe:
+    process: subprocess.Popen[bytes]
+    uris: list[str]
+    socket_path: str | None
+    log_path: Path
+
+    @property
+    def uri(self) -> str:
+        return self.uris[0]
+
+    def export_uri(self, name: str) -> str:
+        """The URI of the export `name` on the first listener."""
+        base = self.uri
+        if base.startswith("nbd+unix:///"):
+            return f"nbd+unix:///{name}?" + base.split("?", 1)[1]
+        return base.rstrip("/") + "/" + name
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_serve(
+    *exports: str | os.PathLike[str],
+    writable: bool = False,
+    socket_path: str | None = None,
+    listen: str | None = None,
+    read_delay: float = 0.0,
+    extra_args: Sequence[str] = (),
+    verbose: bool = False,
+) -> Iterator[RunningServe]:
+    """Run `postcopy serve` (a Unix socket in a fresh temporary directory unless `socket_path`
+    or `listen` is given); waits for its ready line; SIGTERM (then SIGKILL) on exit.  Exports
+    are `PATH` or `NAME=PATH` strings as on the command line.  `read_delay` sets the test hook
+    POSTCOPY_SERVE_READ_DELAY."""
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-")))
+        if socket_path is None and listen is None:
+            socket_path = str(workdir / "nbd.sock")
+        args = [*serve_command(), "serve"]
+        if socket_path is not None:
+            args += ["--socket", socket_path]
+        if listen is not None:
+            args += ["--listen", listen]
+        if writable:
+            args.append("--writable")
+        if verbose:
+            args.append("--verbose")
+        args += [*extra_args, *(os.fspath(e) for e in exports)]
+        env = dict(os.environ)
+        if read_delay:
+            env["POSTCOPY_SERVE_READ_DELAY"] = str(read_delay)
+        log_path = workdir / "serve.log"
+        log_file = stack.enter_context(open(log_path, "wb"))
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, env=env)
+        stack.callback(_stop, process)
+        assert process.stdout is not None
+        line = _read_line(process, READY_TIMEOUT)
+        if not line.startswith("ready "):
+            _stop(process)
+            raise RuntimeError(f"postcopy serve did not start: {line!r}: {log_path.read_text()}")
+        yield RunningServe(process, line.split()[1:], socket_path, log_path)
+
+
+def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no ready line in {timeout} s (got {data!r})")
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 1)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode(errors="replace").strip()
+
+
+@contextlib.contextmanager
+def running_nbdkit(
+    plugin_args: Sequence[str],
+    *,
+    socket_path: str | None = None,
+    nbdkit_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Run `nbdkit -f -U SOCKET [nbdkit_args] PLUGIN ARGS...`; yields its NBD URI."""
+    with contextlib.ExitStack() as stack:
+        if socket_path is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nbdkit-"))
+            socket_path = os.path.join(workdir, "nbd.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)  # nbdkit does not replace a stale socket
+        process = subprocess.Popen(
+            ["nbdkit", "-f", "-U", socket_path, *nbdkit_args, *plugin_args],
+            env={**os.environ, **(env or {})},
+        )
+        stack.callback(_stop, process)
+        _wait_for_socket(socket_path, process, READY_TIMEOUT)
+        yield f"nbd+unix:///?socket={socket_path}"
+
+
+@contextlib.contextmanager
+def running_qemu_nbd(image: str | os.PathLike[str], *, read_only: bool = True) -> Iterator[str]:
+    """Run `qemu-nbd` on a raw image over a Unix socket; yields its NBD URI."""
+    with tempfile.TemporaryDirectory(prefix="qemu-nbd-") as workdir:
+        socket_path = os.path.join(workdir, "nbd.sock")
+        args = ["qemu-nbd", "-f", "raw", "-k", socket_path, "-t", "-e", "8"]
+        if read_only:
+            args.append("-r")
+        process = subprocess.Popen([*args, os.fspath(image)])
+        try:
+            _wait_for_socket(socket_path, process, READY_TIMEOUT)
+            yield f"nbd+unix:///?socket={socket_path}"
+        finally:
+            _stop(process)
+
+
+def require_tools(*names: str) -> None:
+    """Fail (never skip: CI installs them) when a peer tool is missing."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        raise RuntimeError(f"missing test tools {missing}: run `make setup`")
