@@ -324,3 +324,24 @@ def test_nbd_addresses_and_uris() -> None:
     for bad in ("unix:rel.sock", "nbd://", "nbd+unix:///", "tcp://a:1"):
         with pytest.raises(ValueError):
             parse_nbd_address(bad)
+
+
+def test_documented_policy_example_loads_and_plan_matches_the_docs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/integrations.md's example file is valid and its `--plan` output is what we print."""
+    import re
+
+    from postcopy.cli import main
+
+    doc = (Path(__file__).parent.parent / "docs" / "integrations.md").read_text()
+    toml_block = re.search(r"```toml\n(.*?)```", doc, re.S)
+    plan_block = re.search(r"\$ postcopy config --domain web1 --plan\n(.*?)```", doc, re.S)
+    assert toml_block is not None and plan_block is not None
+    policy = tmp_path / "domains.toml"
+    policy.write_text(toml_block[1])
+    config = load_config(policy, environ={})
+    assert config.domain("web1").mode is MigrationMode.POSTCOPY
+    assert config.domain("not-listed").mode is MigrationMode.PRECOPY
+    assert main(["config", "--config", str(policy), "--domain", "web1", "--plan"]) == 0
+    assert capsys.readouterr().out == plan_block[1]
