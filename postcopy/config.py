@@ -475,7 +475,12 @@ class _Checker:
 
     def line_of(self, key: KeyPath) -> int | None:
         if self._lines is None:
-            self._lines = _TomlKeyLines(self.text)
+            try:
+                self._lines = _TomlKeyLines(self.text)
+            except (ValueError, IndexError, tomllib.TOMLDecodeError):
+                # A construct the scanner misreads must not hide the real problem: report it
+                # without a line rather than fail.
+                return None
         return self._lines.line_of(key)
 
     def fail(self, key: KeyPath, problem: str) -> ConfigError:

@@ -345,3 +345,115 @@ def test_documented_policy_example_loads_and_plan_matches_the_docs(
     assert config.domain("not-listed").mode is MigrationMode.PRECOPY
     assert main(["config", "--config", str(policy), "--domain", "web1", "--plan"]) == 0
     assert capsys.readouterr().out == plan_block[1]
+
+
+def test_line_finder_handles_every_kind_of_toml_value() -> None:
+    error = _error(
+        '''\
+        [defaults]
+        source = "nbd://a.example"   # comment with "quotes" and ] brackets
+        state_root = '/var/lib/pc#not-a-comment'
+
+        [domains.a]
+        mode = """shared"""
+        chunk_size = 65536
+        bandwidth = 'unlimited'
+
+        [domains.b]
+        disks = [
+          { device = "vda", source_image = "/b.img", export = "b\\"q" },   # escaped quote
+          { device = 'vdb', source_image = '/c.img', dest_file = """/d.img""" },
+        ]
+        mode = "postcopy"
+
+        [domains."c.d"]
+        mode = "shared"
+        [domains.e]
+        mode = "precopy"
+        state_root = 7
+        '''
+    )
+    assert error.line == 21 and "domains.e.state_root: must be a string" in error.problem
+
+
+def test_unusual_toml_values_elsewhere_do_not_break_line_finding() -> None:
+    # Dates, floats, nested arrays and multi-line literal strings in a wrong place still give
+    # the line of the real problem.
+    error = _error(
+        "[defaults]\n"
+        "mode = 'precopy'\n"
+        "[domains.a]\n"
+        "state_root = '''\n/var/lib/x'''\n"
+        "[domains.b]\n"
+        "when = 1979-05-27 07:32:00Z\n"
+    )
+    assert error.line == 7 and "domains.b.when: unknown key" in error.problem
+    error = _error("[domains.b]\nchunk_size = [[1, 2], [3]]\n")
+    assert error.line == 2 and "must be a size" in error.problem
+    error = _error("[domains.b]\nchunk_size = 6.5e3\n")
+    assert error.line == 2 and "not a number" in error.problem
+
+
+_VALID_LINES = [
+    'mode = "shared"',
+    'chunk_size = "128K"',
+    "bandwidth = 1048576",
+    'state_root = """/srv/state"""',
+    "# a comment = with [brackets]",
+    "",
+    "socket_dir = '/run/x'",
+]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["table", "dotted", "quoted"]),
+            st.lists(st.sampled_from(_VALID_LINES), max_size=4),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.data(),
+)
+def test_error_line_is_found_in_any_layout(
+    layouts: list[tuple[str, list[str]]], data: st.DataObject
+) -> None:
+    """Whatever the layout of the domains before it, an unknown key is reported on its line."""
+    bad_domain = data.draw(st.integers(min_value=0, max_value=len(layouts) - 1))
+    lines = ["[defaults]", "# policy"]
+    expected = 0
+    for index, (style, body) in enumerate(layouts):
+        name = f"dom{index}"
+        keys = [line for line in body if "=" in line and not line.startswith("#")]
+        keys = list(dict.fromkeys(line.split("=")[0].strip() for line in keys))
+        chosen = {key: next(v for v in body if v.startswith(key + " ")) for key in keys}
+        current_table = next((x for x in reversed(lines) if x.startswith("[")), "")
+        if style == "table":
+            lines.append(f"[domains.{name}]")
+            lines += list(chosen.values())
+        elif style == "quoted":
+            lines.append(f'[domains."{name}"]')
+            lines += [f'"{k}" = {v.split("=", 1)[1].strip()}' for k, v in chosen.items()]
+        else:
+            if current_table != "[domains]":
+                lines.append("[domains]")  # a second [domains] is a TOML error: skipped below
+            lines += [f"{name}.{v}" for v in chosen.values()]
+        if index == bad_domain:
+            if style == "dotted":
+                lines.append(f"{name}.colour = 'red'")
+            elif style == "quoted":
+                lines.append("\"colour\" = 'red'")
+            else:
+                lines.append("colour = 'red'")
+            expected = len(lines)
+    text = "\n".join(lines) + "\n"
+    try:
+        parse_config(text, "p.toml")
+    except ConfigError as error:
+        if "TOML syntax" in error.problem:
+            return  # a dotted domain after [domains.x] tables is a TOML redefinition; skip
+        assert error.line == expected, text
+        assert f"dom{bad_domain}.colour: unknown key" in error.problem
+    else:
+        raise AssertionError("no error")
