@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -533,10 +533,13 @@ async def _handshake(
     return handshake.result, buffer
 
 
+StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
+
+
 async def _open_connection(
-    address: NBDAddress, on_failure: Callable[[], None]
+    address: NBDAddress, connect: StreamFactory, on_failure: Callable[[], None]
 ) -> tuple[_Connection, NegotiatedExport]:
-    stream = await _connect(address)
+    stream = await connect()
     try:
         export, buffer = await _handshake(stream, address.export_name)
     except BaseException:
@@ -548,13 +551,19 @@ async def _open_connection(
 
 @asynccontextmanager
 async def open_client(
-    uri_or_path: str, *, export_name: str | None = None, connections: int = 1
+    uri_or_path: str,
+    *,
+    export_name: str | None = None,
+    connections: int = 1,
+    stream_factory: StreamFactory | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to an NBD export and yield a `Client`; disconnects on leaving.
 
     `uri_or_path`: nbd://host[:port][/export], nbd+unix:///export?socket=/path, or a socket path
     (ValueError when malformed).  `export_name` overrides the URI's.  `connections` > 1 opens a
-    pool when the server offers CAN_MULTI_CONN (else one connection is used)."""
+    pool when the server offers CAN_MULTI_CONN (else one connection is used).
+    `stream_factory`, when given, makes each connection instead of connecting to the URI's
+    address (an async callable returning a connected trio Stream: tests, custom transports)."""
     address = parse_nbd_uri(uri_or_path)
     if export_name is not None:
         address = dataclasses.replace(address, export_name=export_name)
@@ -562,18 +571,19 @@ async def open_client(
         raise LocalProtocolError("TLS (nbds://) is not supported by this client yet")
     if connections < 1:
         raise ValueError(f"connections must be at least 1, not {connections}")
+    connect: StreamFactory = stream_factory or partial(_connect, address)
     try:
         async with trio.open_nursery() as nursery:
             client: Client | None = None
             try:
-                first, export = await _open_connection(address, lambda: None)
+                first, export = await _open_connection(address, connect, lambda: None)
                 client = Client(address, export)
                 first._on_failure = client._on_connection_failure
                 client._add_connection(first, nursery)
                 if client.can_multi_conn:
                     for _ in range(connections - 1):
                         extra, other = await _open_connection(
-                            address, client._on_connection_failure
+                            address, connect, client._on_connection_failure
                         )
                         client._add_connection(extra, nursery)
                         if other.size != export.size:
