@@ -259,6 +259,10 @@ class PolicyConfig:
     def domain_names(self) -> list[str]:
         return [d.name for d in self.domains]
 
+    def postcopy_disks(self) -> list[tuple[DomainPolicy, DiskPolicy]]:
+        """Every disk of every postcopy domain, in file order (what a host may be receiving)."""
+        return [(d, disk) for d in self.domains if d.is_postcopy for disk in d.disks]
+
 
 # --- Finding lines: map each key path of a valid TOML text to the line defining it. -----------
 

@@ -118,6 +118,20 @@ def test_example_policy_file_loads_every_domain() -> None:
     assert config.domain("nfs-guest").mode is MigrationMode.SHARED
 
 
+def test_postcopy_disks_lists_every_disk_of_postcopy_domains() -> None:
+    config = load_config(DATA / "domains.toml", environ={})
+    pairs = [(domain.name, disk.device) for domain, disk in config.postcopy_disks()]
+    assert pairs == [
+        ("web1", "xvda"),
+        ("web1", "xvdb"),
+        ("db-primary", "vda"),
+        ("db-primary", "vdb"),
+        ("qemu-guest", "disk0"),
+    ]
+    state_dirs = [str(domain.state_dir(disk)) for domain, disk in config.postcopy_disks()]
+    assert state_dirs[2] == "/var/lib/postcopy/db-primary/vda"
+
+
 def test_unlisted_domain_defaults_to_precopy() -> None:
     config = parse_config("", "empty.toml")
     domain = config.domain("someone-else")
