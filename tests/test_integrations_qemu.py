@@ -279,3 +279,24 @@ def test_qemu_runs_the_rewritten_command_line_on_nbd(
         handle.seek(2 * MiB)
         assert handle.read(64 * 1024) == b"\x11" * 65536
     assert os.path.getsize(raw_image) == IMAGE_SIZE
+
+
+def test_xl_target_uri_is_openable_by_qemu(short_dir: Path, raw_image: Path) -> None:
+    """The `target=` an xl qdisk gets is handed to QEMU (Xen's device model): QEMU opens it."""
+    from postcopy.integrations import xl
+
+    policy = _policy(short_dir, f'disks = [{{device = "xvda", source_image = "{raw_image}"}}]\n')
+    cfg = f"name = 'qg'\ndisk = [ '{raw_image},raw,xvda,w' ]\n"
+    spec = xl.parse_disk_spec(xl.rewrite_xl(cfg, policy).text.split("'")[3])
+    assert spec.target == f"nbd+unix:///qg-xvda?socket={short_dir}/qg-xvda.sock"
+    assert spec.options == [("backendtype", "qdisk")] and spec.format == "raw"
+    with nbd_server(policy.dest_endpoint(policy.disk("xvda")), raw_image):
+        reads = ["-c", "read -P 0xab 0 1M", "-c", "read -P 0 1M 4k"]
+        result = subprocess.run(
+            ["qemu-io", "-f", "raw", *reads, spec.target],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Pattern verification failed" not in result.stdout
