@@ -502,3 +502,18 @@ def test_cli_plan_json_for_scripts(capsys: pytest.CaptureFixture[str]) -> None:
     ]
     assert main(["config", "--config", str(POLICY), "--domain", "build", "--plan", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["disks"] == []
+
+
+def test_libvirt_disk_on_one_line_stays_on_one_line() -> None:
+    xml = (
+        '<domain><name>g</name><devices><disk type="file" device="disk">'
+        '<source file="/img/g.qcow2"/><target dev="xvda"/></disk>'
+        '<disk type="file" device="disk"><target dev="xvdz"/></disk></devices></domain>'
+    )
+    result = libvirt.rewrite_libvirt(xml, _policy())
+    assert result.text == (
+        '<domain><name>g</name><devices><disk type="network" device="disk">'
+        '<driver name="qemu" type="raw"/><source protocol="nbd" name="g-xvda">'
+        '<host transport="unix" socket="/run/pc/g-xvda.sock"/></source><target dev="xvda"/>'
+        '</disk><disk type="file" device="disk"><target dev="xvdz"/></disk></devices></domain>'
+    )

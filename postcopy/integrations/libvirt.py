@@ -121,7 +121,8 @@ def _attr(name: str, value: str, quote: str) -> str:
     return f"{name}={quoted}"
 
 
-def _source_xml(endpoint: NbdEndpoint, indent: bytes, step: bytes, quote: str) -> bytes:
+def _source_xml(endpoint: NbdEndpoint, indent: bytes | None, step: bytes, quote: str) -> bytes:
+    """The new <source>; on one line when `indent` is None (a disk written on one line)."""
     if endpoint.socket is not None:
         host = (
             f"<host {_attr('transport', 'unix', quote)} "
@@ -135,6 +136,8 @@ def _source_xml(endpoint: NbdEndpoint, indent: bytes, step: bytes, quote: str) -
     opening = f"<source {_attr('protocol', 'nbd', quote)} {_attr('name', endpoint.export, quote)}>"
     if endpoint.tls:
         opening = opening[:-1] + f" {_attr('tls', 'yes', quote)}>"
+    if indent is None:
+        return opening.encode() + host.encode() + b"</source>"
     newline = b"\n"
     return (
         opening.encode() + newline + indent + step + host.encode() + newline + indent + b"</source>"
@@ -176,6 +179,11 @@ def rewrite_libvirt(text: str, domain: DomainPolicy, name: str = "<domain XML>")
         step = b"  "
         if child_indent.startswith(disk_indent) and len(child_indent) > len(disk_indent):
             step = child_indent[len(disk_indent) :]
+        # A disk whose first child follows its tag on the same line is written on one line.
+        one_line = (
+            first_child is not None and b"\n" not in data[disk.start_tag_end : first_child.start]
+        )
+        separator = b"" if one_line else b"\n" + child_indent
 
         # 1. <disk type='network' ...>
         if _TYPE_ATTRIBUTE.search(start_tag):
@@ -188,15 +196,15 @@ def rewrite_libvirt(text: str, domain: DomainPolicy, name: str = "<domain XML>")
         edits.append((disk.start, disk.start_tag_end, new_tag))
 
         # 2. <source protocol='nbd' ...> in place of the old source (or before <target>).
-        new_source = _source_xml(endpoint, child_indent, step, quote)
+        new_source = _source_xml(endpoint, None if one_line else child_indent, step, quote)
         driver = children.get("driver")
         if driver is None:
             driver_xml = f"<driver {_attr('name', 'qemu', quote)} {_attr('type', 'raw', quote)}/>"
-            new_source = driver_xml.encode() + b"\n" + child_indent + new_source
+            new_source = driver_xml.encode() + separator + new_source
         if source is not None:
             edits.append((source.start, source.end, new_source))
         elif target is not None:
-            edits.append((target.start, target.start, new_source + b"\n" + child_indent))
+            edits.append((target.start, target.start, new_source + separator))
         else:
             raise UserError(f"{name}: disk {policy_disk.device!r} has no <source> or <target>")
     matcher.check_all_found()
