@@ -13,6 +13,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from postcopy.cli import main
 from postcopy.config import DomainPolicy, load_config, parse_config
@@ -517,3 +519,59 @@ def test_libvirt_disk_on_one_line_stays_on_one_line() -> None:
         '<host transport="unix" socket="/run/pc/g-xvda.sock"/></source><target dev="xvda"/>'
         '</disk><disk type="file" device="disk"><target dev="xvdz"/></disk></devices></domain>'
     )
+
+
+def test_qemu_drive_with_nested_file_options_is_matched_by_filename() -> None:
+    args = "-drive driver=raw,file.driver=file,file.filename=/var/lib/images/qemu-guest.raw,if=ide"
+    policy = parse_config(
+        '[domains.q]\nmode = "postcopy"\nsocket_dir = "/run/pc"\n'
+        'disks = [{device = "d0", source_image = "/var/lib/images/qemu-guest.raw"}]\n',
+        "q.toml",
+    ).domain("q")
+    new_args, _ = parse_qemu_args(qemu.rewrite_qemu_args(args, policy).text)
+    assert new_args == [
+        "-drive",
+        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=/run/pc/q-d0.sock,"
+        "file.export=q-d0,if=ide",
+    ]
+
+
+def test_xl_disk_append_statement_is_rewritten_too() -> None:
+    cfg = "disk = [ '/other.img,raw,xvdb' ]\ndisk += [ '/img/g.qcow2,qcow2,xvda' ]\n"
+    result = xl.rewrite_xl(cfg, _policy())
+    assert result.text == (
+        "disk = [ '/other.img,raw,xvdb' ]\n"
+        "disk += [ 'format=qcow2, vdev=xvda, access=rw, backendtype=qdisk, "
+        "target=nbd+unix:///g-xvda?socket=/run/pc/g-xvda.sock' ]\n"
+    )
+
+
+_SPEC_VALUE = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/._-", min_size=1, max_size=12)
+
+
+@given(
+    target=_SPEC_VALUE.map(lambda s: "/" + s),
+    fmt=st.sampled_from([None, "raw", "qcow2", "vhd"]),
+    vdev=st.sampled_from(["xvda", "hda", "sdb", "xvdz"]),
+    access=st.sampled_from([None, "rw", "ro"]),
+    devtype=st.sampled_from([None, "cdrom"]),
+    options=st.lists(st.tuples(st.sampled_from(["backend", "script", "colo-host"]), _SPEC_VALUE)),
+    flags=st.lists(st.sampled_from(["discard", "no-discard", "direct-io-safe"]), max_size=2),
+    target_tail=st.sampled_from(["", ",with,commas", "?socket=/a,b"]),
+)
+def test_xl_disk_spec_round_trips(
+    target: str,
+    fmt: str | None,
+    vdev: str,
+    access: str | None,
+    devtype: str | None,
+    options: list[tuple[str, str]],
+    flags: list[str],
+    target_tail: str,
+) -> None:
+    spec = xl.XlDiskSpec(target + target_tail, fmt, vdev, access, devtype, options, flags)
+    parsed = parse_disk_spec(spec.to_text())
+    assert parsed.target == target + target_tail  # target= last keeps its commas
+    assert (parsed.format, parsed.vdev, parsed.devtype) == (fmt, vdev, devtype)
+    assert parsed.access == (access or "rw")
+    assert parsed.options == options and parsed.flags == flags

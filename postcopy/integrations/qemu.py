@@ -188,7 +188,7 @@ class _Rewriter:
         pairs = split_qemu_opts(value)
         options = dict(pairs)
         device = self._already_ours(options, "file.") or options.get("id")
-        disk = self.matcher.match(device, [options.get("file")])
+        disk = self.matcher.match(device, [options.get("file"), options.get("file.filename")])
         if disk is None:
             return value
         self.changed.append(disk.device)
