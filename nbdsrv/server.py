@@ -288,7 +288,8 @@ class Server:
                 if event.close_after:
                     await connection.send([reply])
                     raise RemoteProtocolError(
-                        f"{event.message} ({event.request.length} bytes), refused"
+                        f"WRITE of {event.request.length} bytes refused ({event.message}), "
+                        "too long to skip"
                     )
                 await connection.slots.acquire()
                 nursery.start_soon(self._send_refusal, connection, reply)
@@ -455,7 +456,7 @@ def _peer_name(stream: trio.SocketStream) -> str:
         return "client"
     if isinstance(address, tuple):
         return f"{address[0]}:{address[1]}"
-    return f"unix:{stream.socket.fileno()}"
+    return f"unix:fd{stream.socket.fileno()}"
 
 
 def _command_name(command: int) -> str:

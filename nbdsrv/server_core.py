@@ -42,7 +42,7 @@ a READ or WRITE over the 32 MiB maximum payload -> EINVAL (EOVERFLOW for a READ 
 spec asks); a range past the end -> ENOSPC for WRITE and WRITE_ZEROES, EINVAL for the others;
 offset or length not a multiple of the minimum block size -> EINVAL (only when the client asked
 for NBD_INFO_BLOCK_SIZE and so agreed to honour it); BLOCK_STATUS without a negotiated meta
-context -> EINVAL.
+context -> EINVAL; FLUSH with a non-zero offset or length (reserved fields) -> EINVAL.
 Refused writes: a WRITE whose length is at most the maximum payload has its payload read and thrown
 away, so the stream stays in sync.  A longer one (say 4 GiB) is answered EINVAL and the
 connection is then closed (`CommandRefused.close_after`): reading gigabytes only to drop them
@@ -233,6 +233,7 @@ _TRANSITIONS: dict[State, dict[str, State]] = {
     State.CLOSED: {"close": State.CLOSED},
 }
 
+_MID_FRAME_STATES = frozenset({State.RECV_WRITE_PAYLOAD, State.DISCARD_WRITE_PAYLOAD})
 _KNOWN_CLIENT_FLAGS = int(k.ClientFlag.FIXED_NEWSTYLE | k.ClientFlag.NO_ZEROES)
 _ALL_COMMAND_FLAGS = int(
     k.CommandFlag.FUA
@@ -352,7 +353,7 @@ class ServerConnection:
                 continue  # progress without an event (client flags, a discarded payload)
             if result is NEED_DATA and self._peer_closed:
                 self._transition("close")
-                if len(self._buffer) or state is State.RECV_WRITE_PAYLOAD:
+                if len(self._buffer) or state in _MID_FRAME_STATES:
                     raise RemoteProtocolError(f"peer vanished mid-frame in {state.value}")
                 raise ConnectionClosedError(f"peer closed the connection in {state.value}")
             return result
@@ -628,10 +629,11 @@ class ServerConnection:
         if command in _WRITE_COMMANDS and spec.read_only:
             return k.Errno.EPERM, "export is read-only"
         if command == k.Command.FLUSH:
-            return None if spec.can_flush and not spec.read_only else (
-                k.Errno.EINVAL,
-                "flush not offered",
-            )
+            if not spec.can_flush or spec.read_only:
+                return k.Errno.EINVAL, "flush not offered"
+            if offset or length:  # reserved fields, "MUST be zero"
+                return k.Errno.EINVAL, "flush with a non-zero offset or length"
+            return None
         if command == k.Command.TRIM and not spec.can_trim:
             return k.Errno.EINVAL, "trim not offered"
         if command == k.Command.WRITE_ZEROES and not spec.can_zero:

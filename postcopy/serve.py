@@ -137,5 +137,6 @@ def _listen_error(config: ServeConfig, exc: OSError) -> str:
     if isinstance(exc, FileExistsError):
         return f"cannot listen: {config.socket_path} exists and is not a socket"
     if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
-        return f"cannot listen on {config.listen}: {exc.strerror or 'no such local address'}"
+        host, port = config.listen or ("?", 0)
+        return f"cannot listen on {host}:{port}: {exc.strerror or 'no such local address'}"
     return f"cannot listen: {exc.strerror or exc}"
