@@ -166,6 +166,24 @@ async def test_migration_to_a_destination_that_dies_leaves_the_source_running(
         source.wait_for_marker(BOOT_TIMEOUT, ok=True, after=resumed_at)
         assert source.failures() == []
 
+        # 3. After both failures the guest still migrates, here to a destination started with -S
+        #    (paused after the incoming migration): qemu-migrate resumes it.
+        with run_qemu_guest(
+            guest_boot_files, guest_layout, guest_image, tmp_path, "dst3", incoming=True,
+            extra_args=["-S"],
+        ) as dest:  # fmt: skip
+            # max-bandwidth sticks to the source QEMU: put back QEMU's default of 32 MiB/s.
+            config = MigrationConfig(
+                source.qmp_socket, dest.qmp_socket, None, timeout_seconds=30,
+                max_bandwidth_bytes=32 << 20,
+            )  # fmt: skip
+            report = await migrate_qemu_domain(config)
+            assert report.destination_resumed_by_us
+            assert await qemu_status(dest) == "running"
+            assert await qemu_status(source) == "postmigrate"
+            dest.wait_for_passes(2, BOOT_TIMEOUT)
+            assert dest.failures() == [] and source.failures() == []
+
 
 async def test_qemu_migrate_refuses_a_destination_not_waiting_for_a_migration(
     guest_boot_files: GuestBootFiles, guest_layout: GuestLayout, guest_image: Path, tmp_path: Path
