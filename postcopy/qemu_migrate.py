@@ -164,10 +164,14 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
         open_qmp(config.dest_qmp) as dest,
         _migration_uri(config) as uri,
     ):
-        source_status = await _status(source)
+        try:
+            with trio.fail_after(ROLLBACK_SECONDS):
+                source_status = await _status(source)
+                dest_status = await _status(dest)
+        except trio.TooSlowError:
+            raise UserError("a QEMU does not answer query-status") from None
         if source_status not in ("running", "paused"):
             raise UserError(f"source QEMU is {source_status!r}, not running or paused")
-        dest_status = await _status(dest)
         if dest_status != "inmigrate":
             raise UserError(
                 f"destination QEMU is {dest_status!r}: start it with `-incoming defer`"

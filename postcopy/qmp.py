@@ -34,6 +34,7 @@ from postcopy.errors import PostcopyError
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # QEMU's largest answers (query-qmp-schema) are a few MiB
 MAX_QUEUED_EVENTS = 1000  # older events are dropped past this
+NEGOTIATION_SECONDS = 10.0
 
 
 class QMPError(PostcopyError):
@@ -209,11 +210,22 @@ class QMPClient:
 
 
 @asynccontextmanager
-async def open_qmp_stream(stream: trio.abc.Stream) -> AsyncIterator[QMPClient]:
-    """Negotiate QMP over `stream` and yield the client; closes the stream on exit."""
+async def open_qmp_stream(
+    stream: trio.abc.Stream, negotiation_timeout: float = NEGOTIATION_SECONDS
+) -> AsyncIterator[QMPClient]:
+    """Negotiate QMP over `stream` and yield the client; closes the stream on exit.
+
+    QEMU serves one client per monitor: a second client is accepted but greeted only when the
+    first leaves, so negotiation gives up after `negotiation_timeout` seconds."""
     async with stream:
         client = QMPClient(stream)
-        await client._read_greeting()
+        try:
+            with trio.fail_after(negotiation_timeout):
+                await client._read_greeting()
+        except trio.TooSlowError:
+            raise QMPConnectionError(
+                f"no QMP greeting within {negotiation_timeout:g} s (another client connected?)"
+            ) from None
         # The reader's nursery spans the caller's block.  An exception from that block is carried
         # out of the nursery and raised as itself, not wrapped in an ExceptionGroup (the reader
         # never raises, so the block's exception is the only one).
@@ -221,7 +233,10 @@ async def open_qmp_stream(stream: trio.abc.Stream) -> AsyncIterator[QMPClient]:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._reader)
             try:
-                await client.execute("qmp_capabilities")
+                with trio.move_on_after(negotiation_timeout) as negotiation:
+                    await client.execute("qmp_capabilities")
+                if negotiation.cancelled_caught:
+                    raise QMPConnectionError("no answer to qmp_capabilities")
                 yield client
             except Exception as exc:
                 block_error = exc
@@ -232,11 +247,13 @@ async def open_qmp_stream(stream: trio.abc.Stream) -> AsyncIterator[QMPClient]:
 
 
 @asynccontextmanager
-async def open_qmp(socket_path: str | PathLike[str]) -> AsyncIterator[QMPClient]:
+async def open_qmp(
+    socket_path: str | PathLike[str], negotiation_timeout: float = NEGOTIATION_SECONDS
+) -> AsyncIterator[QMPClient]:
     """Connect to a QMP Unix socket (`-qmp unix:PATH,server=on,wait=off`) and negotiate."""
     try:
         stream = await trio.open_unix_socket(str(socket_path))
     except OSError as exc:
         raise QMPConnectionError(f"cannot connect to QMP socket {socket_path}: {exc}") from exc
-    async with open_qmp_stream(stream) as client:
+    async with open_qmp_stream(stream, negotiation_timeout) as client:
         yield client

@@ -201,3 +201,13 @@ async def test_an_error_in_the_callers_block_comes_out_as_itself() -> None:
         with pytest.raises(KeyError, match="caller's own"):
             async with open_qmp_stream(client_stream):
                 raise KeyError("caller's own")
+
+
+async def test_a_peer_that_never_greets_times_out(autojump_clock: trio.abc.Clock) -> None:
+    # QEMU accepts a second QMP client but greets it only when the first one leaves.
+    client_stream, _server_stream = trio.testing.memory_stream_pair()
+    started = trio.current_time()
+    with pytest.raises(QMPConnectionError, match="no QMP greeting"):
+        async with open_qmp_stream(client_stream, negotiation_timeout=10):
+            pass
+    assert trio.current_time() - started == pytest.approx(10)
