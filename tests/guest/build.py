@@ -326,8 +326,16 @@ def ensure_guest_boot_files(root: Path | None = None) -> GuestBootFiles:
     root = cache_root() if root is None else root
     with _locked(root):
         try:
-            package, version = resolve_kernel_package()
-            kernel_dir = _ensure_kernel(root, package, version)
+            try:
+                package, version = resolve_kernel_package()
+                kernel_dir = _ensure_kernel(root, package, version)
+            except GuestBuildError:
+                if os.geteuid() != 0:
+                    raise
+                # Stale apt lists name a version the mirror no longer has: refresh, retry once.
+                _run(["apt-get", "update", "-qq"])
+                package, version = resolve_kernel_package()
+                kernel_dir = _ensure_kernel(root, package, version)
         except GuestBuildError:
             # Offline, or apt lists gone: a kernel cached earlier still serves.
             cached = _newest_cached_kernel(root)
