@@ -6,10 +6,12 @@ These are the ground truth for the migration tests: if the workload could not fa
 
 from __future__ import annotations
 
+import gzip
+import subprocess
 import time
 from pathlib import Path
 
-from tests.guest.build import GuestBootFiles
+from tests.guest.build import GuestBootFiles, modinfo_depends
 from tests.guest.fixtures import (  # noqa: F401  (fixtures)
     guest_boot_files_fixture,
     guest_image_fixture,
@@ -18,6 +20,25 @@ from tests.guest.fixtures import (  # noqa: F401  (fixtures)
 from tests.guest.qemu import GuestLayout, expected_preboot_bytes, run_qemu_guest
 
 BOOT_TIMEOUT = 30
+
+
+def test_initramfs_holds_init_busybox_workload_and_modules_in_dependency_order(
+    guest_boot_files: GuestBootFiles,
+) -> None:
+    archive = gzip.decompress(guest_boot_files.initramfs.read_bytes())
+    listing = subprocess.run(
+        ["cpio", "-it", "--quiet"], input=archive, capture_output=True, check=True, timeout=30
+    ).stdout.decode().split()
+    for name in ("init", "bin/busybox", "bin/workload", "dev/console", "lib/modules/load-order"):
+        assert name in listing
+    modules_dir = guest_boot_files.kernel.parent / "modules"
+    order = (modules_dir / "load-order").read_text().split()
+    assert {"virtio_blk", "virtio_pci"} <= set(order)
+    for position, module in enumerate(order):
+        assert f"lib/modules/{module}.ko" in listing
+        for dependency in modinfo_depends((modules_dir / f"{module}.ko").read_bytes()):
+            assert order.index(dependency) < position, (module, dependency)
+    assert modinfo_depends((modules_dir / "virtio_pci.ko").read_bytes())  # it has some
 
 
 def test_host_fill_matches_the_pattern_recipe(guest_image: Path, guest_layout: GuestLayout) -> None:
