@@ -70,6 +70,10 @@ _MISSING_BYTE = re.compile(b"[\x00\x02\x04\x06]")
 _MISSING_RUN = re.compile(b"[\x00\x02\x04\x06]+")
 _PRESENT_RUN = re.compile(b"[\x01\x03\x05\x07]+")
 _GUEST_WRITTEN_RUN = re.compile(b"[\x04-\x07]+")
+_NOT_GUEST_WRITTEN_BYTE = re.compile(b"[\x00-\x03]")
+_MISSING_HOLE_RUN = re.compile(b"[\x02\x06]+")
+_MISSING_DATA_RUN = re.compile(b"[\x00\x04]+")
+_ONLY_GUEST_WRITTEN_BIT = bytes(b & GUEST_WRITTEN for b in range(256))
 _ONLY_PRESENT_BIT = bytes(b & PRESENT for b in range(256))
 _OR_TABLES = {bits: bytes(b | bits for b in range(256)) for bits in range(8)}
 
@@ -180,6 +184,9 @@ class BlockMap:
         self._sync_lock = threading.Lock()
         self._pending: list[tuple[int, int, int]] = []
         self._present_count = self.chunk_count - states.translate(_ONLY_PRESENT_BIT).count(0)
+        self._guest_written_count = (
+            self.chunk_count - states.translate(_ONLY_GUEST_WRITTEN_BIT).count(0)
+        )
         self._journal_fd = -1
         self._journal_bytes = 0
 
@@ -300,6 +307,23 @@ class BlockMap:
             return bool(self._states[first] & PRESENT)
         return _MISSING_BYTE.search(self._states, first, end) is None
 
+    def all_guest_written(self, first: int, end: int) -> bool:
+        return _NOT_GUEST_WRITTEN_BYTE.search(self._states, first, end) is None
+
+    def run_from(self, chunk: int) -> tuple[int, bool, bool]:
+        """The run of chunks from `chunk` that share its class: returns (end chunk, present,
+        source hole).  Present chunks form one class; missing ones split on SOURCE_HOLE."""
+        value = self._states[chunk]
+        if value & PRESENT:
+            pattern = _PRESENT_RUN
+        elif value & SOURCE_HOLE:
+            pattern = _MISSING_HOLE_RUN
+        else:
+            pattern = _MISSING_DATA_RUN
+        match = pattern.match(self._states, chunk)
+        assert match is not None
+        return match.end(), bool(value & PRESENT), bool(value & SOURCE_HOLE)
+
     def is_source_hole(self, chunk: int) -> bool:
         return bool(self._states[chunk] & SOURCE_HOLE)
 
@@ -331,6 +355,10 @@ class BlockMap:
             yield match.start(), match.end()
 
     @property
+    def guest_written_count(self) -> int:
+        return self._guest_written_count
+
+    @property
     def present_count(self) -> int:
         return self._present_count
 
@@ -354,6 +382,8 @@ class BlockMap:
         newly_present = 0
         if bits & PRESENT:
             newly_present = before.translate(_ONLY_PRESENT_BIT).count(0)
+        if bits & GUEST_WRITTEN:
+            self._guest_written_count += before.translate(_ONLY_GUEST_WRITTEN_BIT).count(0)
         self._states[first:end] = before.translate(_OR_TABLES[bits])
         self._present_count += newly_present
         return newly_present

@@ -1,0 +1,895 @@
+"""The lazy destination engine: serves a disk from a local sparse file, fetching what is missing.
+
+Threads.  nbdkit's worker threads call the synchronous operations (`pread_into`, `pwrite`,
+`flush`, `trim`, `zero`, `extents`, `cache`).  A read whose chunks are all PRESENT never leaves
+the worker thread: it checks the block map (lock-free: bits are only ever set) and `os.preadv`s
+straight into nbdkit's buffer.  Only work that needs the source hops to the engine's trio loop,
+which runs `trio.run` in a daemon thread, via `trio.from_thread.run` and a token captured at start.
+
+Fetching.  Each missing chunk has at most one fetch in flight (`_in_flight`: chunk -> FetchJob);
+a second miss on it waits for the same job.  Guest misses use their own source connection and are
+never queued behind the drain.  The drain (one task, several requests in flight) walks the map
+from a cursor, first asking the source's block status for a window so that holes become PRESENT
+holes without any transfer (the local file stays sparse), then fetching coalesced missing runs in
+requests of up to `drain_request_bytes`.  After a guest miss the cursor jumps to the chunk after it.
+
+The race rule.  A fetched chunk is written only if it is still MISSING, checked and written under
+`_commit_lock`.  Guest writes, zeroes and trims that make a MISSING chunk PRESENT take the same
+lock, so a guest write that lands first always wins and a late fetch is discarded.  Partial writes
+(and zeroes) on a MISSING chunk fetch it first (read-modify-write).  Chunks already PRESENT are
+written without the lock: nothing else writes them.
+
+Durability.  `flush()` (and FUA) call `BlockMap.make_durable` with the data file's fdatasync: data
+first, then the map.  A periodic task does the same every `sync_interval` seconds.
+
+The gate.  Until the source is frozen (`postcopy.source_gate`), a read of a MISSING chunk is read
+from the source straight into the guest's buffer: not stored, not marked; the drain waits.
+
+Completion.  When every chunk is PRESENT the state becomes `complete`, the map is compacted, the
+source connections close, and everything is served by the fast path.
+
+Failures.  A dropped source connection is re-established with backoff and pending fetches are
+re-sent.  A guest read waits for a missing chunk at most `unreachable_timeout` seconds, then fails
+with EIO.  PRESENT data keeps being served throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from nbdsrv.errors import CommandError, NBDError
+from postcopy import source_gate, status
+from postcopy.blockmap import (
+    DEFAULT_CHUNK_SIZE,
+    GUEST_WRITTEN,
+    PRESENT,
+    SOURCE_HOLE,
+    BlockMap,
+    MapIdentity,
+)
+from postcopy.errors import UserError
+from postcopy.fetch import (
+    SourceLink,
+    SourceMismatch,
+    SourceOpener,
+    nbd_source_opener,
+    percentile,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# extent types, as nbdkit spells them (nbdkit.EXTENT_HOLE, nbdkit.EXTENT_ZERO)
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Linux fallocate(2) with a mode (Python's os module offers only posix_fallocate)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+class EngineIOError(OSError):
+    """An operation failed; `errno` is what the NBD client should see."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(code, message or os.strerror(code))
+
+
+@dataclass
+class EngineConfig:
+    source_uri: str
+    dest_path: Path
+    state_dir: Path
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    wait_for_source: bool = False
+    export_name: str | None = None  # None: the one in the URI
+    source_id: str | None = None  # identifies the source in the state; None: the URI
+    demand_fetch_bytes: int = 256 * 1024  # largest single fetch for a guest miss
+    drain_request_bytes: int = 2 * 1024 * 1024
+    drain_requests_in_flight: int = 8
+    block_status_window_bytes: int = 1024 * 1024 * 1024
+    unreachable_timeout: float = 30.0  # how long a guest read waits for the source
+    sync_interval: float = 1.0
+    status_interval: float = 0.25
+    gate_poll_interval: float = 0.1
+    drain: bool = True
+
+
+@dataclass
+class FetchJob:
+    """One read from the source covering chunks `[first, end)`."""
+
+    first: int
+    end: int
+    demand: bool
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Engine:
+    """One destination disk.  Create, `start()`, serve, `stop()`."""
+
+    def __init__(self, config: EngineConfig, source_opener: SourceOpener | None = None) -> None:
+        self.config = config
+        self._opener = source_opener or nbd_source_opener(config.source_uri, config.export_name)
+        try:
+            self._fd = os.open(config.dest_path, os.O_RDWR)
+        except OSError as exc:
+            raise UserError(f"cannot open {config.dest_path}: {exc.strerror}") from None
+        self.size = os.fstat(self._fd).st_size
+        identity = MapIdentity(
+            disk_size=self.size,
+            chunk_size=config.chunk_size,
+            source_size=self.size,
+            export_name=config.export_name or "",
+            source_id=config.source_id or config.source_uri,
+        )
+        try:
+            self.map = BlockMap.open(config.state_dir, identity)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._commit_lock = threading.Lock()
+        self._frozen = not config.wait_for_source or source_gate.is_source_frozen(config.state_dir)
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._started = threading.Event()
+        self._stopped = False
+        self._cancel_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._in_flight: dict[int, FetchJob] = {}
+        self._drain_hint: int | None = None
+        self._failure: str | None = None
+        self._complete_reported = self.map.is_complete
+        # statistics (ints updated under the GIL from the trio thread; see statistics())
+        self._started_at = time.time()
+        self.transferred_bytes = 0
+        self.demand_bytes = 0
+        self.drain_bytes = 0
+        self.demand_fetches = 0
+        self.passthrough_reads = 0
+        self.hole_bytes_skipped = 0
+        self.discarded_fetch_bytes = 0
+        self.faults = 0
+        self._fault_latencies: deque[float] = deque(maxlen=2048)
+        self._progress_samples: deque[tuple[float, int, int]] = deque(maxlen=64)
+        self._links: list[SourceLink] = []
+        self._demand_link: SourceLink | None = None
+        self._drain_link: SourceLink | None = None
+        self._frozen_event: trio.Event | None = None
+        self._complete_event: trio.Event | None = None
+        self._job_finished: trio.Event | None = None
+
+    # ===== lifecycle =============================================================================
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the trio thread (call it in the process that serves: after nbdkit forks)."""
+        self._thread = threading.Thread(
+            target=self._thread_main, name="postcopy-engine", daemon=True
+        )
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise EngineIOError(errno.EIO, "engine thread did not start")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop fetching, make everything durable, close.  Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread is not None and self._thread.is_alive() and self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._cancel_main, trio_token=self._token)
+            self._thread.join(timeout)
+        try:
+            self.map.make_durable(self._sync_data, compact=True)
+            self._write_status()
+        finally:
+            self.map.close()
+            os.close(self._fd)
+
+    def _cancel_main(self) -> None:
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException:  # pragma: no cover - logged, the thread must not die silently
+            log.exception("postcopy engine loop failed")
+            self._failure = self._failure or "engine loop crashed"
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._frozen_event = trio.Event()
+        self._complete_event = trio.Event()
+        self._job_finished = trio.Event()
+        if self._frozen:
+            self._frozen_event.set()
+        if self.map.is_complete:
+            self._complete_event.set()
+        with trio.CancelScope() as self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._status_task)
+                nursery.start_soon(self._sync_task)
+                if not self.map.is_complete:
+                    await nursery.start(self._source_task)
+                self._started.set()
+
+    async def _source_task(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Everything that needs the source (links, fetch jobs, drain), torn down at completion."""
+        assert self._complete_event is not None and self._frozen_event is not None
+        self._demand_link = SourceLink("demand", self._opener, self.size)
+        self._drain_link = SourceLink("drain", self._opener, self.size)
+        self._links = [self._demand_link, self._drain_link]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for link in self._links:
+                await nursery.start(link.run)
+            task_status.started()
+            if not self._frozen:
+                nursery.start_soon(self._gate_task)
+            if self.config.drain:
+                nursery.start_soon(self._drain_task)
+            await self._complete_event.wait()
+            nursery.cancel_scope.cancel()
+        self._nursery = None
+        # complete: every chunk is present; the connections are closed by now
+        self._links = []
+        await trio.to_thread.run_sync(self._make_durable_compact)
+        log.info("postcopy: complete, source closed")
+
+    def _make_durable_compact(self) -> None:
+        self.map.make_durable(self._sync_data, compact=True)
+
+    # ===== calls from nbdkit's worker threads ====================================================
+
+    def _call_trio(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self._token is None or self._stopped:
+            raise EngineIOError(errno.ESHUTDOWN, "engine not running")
+        try:
+            return trio.from_thread.run(async_fn, *args, trio_token=self._token)
+        except EngineIOError:
+            raise
+        except trio.RunFinishedError:
+            raise EngineIOError(errno.ESHUTDOWN, "engine stopped") from None
+        except trio.Cancelled:
+            raise EngineIOError(errno.ESHUTDOWN, "engine stopping") from None
+        except OSError as exc:
+            raise EngineIOError(exc.errno or errno.EIO, str(exc)) from None
+
+    def pread_into(self, buf: memoryview | bytearray, offset: int) -> None:
+        """Fill `buf` with the disk's bytes at `offset`."""
+        length = len(buf)
+        if length == 0:
+            return
+        first, end = self.map.chunk_range(offset, length)
+        if not self.map.all_present(first, end):
+            started = time.monotonic()
+            filled = self._call_trio(self._prepare_read, buf, offset, first, end)
+            self._fault_latencies.append(time.monotonic() - started)
+            self.faults += 1
+            if filled:
+                return
+        self._read_local(buf, offset)
+
+    def _read_local(self, buf: memoryview | bytearray, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        while view:
+            got = os.preadv(self._fd, [view], offset)
+            if got <= 0:
+                raise EngineIOError(errno.EIO, "short read from the local file")
+            view = view[got:]
+            offset += got
+
+    def _write_local(self, buf: memoryview | bytes | bytearray, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        while view:
+            done = os.pwritev(self._fd, [view], offset)
+            view = view[done:]
+            offset += done
+
+    def pwrite(self, buf: memoryview | bytes | bytearray, offset: int, fua: bool = False) -> None:
+        """A guest write: it always wins over a fetch of the same chunk."""
+        length = len(buf)
+        if length == 0:
+            return
+        first, end = self.map.chunk_range(offset, length)
+        if self.map.all_present(first, end):
+            self._write_local(buf, offset)
+            if not self.map.all_guest_written(first, end):
+                self.map.mark(first, end, GUEST_WRITTEN)
+        else:
+            self._fetch_partial_edges(offset, length, first, end)
+            with self._commit_lock:
+                self._write_local(buf, offset)
+                self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
+        if fua:
+            self.flush()
+
+    def zero(self, offset: int, count: int, may_trim: bool = True, fua: bool = False) -> None:
+        """Make `[offset, offset+count)` read as zeros; punches holes when allowed."""
+        if count == 0:
+            return
+        first, end = self.map.chunk_range(offset, count)
+        if not self.map.all_present(first, end):
+            self._fetch_partial_edges(offset, count, first, end)
+        with self._commit_lock:
+            if may_trim:
+                punch_hole(self._fd, offset, count)
+            else:
+                self._zero_allocated(offset, count)
+            self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
+        if fua:
+            self.flush()
+
+    def _zero_allocated(self, offset: int, count: int) -> None:
+        try:
+            fallocate(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, count)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            zeros = bytes(min(count, 1 << 20))
+            position, end = offset, offset + count
+            while position < end:
+                step = min(len(zeros), end - position)
+                self._write_local(memoryview(zeros)[:step], position)
+                position += step
+
+    def trim(self, offset: int, count: int, fua: bool = False) -> None:
+        """Discard whole chunks (punch holes, mark PRESENT): advisory, partial chunks are kept."""
+        if count == 0:
+            return
+        chunk = self.map.chunk_size
+        first = -(-offset // chunk)
+        end_offset = min(offset + count, self.size)
+        end = end_offset // chunk if end_offset < self.size else self.map.chunk_count
+        if first < end:
+            start_byte = first * chunk
+            stop_byte = min(end * chunk, self.size)
+            with self._commit_lock:
+                punch_hole(self._fd, start_byte, stop_byte - start_byte)
+                self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
+        if fua:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable: data first, then the map."""
+        self.map.make_durable(self._sync_data)
+
+    def _sync_data(self) -> None:
+        os.fdatasync(self._fd)
+
+    def cache(self, offset: int, count: int) -> None:
+        """Prefetch: fetch the missing chunks of the range now (once the source is frozen)."""
+        if count == 0:
+            return
+        first, end = self.map.chunk_range(offset, min(count, self.size - offset))
+        if not self.map.all_present(first, end) and self._frozen:
+            self._call_trio(self._ensure_present, first, end, True)
+
+    def extents(self, offset: int, count: int) -> list[tuple[int, int, int]]:
+        """(offset, length, type) runs from `offset`: local allocation for PRESENT chunks;
+        MISSING chunks are holes only where the source said so, data otherwise."""
+        result: list[tuple[int, int, int]] = []
+        end = min(offset + count, self.size)
+        position = offset
+        shift = self.map.chunk_shift
+        while position < end and len(result) < 256:
+            chunk = position >> shift
+            run_end_chunk, present, source_hole = self.map.run_from(chunk)
+            run_end = min(run_end_chunk << shift, end)
+            if present:
+                result.extend(self._local_extents(position, run_end))
+            elif source_hole:
+                result.append((position, run_end - position, EXTENT_HOLE | EXTENT_ZERO))
+            else:
+                result.append((position, run_end - position, 0))
+            position = run_end
+        return _merge_extents(result)
+
+    def _local_extents(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        extents: list[tuple[int, int, int]] = []
+        position = start
+        while position < end:
+            try:
+                data_start = os.lseek(self._fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data_start = end
+            data_start = min(data_start, end)
+            if data_start > position:
+                extents.append((position, data_start - position, EXTENT_HOLE | EXTENT_ZERO))
+            if data_start >= end:
+                break
+            data_end = min(os.lseek(self._fd, data_start, os.SEEK_HOLE), end)
+            extents.append((data_start, data_end - data_start, 0))
+            position = data_end
+        return extents
+
+    def _fetch_partial_edges(self, offset: int, length: int, first: int, end: int) -> None:
+        """Read-modify-write: fetch the MISSING chunks that the range covers only in part."""
+        edges = []
+        start_of_first, end_of_first = self.map.chunk_bounds(first)
+        if offset > start_of_first or offset + length < end_of_first:
+            edges.append(first)
+        last = end - 1
+        start_of_last, end_of_last = self.map.chunk_bounds(last)
+        if last != first and offset + length < end_of_last:
+            edges.append(last)
+        for chunk in edges:
+            if not self.map.is_present(chunk):
+                self._call_trio(self._ensure_present_frozen, chunk, chunk + 1)
+
+    # ===== the trio side: reads, fetches =========================================================
+
+    async def _prepare_read(
+        self, buf: memoryview | bytearray, offset: int, first: int, end: int
+    ) -> bool:
+        """Make the read servable.  Returns True when it filled `buf` itself (pass-through)."""
+        if not self._frozen and source_gate.is_source_frozen(self.config.state_dir):
+            self._open_gate()
+        if not self._frozen:
+            await self._read_passthrough(buf, offset)
+            return True
+        self._drain_hint = end
+        await self._ensure_present(first, end, True)
+        return False
+
+    async def _ensure_present_frozen(self, first: int, end: int) -> None:
+        """Fetch for a read-modify-write: waits (bounded) for the gate first."""
+        assert self._frozen_event is not None
+        if not self._frozen and source_gate.is_source_frozen(self.config.state_dir):
+            self._open_gate()
+        with trio.move_on_after(self.config.unreachable_timeout):
+            await self._frozen_event.wait()
+        if not self._frozen:
+            raise EngineIOError(errno.EIO, "partial write to a missing chunk before source-frozen")
+        await self._ensure_present(first, end, True)
+
+    async def _read_passthrough(self, buf: memoryview | bytearray, offset: int) -> None:
+        """Before the source is frozen: missing chunks come from the source, nothing is kept."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        first, end = self.map.chunk_range(offset, length)
+        shift = self.map.chunk_shift
+        link = self._demand_link
+        if link is None:
+            raise EngineIOError(errno.EIO, "no source")
+        position = first
+        while position < end:
+            run_end, present, _ = self.map.run_from(position)
+            run_end = min(run_end, end)
+            start_byte = max(position << shift, offset)
+            stop_byte = min(run_end << shift, offset + length)
+            part = view[start_byte - offset:stop_byte - offset]
+            if present:
+                self._read_local(part, start_byte)
+            else:
+                await self._source_read(link, part, start_byte)
+                self.passthrough_reads += 1
+                self.transferred_bytes += len(part)
+            position = run_end
+
+    async def _source_read(self, link: SourceLink, part: memoryview, offset: int) -> None:
+        """Read from the source, retrying over reconnects, for at most the unreachable window."""
+        with trio.move_on_after(self.config.unreachable_timeout):
+            while True:
+                try:
+                    client = await link.get()
+                except SourceMismatch as exc:
+                    raise EngineIOError(errno.EIO, str(exc)) from None
+                try:
+                    await client.pread_into(part, offset)
+                    return
+                except CommandError as exc:
+                    raise EngineIOError(exc.errno, str(exc)) from None
+                except (OSError, NBDError) as exc:
+                    link.report_broken(client, exc)
+                    await trio.lowlevel.checkpoint()
+        raise EngineIOError(errno.EIO, "source unreachable")
+
+    async def _ensure_present(self, first: int, end: int, demand: bool) -> None:
+        """Wait until chunks `[first, end)` are PRESENT, starting fetches for uncovered ones."""
+        if self._failure is not None:
+            raise EngineIOError(errno.EIO, self._failure)
+        with trio.move_on_after(self.config.unreachable_timeout) as timeout_scope:
+            while not self.map.all_present(first, end):
+                jobs = self._start_fetches(first, end, demand)
+                for job in jobs:
+                    await job.done.wait()
+                for job in jobs:
+                    if job.error is not None:
+                        error = job.error
+                        if isinstance(error, OSError):
+                            raise EngineIOError(error.errno or errno.EIO, str(error))
+                        raise EngineIOError(errno.EIO, str(error))
+        if timeout_scope.cancelled_caught:
+            raise EngineIOError(errno.EIO, "source unreachable: missing data not fetched in time")
+
+    def _start_fetches(self, first: int, end: int, demand: bool) -> list[FetchJob]:
+        """Jobs covering every missing chunk of `[first, end)`: existing ones, or new ones."""
+        assert self._nursery is not None
+        jobs: list[FetchJob] = []
+        max_chunks = max(1, self.config.demand_fetch_bytes >> self.map.chunk_shift)
+        for run_first, run_end in self.map.missing_ranges(first, end):
+            chunk = run_first
+            while chunk < run_end:
+                existing = self._in_flight.get(chunk)
+                if existing is not None:
+                    if not jobs or jobs[-1] is not existing:
+                        jobs.append(existing)
+                    chunk += 1
+                    continue
+                stop = chunk + 1
+                while stop < run_end and stop - chunk < max_chunks and stop not in self._in_flight:
+                    stop += 1
+                job = self._new_job(chunk, stop, demand)
+                jobs.append(job)
+                chunk = stop
+        return jobs
+
+    def _new_job(self, first: int, end: int, demand: bool) -> FetchJob:
+        assert self._nursery is not None
+        job = FetchJob(first, end, demand)
+        for chunk in range(first, end):
+            self._in_flight[chunk] = job
+        if demand:
+            self.demand_fetches += 1
+        self._nursery.start_soon(self._run_fetch, job)
+        return job
+
+    async def _run_fetch(self, job: FetchJob) -> None:
+        link = self._demand_link if job.demand else self._drain_link
+        start = job.first << self.map.chunk_shift
+        stop = min(job.end << self.map.chunk_shift, self.size)
+        buffer = bytearray(stop - start)
+        try:
+            assert link is not None
+            while True:
+                try:
+                    client = await link.get()
+                except SourceMismatch as exc:
+                    self._fail(str(exc))
+                    raise EngineIOError(errno.EIO, str(exc)) from None
+                try:
+                    await client.pread_into(buffer, start)
+                    break
+                except CommandError as exc:
+                    raise EngineIOError(exc.errno, f"source: {exc}") from None
+                except (OSError, NBDError) as exc:
+                    link.report_broken(client, exc)
+                    await trio.lowlevel.checkpoint()
+            self.transferred_bytes += len(buffer)
+            if job.demand:
+                self.demand_bytes += len(buffer)
+            else:
+                self.drain_bytes += len(buffer)
+            self._commit_fetched(job.first, job.end, buffer, start)
+        except Exception as exc:
+            job.error = exc
+        finally:
+            for chunk in range(job.first, job.end):
+                if self._in_flight.get(chunk) is job:
+                    del self._in_flight[chunk]
+            job.done.set()
+            self._signal_job_finished()
+
+    def _commit_fetched(self, first: int, end: int, buffer: bytearray, start: int) -> None:
+        """Write the fetched chunks that are still MISSING; a guest write that came first wins."""
+        shift = self.map.chunk_shift
+        view = memoryview(buffer)
+        with self._commit_lock:
+            committed = 0
+            for run_first, run_end in self.map.missing_ranges(first, end):
+                run_start = run_first << shift
+                run_stop = min(run_end << shift, self.size)
+                self._write_local(view[run_start - start:run_stop - start], run_start)
+                self.map.mark(run_first, run_end, PRESENT)
+                committed += run_stop - run_start
+        self.discarded_fetch_bytes += len(buffer) - committed
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        if self.map.is_complete and self._complete_event is not None:
+            self._complete_event.set()
+
+    def _signal_job_finished(self) -> None:
+        if self._job_finished is not None:
+            self._job_finished.set()
+            self._job_finished = trio.Event()
+
+    def _fail(self, message: str) -> None:
+        if self._failure is None:
+            self._failure = message
+            log.error("postcopy: %s", message)
+
+    def _open_gate(self) -> None:
+        self._frozen = True
+        if self._frozen_event is not None:
+            self._frozen_event.set()
+
+    async def _gate_task(self) -> None:
+        while not self._frozen:
+            if source_gate.is_source_frozen(self.config.state_dir):
+                self._open_gate()
+                return
+            await trio.sleep(self.config.gate_poll_interval)
+
+    # ===== the drain =============================================================================
+
+    async def _drain_task(self) -> None:
+        assert self._frozen_event is not None and self._drain_link is not None
+        await self._frozen_event.wait()
+        config = self.config
+        count = self.map.chunk_count
+        request_chunks = max(1, config.drain_request_bytes >> self.map.chunk_shift)
+        window_chunks = max(1, config.block_status_window_bytes >> self.map.chunk_shift)
+        scanned_windows = bytearray(-(-count // window_chunks))  # holes looked up already?
+        slots = trio.Semaphore(config.drain_requests_in_flight)
+        cursor = 0
+        async with trio.open_nursery() as nursery:
+            while not self.map.is_complete:
+                await slots.acquire()
+                if self._drain_hint is not None:
+                    cursor, self._drain_hint = self._drain_hint, None
+                picked = None
+                wrapped = False
+                while picked is None:
+                    if cursor >= count:
+                        if wrapped:
+                            break
+                        cursor, wrapped = 0, True
+                    window = cursor // window_chunks
+                    window_end = min((window + 1) * window_chunks, count)
+                    if not scanned_windows[window]:
+                        scanned_windows[window] = 1
+                        if self.map.next_missing_range(window * window_chunks, window_end):
+                            await self._skip_source_holes(window * window_chunks, window_end)
+                    picked = self._pick_drain_range(cursor, window_end, request_chunks)
+                    if picked is None:
+                        cursor = window_end
+                if picked is None:
+                    slots.release()
+                    if self.map.is_complete:
+                        break
+                    assert self._job_finished is not None
+                    with trio.move_on_after(0.2):
+                        await self._job_finished.wait()
+                    cursor = 0
+                    continue
+                first, end = picked
+                cursor = end
+                job = self._new_job(first, end, False)
+                nursery.start_soon(self._release_when_done, job, slots)
+        self._check_complete()
+
+    async def _release_when_done(self, job: FetchJob, slots: trio.Semaphore) -> None:
+        try:
+            await job.done.wait()
+            if job.error is not None:
+                log.warning("postcopy: drain fetch failed: %s", job.error)
+                await trio.sleep(0.5)  # do not spin on a source that refuses a range
+        finally:
+            slots.release()
+
+    def _pick_drain_range(
+        self, cursor: int, limit: int, request_chunks: int
+    ) -> tuple[int, int] | None:
+        position = cursor
+        while position < limit:
+            found = self.map.next_missing_range(position, limit)
+            if found is None:
+                return None
+            first, end = found
+            while first < end and first in self._in_flight:
+                first += 1
+            if first < end:
+                stop = first + 1
+                while stop < end and stop - first < request_chunks and stop not in self._in_flight:
+                    stop += 1
+                return first, stop
+            position = end
+        return None
+
+    async def _skip_source_holes(self, first: int, end: int) -> None:
+        """Ask the source's block status for chunks `[first, end)`; whole-chunk holes become
+        PRESENT holes without any transfer (punched locally in case old data lies there)."""
+        link = self._drain_link
+        assert link is not None
+        shift = self.map.chunk_shift
+        start = first << shift
+        stop = min(end << shift, self.size)
+        for _attempt in range(3):
+            try:
+                client = await link.get()
+            except SourceMismatch as exc:
+                self._fail(str(exc))
+                return
+            try:
+                async for extent in client.iter_extents(start, stop - start):
+                    if extent.flags & (EXTENT_HOLE | EXTENT_ZERO):
+                        self._mark_source_hole(extent.offset, extent.offset + extent.length)
+                return
+            except CommandError as exc:
+                log.info("postcopy: source block status failed (%s); copying everything", exc)
+                return
+            except (OSError, NBDError) as exc:
+                link.report_broken(client, exc)
+                await trio.lowlevel.checkpoint()
+
+    def _mark_source_hole(self, hole_start: int, hole_end: int) -> None:
+        chunk = self.map.chunk_size
+        first = -(-hole_start // chunk)
+        end = hole_end // chunk if hole_end < self.size else self.map.chunk_count
+        if first >= end:
+            return
+        shift = self.map.chunk_shift
+        with self._commit_lock:
+            for run_first, run_end in list(self.map.missing_ranges(first, end)):
+                for part_first, part_end in self._split_not_in_flight(run_first, run_end):
+                    part_start = part_first << shift
+                    part_stop = min(part_end << shift, self.size)
+                    punch_hole(self._fd, part_start, part_stop - part_start)
+                    self.map.mark(part_first, part_end, PRESENT | SOURCE_HOLE)
+                    self.hole_bytes_skipped += part_stop - part_start
+        self._check_complete()
+
+    def _split_not_in_flight(self, first: int, end: int) -> list[tuple[int, int]]:
+        """Sub-runs of `[first, end)` with no fetch in flight (a fetch commits its own)."""
+        if not self._in_flight:
+            return [(first, end)]
+        runs: list[tuple[int, int]] = []
+        run_start: int | None = None
+        for chunk in range(first, end):
+            if chunk in self._in_flight:
+                if run_start is not None:
+                    runs.append((run_start, chunk))
+                    run_start = None
+            elif run_start is None:
+                run_start = chunk
+        if run_start is not None:
+            runs.append((run_start, end))
+        return runs
+
+    # ===== durability and status =================================================================
+
+    async def _sync_task(self) -> None:
+        while True:
+            await trio.sleep(self.config.sync_interval)
+            if self.map.pending_changes:
+                await trio.to_thread.run_sync(self.map.make_durable, self._sync_data)
+
+    async def _status_task(self) -> None:
+        last_record: dict[str, Any] | None = None
+        last_written = 0.0
+        while True:
+            self._check_complete()  # guest writes may have made the last chunks present
+            record = self.statistics()
+            changed = last_record is None or {
+                k: v for k, v in record.items() if k != "updated_at"
+            } != {k: v for k, v in last_record.items() if k != "updated_at"}
+            now = time.monotonic()
+            if changed or now - last_written > 5.0:
+                await trio.to_thread.run_sync(status.write_status, self.config.state_dir, record)
+                last_record, last_written = record, now
+            await trio.sleep(self.config.status_interval)
+
+    def _write_status(self) -> None:
+        status.write_status(self.config.state_dir, self.statistics())
+
+    def state(self) -> str:
+        if self._failure is not None:
+            return "failed"
+        if self.map.is_complete:
+            return "complete"
+        if not self._frozen:
+            return "waiting-for-source"
+        if any(link.fatal_error for link in self._links):
+            return "failed"
+        if self._links and not all(link.is_connected for link in self._links):
+            return "source-unreachable"
+        return "fetching"
+
+    def statistics(self) -> dict[str, Any]:
+        """The status record (see `postcopy.status` for the fields)."""
+        now = time.monotonic()
+        present = self.map.present_bytes
+        self._progress_samples.append((now, present, self.transferred_bytes))
+        oldest = self._progress_samples[0]
+        for sample in self._progress_samples:
+            if now - sample[0] <= 5.0:
+                oldest = sample
+                break
+        elapsed = now - oldest[0]
+        present_rate = (present - oldest[1]) / elapsed if elapsed > 0.2 else 0.0
+        transfer_rate = (self.transferred_bytes - oldest[2]) / elapsed if elapsed > 0.2 else 0.0
+        missing = self.size - present
+        if missing == 0:
+            eta: float | None = 0.0
+        elif present_rate > 0:
+            eta = round(missing / present_rate, 1)
+        else:
+            eta = None
+        latencies = sorted(self._fault_latencies)
+        p50 = percentile(latencies, 0.5)
+        p99 = percentile(latencies, 0.99)
+        down = max((link.seconds_down() for link in self._links), default=0.0)
+        errors = [
+            link.fatal_error or link.last_error for link in self._links if not link.is_connected
+        ]
+        return {
+            "state": self.state(),
+            "size_bytes": self.size,
+            "present_bytes": present,
+            "missing_bytes": missing,
+            "transferred_bytes": self.transferred_bytes,
+            "demand_fetches": self.demand_fetches,
+            "demand_bytes": self.demand_bytes,
+            "drain_bytes": self.drain_bytes,
+            "hole_bytes_skipped": self.hole_bytes_skipped,
+            "discarded_fetch_bytes": self.discarded_fetch_bytes,
+            "passthrough_reads": self.passthrough_reads,
+            "faults": self.faults,
+            "fault_latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
+            "fault_latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "transfer_rate_bytes_per_second": round(transfer_rate),
+            "present_rate_bytes_per_second": round(present_rate),
+            "eta_seconds": eta,
+            "reconnects": max(0, sum(link.connects for link in self._links) - len(self._links)),
+            "source_down_seconds": round(down, 3),
+            "unreachable_timeout_seconds": self.config.unreachable_timeout,
+            "error": self._failure or (errors[0] if errors and down > 0 else None),
+            "chunk_size": self.map.chunk_size,
+            "guest_written_chunks": self.map.guest_written_count,
+            "source": self.config.source_uri,
+            "dest": str(self.config.dest_path),
+            "pid": os.getpid(),
+            "started_at": self._started_at,
+            "updated_at": time.time(),
+        }
+
+
+def _merge_extents(extents: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    merged: list[tuple[int, int, int]] = []
+    for offset, length, kind in extents:
+        if length <= 0:
+            continue
+        if merged and merged[-1][2] == kind and merged[-1][0] + merged[-1][1] == offset:
+            previous = merged[-1]
+            merged[-1] = (previous[0], previous[1] + length, kind)
+        else:
+            merged.append((offset, length, kind))
+    return merged

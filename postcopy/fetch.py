@@ -1,0 +1,144 @@
+"""Connections to the source disk, kept alive across failures.
+
+A `SourceLink` owns one NBD client connection to the source.  Its `run()` task connects (through
+an opener: `nbdsrv.open_client` in production, a fake in tests), publishes the client, and waits
+until a user reports it broken (`report_broken`); then it reconnects with exponential backoff
+(0.05 s doubling to 2 s).  Users call `await link.get()` for a connected client, so a fetch that
+failed on a dropped connection simply asks again and is re-sent on the new one.  The engine keeps
+two links: one for guest misses (so they never queue behind drain traffic) and one for the drain.
+
+A source whose size differs from the disk is a fatal mismatch (`SourceMismatch`): the link stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+import trio
+
+from nbdsrv.errors import NBDError
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_SECONDS = 0.05
+BACKOFF_MAX_SECONDS = 2.0
+
+
+class SourceClient(Protocol):
+    """The part of `nbdsrv`'s client that the engine uses."""
+
+    size: int
+
+    async def pread_into(self, buffer: memoryview | bytearray, offset: int) -> None: ...
+
+    def iter_extents(self, offset: int, length: int) -> AsyncIterator[Any]: ...
+
+
+SourceOpener = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+def nbd_source_opener(uri: str, export_name: str | None = None) -> SourceOpener:
+    """An opener for a real NBD source (imports the client only when used)."""
+
+    def open_source() -> AbstractAsyncContextManager[Any]:
+        import nbdsrv
+
+        open_client = nbdsrv.open_client
+        if export_name is None:
+            return open_client(uri)
+        return open_client(uri, export_name=export_name)
+
+    return open_source
+
+
+class SourceMismatch(Exception):
+    """The source is not the disk this destination belongs to."""
+
+
+class SourceLink:
+    """One self-healing connection to the source."""
+
+    def __init__(self, name: str, opener: SourceOpener, expected_size: int) -> None:
+        self.name = name
+        self._opener = opener
+        self._expected_size = expected_size
+        self._client: Any = None
+        self._connected = trio.Event()
+        self._broken = trio.Event()
+        self.connects = 0
+        self.last_error: str | None = None
+        self.fatal_error: str | None = None
+        self.down_since: float | None = None  # time.monotonic() when it went down
+
+    @property
+    def is_connected(self) -> bool:
+        return self._client is not None
+
+    async def get(self) -> Any:
+        """A connected client; waits (cancellably) while the source is unreachable."""
+        while self._client is None:
+            if self.fatal_error is not None:
+                raise SourceMismatch(self.fatal_error)
+            await self._connected.wait()
+        return self._client
+
+    def report_broken(self, client: Any, error: BaseException) -> None:
+        """A call on `client` failed because the connection is unusable: reconnect."""
+        if client is self._client and client is not None:
+            self.last_error = f"{type(error).__name__}: {error}"
+            self._client = None  # get() waits for the reconnection from now on
+            self._connected = trio.Event()
+            self.down_since = time.monotonic()
+            self._broken.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, hold, reconnect; until cancelled or a fatal mismatch."""
+        task_status.started()
+        backoff = BACKOFF_FIRST_SECONDS
+        self.down_since = time.monotonic()
+        while True:
+            try:
+                async with self._opener() as client:
+                    if client.size != self._expected_size:
+                        self.fatal_error = (
+                            f"source size {client.size} differs from the disk size "
+                            f"{self._expected_size}"
+                        )
+                        self._connected.set()  # wake waiters so they see the fatal error
+                        return
+                    self._client = client
+                    self.connects += 1
+                    self.down_since = None
+                    backoff = BACKOFF_FIRST_SECONDS
+                    self._connected.set()
+                    try:
+                        await self._broken.wait()
+                    finally:
+                        if self._client is client:
+                            self._client = None
+                            self._connected = trio.Event()
+                            self.down_since = time.monotonic()
+                        self._broken = trio.Event()
+            except (OSError, NBDError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.debug("source link %s: %s", self.name, self.last_error)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
+
+    def seconds_down(self) -> float:
+        if self.down_since is None:
+            return 0.0
+        return max(0.0, time.monotonic() - self.down_since)
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list (None when empty)."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
