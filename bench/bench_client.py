@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 import statistics
@@ -121,10 +120,19 @@ def latency_with_fio(uri: str, directory: Path) -> tuple[float, float]:
     """fio's completion latency (median, p99) in microseconds."""
     out = subprocess.run(
         [
-            "fio", "--name=qd1", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
-            "--bs=64k", "--iodepth=1", f"--runtime={FIO_SECONDS}", "--time_based",
-            f"--size={IMAGE_SIZE}", "--output-format=json",
-            "--percentile_list=50:99", f"--directory={directory}",
+            "fio",
+            "--name=qd1",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            "--rw=randread",
+            "--bs=64k",
+            "--iodepth=1",
+            f"--runtime={FIO_SECONDS}",
+            "--time_based",
+            f"--size={IMAGE_SIZE}",
+            "--output-format=json",
+            "--percentile_list=50:99",
+            f"--directory={directory}",
         ],  # fmt: skip
         check=True,
         capture_output=True,

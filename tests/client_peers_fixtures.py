@@ -46,17 +46,18 @@ def _listening_unix(path: str) -> bool:
     return False
 
 
-def _accepting_tcp(port: int) -> bool:
+def _accepting_tcp(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.create_connection((host, port), timeout=1):
             return True
     except OSError:
         return False
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
 
@@ -93,14 +94,16 @@ def run_nbdkit(
     options: Sequence[str] = (),
     *,
     tcp_port: int | None = None,
+    tcp_host: str = "127.0.0.1",
 ) -> Iterator[Peer]:
     """`nbdkit -f -U sock [options] plugin [args]`, e.g. (["memory", "16M"], ["--no-sr"]); with
-    `tcp_port`, on 127.0.0.1:port instead of a Unix socket."""
+    `tcp_port`, on tcp_host:tcp_port (loopback) instead of a Unix socket."""
     base = ["nbdkit", "-f", "--exit-with-parent"]
     if tcp_port is not None:
-        argv = [*base, "-i", "127.0.0.1", "-p", str(tcp_port), *options, *plugin_args]
-        uri = f"nbd://127.0.0.1:{tcp_port}/"
-        with _run(argv, uri, lambda: _accepting_tcp(tcp_port)) as peer:
+        argv = [*base, "-i", tcp_host, "-p", str(tcp_port), *options, *plugin_args]
+        uri_host = f"[{tcp_host}]" if ":" in tcp_host else tcp_host
+        uri = f"nbd://{uri_host}:{tcp_port}/"
+        with _run(argv, uri, lambda: _accepting_tcp(tcp_host, tcp_port)) as peer:
             yield peer
         return
     sock = str(directory / "nbdkit.sock")

@@ -156,10 +156,11 @@ async def test_nbdkit_plain_newstyle_uses_export_name(tmp_path: Path) -> None:
     assert data == (4096).to_bytes(8, "big") + (4104).to_bytes(8, "big")
 
 
-async def test_tcp_uri_with_port(tmp_path: Path) -> None:
-    port = free_tcp_port()
-    with run_nbdkit(tmp_path, ["pattern", "1M"], tcp_port=port) as peer:
-        assert peer.uri == f"nbd://127.0.0.1:{port}/"
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_tcp_uri_with_port(tmp_path: Path, host: str) -> None:
+    port = free_tcp_port(host)
+    with run_nbdkit(tmp_path, ["pattern", "1M"], tcp_port=port, tcp_host=host) as peer:
+        assert peer.uri.startswith("nbd://127.0.0.1:" if host == "127.0.0.1" else "nbd://[::1]:")
         async with nbdsrv.open_client(peer.uri) as client:
             assert await client.pread(8, 8) == (8).to_bytes(8, "big")
 
@@ -190,9 +191,13 @@ async def test_server_errors_raise_command_error_and_connection_stays_usable(
                 assert client.statistics().command_errors == 2
 
 
-async def test_server_killed_mid_read_fails_every_pending_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("connections", [1, 3])
+async def test_server_killed_mid_read_fails_every_pending_request(
+    tmp_path: Path, connections: int
+) -> None:
     with run_nbdkit(tmp_path, ["memory", "16M", "rdelay=2"], ["--filter=delay"]) as peer:
-        async with nbdsrv.open_client(peer.uri) as client:
+        async with nbdsrv.open_client(peer.uri, connections=connections) as client:
+            assert client.statistics().connections == connections
             failures: list[BaseException] = []
 
             async def read(offset: int) -> None:
@@ -263,9 +268,10 @@ async def test_reads_larger_than_max_payload_are_split(tmp_path: Path) -> None:
 async def test_missing_export_is_a_negotiation_error(tmp_path: Path) -> None:
     image = tmp_path / "small.img"
     image.write_bytes(bytes(4096))
-    with run_qemu_nbd(tmp_path, image, export="disk") as peer, pytest.raises(
-        nbdsrv.NegotiationError
-    ) as refused:
+    with (
+        run_qemu_nbd(tmp_path, image, export="disk") as peer,
+        pytest.raises(nbdsrv.NegotiationError) as refused,
+    ):
         async with nbdsrv.open_client(peer.uri, export_name="nope"):
             pass  # pragma: no cover
     assert refused.value.reply_type == OptionReply.ERR_UNKNOWN
