@@ -185,6 +185,22 @@ class FileBackend:
             done += count
         return done
 
+    def sendfile_source(self, offset: int, length: int) -> int | None:
+        """The fd to os.sendfile the range from, when its first and last bytes are in the page
+        cache (probed with RWF_NOWAIT); None otherwise, or with the read_delay test hook.  The
+        middle of a partly cached range may still block briefly in sendfile; cold ranges,
+        the common case on a fresh source, are caught by the probe and read in a thread."""
+        if self.read_delay or not self._nowait_works or self._closed:
+            return None
+        probe = bytearray(1)
+        try:
+            for position in (offset, offset + length - 1):
+                if os.preadv(self._fd, [probe], position, os.RWF_NOWAIT) != 1:
+                    return None
+        except OSError:
+            return None
+        return self._fd
+
     def extents(self, offset: int, length: int, limit: int = 1024) -> list[Extent]:
         end = min(offset + length, self._size)
         if offset >= end:

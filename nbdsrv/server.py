@@ -143,6 +143,62 @@ class _Connection:
         self.slots = trio.Semaphore(server.max_in_flight)
         self.budget = _ByteBudget(server.max_bytes_in_flight)
         self.broken: BaseException | None = None
+        self.nursery: trio.Nursery | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """A send failed: the stream is unusable; stop the reader and every handler."""
+        if self.broken is None:
+            self.broken = exc
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    async def send_from_file(self, plan: Sequence[bytes | tuple[int, int]], fd: int) -> None:
+        """Send a READ reply plan: header bytes from memory, data ranges with os.sendfile from
+        `fd` (page cache to socket, no copy through Python).  Needs a plain socket."""
+        stats = self.server.stats
+        sock = self.socket
+        async with self.send_lock:
+            for piece in plan:
+                if isinstance(piece, bytes):
+                    await self._sendmsg_all([memoryview(piece)])
+                    continue
+                offset, length = piece
+                while length:
+                    try:
+                        sent = os.sendfile(sock.fileno(), fd, offset, length)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                        continue
+                    except OSError as exc:
+                        raise trio.BrokenResourceError(f"sendfile failed: {exc}") from exc
+                    if sent == 0:  # the file is shorter than the export: the reply is broken
+                        raise trio.BrokenResourceError("export file shrank during a read")
+                    stats.bytes_sent += sent
+                    offset += sent
+                    length -= sent
+
+    async def _sendmsg_all(self, pending: list[memoryview]) -> None:
+        stats = self.server.stats
+        sock = self.socket
+        while pending:
+            # os.writev on the non-blocking fd: trio's sock.sendmsg would add two trips through
+            # the scheduler per reply; the send lock already gave a checkpoint.
+            try:
+                sent = os.writev(sock.fileno(), pending[:_IOV_BATCH])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            stats.bytes_sent += sent
+            while sent:
+                head = pending[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    pending.pop(0)
+                else:
+                    pending[0] = head[sent:]
+                    sent = 0
 
     async def send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         stats = self.server.stats
@@ -152,21 +208,7 @@ class _Connection:
                     await self.stream.send_all(buffer)
                     stats.bytes_sent += len(buffer)
                 return
-            pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-            while pending:
-                try:
-                    sent = await self.socket.sendmsg(pending[:_IOV_BATCH])
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-                stats.bytes_sent += sent
-                while sent:
-                    head = pending[0]
-                    if sent >= len(head):
-                        sent -= len(head)
-                        pending.pop(0)
-                    else:
-                        pending[0] = head[sent:]
-                        sent = 0
+            await self._sendmsg_all([memoryview(b).cast("B") for b in buffers if len(b)])
 
 
 class Server:
@@ -260,6 +302,7 @@ class Server:
     async def _transmission(self, connection: _Connection, opened: core.ExportOpened) -> None:
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
+            connection.nursery = nursery
             try:
                 await self._read_requests(connection, nursery)
             except Exception as exc:  # re-raised below, outside the nursery's exception group
@@ -304,8 +347,7 @@ class Server:
         try:
             await connection.send([reply])
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            if connection.broken is None:
-                connection.broken = exc
+            connection.fail(exc)
         finally:
             connection.slots.release()
 
@@ -321,8 +363,11 @@ class Server:
         try:
             try:
                 if request.command == k.Command.READ:
+                    holes = self._read_holes(connection, request)
+                    if await self._send_read_from_file(connection, request, holes):
+                        return
                     buffer = self._buffers.get(request.length)
-                    reply = await self._read(connection, request, buffer)
+                    reply = await self._read(connection, request, buffer, holes)
                 elif request.command == k.Command.BLOCK_STATUS:
                     reply = [await self._block_status(connection, request)]
                 else:
@@ -331,44 +376,68 @@ class Server:
             except OSError as exc:
                 code = exc.errno or errno.EIO
                 reply = [conn.error_reply(request, code, exc.strerror or "I/O error")]
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise
             except Exception as exc:
                 log.error("%s: %s failed unexpectedly: %r", connection.peer, name, exc)
                 reply = [conn.error_reply(request, errno.EIO, "internal error")]
-            try:
-                await connection.send(reply)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                if connection.broken is None:
-                    connection.broken = exc
+            await connection.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            connection.fail(exc)
         finally:
             if buffer is not None:
                 self._buffers.put(buffer)
             connection.budget.release(granted)
             connection.slots.release()
 
+    def _read_holes(self, connection: _Connection, request: Any) -> list[Extent]:
+        """The holes of a READ's range when they may be sent as OFFSET_HOLE chunks (structured
+        replies, no DF), from SEEK_DATA/SEEK_HOLE; else none.  Past the extent limit, the rest
+        of the range counts as data."""
+        if not connection.core.structured_replies or request.flags & k.CommandFlag.DF:
+            return []
+        assert connection.export is not None
+        extents = connection.export.backend.extents(request.offset, request.length, 256)
+        holes = [e for e in extents if e.flags & k.BlockStatusFlag.ZERO]
+        self.stats.read_hole_bytes += sum(h.length for h in holes)
+        return holes
+
+    async def _send_read_from_file(
+        self, connection: _Connection, request: Any, holes: list[Extent]
+    ) -> bool:
+        """The fastest path: data in the page cache goes from the file to the socket with
+        sendfile.  False when it does not apply (TLS or a test stream, a backend without a
+        file, data that is not cached)."""
+        assert connection.export is not None
+        source = getattr(connection.export.backend, "sendfile_source", None)
+        if connection.socket is None or source is None:
+            return False
+        fd = source(request.offset, request.length)
+        if fd is None:
+            return False
+        plan = connection.core.read_reply_plan(request, holes)
+        self.stats.read_data_bytes += sum(p[1] for p in plan if isinstance(p, tuple))
+        await connection.send_from_file(plan, fd)
+        return True
+
     async def _read(
-        self, connection: _Connection, request: Any, buffer: bytearray
+        self, connection: _Connection, request: Any, buffer: bytearray, holes: list[Extent]
     ) -> list[bytes | memoryview]:
-        """Fill `buffer` for a READ and build its reply.  Hot path: data already in the page
-        cache is read right here with RWF_NOWAIT (a thread hop costs more than the copy); only
-        what would block goes to a worker thread."""
+        """Fill `buffer` for a READ and build its reply.  Data already in the page cache is
+        read right here with RWF_NOWAIT (a thread hop costs more than the copy); only what
+        would block goes to a worker thread."""
         assert connection.export is not None
         backend = connection.export.backend
         view = memoryview(buffer)[: request.length]
         offset, length = request.offset, request.length
-        holes: list[Extent] = []
         segments: list[tuple[int, int]] = []  # (offset in the file, length) to read
-        if connection.core.structured_replies and not request.flags & k.CommandFlag.DF:
-            covered = offset
-            for extent in backend.extents(offset, length, 256):
-                if extent.flags & k.BlockStatusFlag.ZERO:
-                    holes.append(extent)
-                else:
-                    segments.append((extent.offset, extent.length))
-                covered = extent.end
-            if covered < offset + length:  # the extent limit was reached: read the rest
-                segments.append((covered, offset + length - covered))
-        else:
-            segments.append((offset, length))
+        position = offset
+        for hole in holes:
+            if hole.offset > position:
+                segments.append((position, hole.offset - position))
+            position = max(position, hole.end)
+        if position < offset + length:
+            segments.append((position, offset + length - position))
         missing: list[tuple[int, int]] = []
         for start, count in segments:
             part = view[start - offset : start - offset + count]
@@ -382,9 +451,7 @@ class Server:
                     backend.read_into(start, view[start - offset : start - offset + count])
 
             await self._run_io(read_missing)
-        hole_bytes = sum(h.length for h in holes)
-        self.stats.read_hole_bytes += hole_bytes
-        self.stats.read_data_bytes += length - hole_bytes
+        self.stats.read_data_bytes += sum(count for _, count in segments)
         return connection.core.read_reply(request, view, holes)
 
     async def _block_status(self, connection: _Connection, request: Any) -> bytes:

@@ -686,15 +686,26 @@ class ServerConnection:
         to read as zeroes.  With structured replies and no DF they become OFFSET_HOLE chunks and
         their part of `data` is never sent (nor needs to have been read).  With DF, or with
         simple replies, `data` must hold the zeroes too and goes out whole."""
+        base = request.offset
+        return [
+            piece if isinstance(piece, bytes) else data[piece[0] - base : sum(piece) - base]
+            for piece in self.read_reply_plan(request, holes)
+        ]
+
+    def read_reply_plan(
+        self, request: wire.Request, holes: Sequence[Extent] = ()
+    ) -> list[bytes | tuple[int, int]]:
+        """`read_reply` without the data: header bytes, and (offset, length) tuples where that
+        range of the export's bytes goes (a shell may send those straight from a file)."""
         cookie = request.cookie
         if not self._negotiated.structured_replies:
-            return [wire.build_simple_reply(cookie, 0), data]
+            return [wire.build_simple_reply(cookie, 0), (request.offset, request.length)]
         if request.flags & k.CommandFlag.DF or not holes:
             header = wire.build_structured_reply_header(
-                k.ReplyFlag.DONE, k.ReplyType.OFFSET_DATA, cookie, 8 + len(data)
+                k.ReplyFlag.DONE, k.ReplyType.OFFSET_DATA, cookie, 8 + request.length
             ) + wire.build_offset_data_header(request.offset)
-            return [header, data]
-        out: list[bytes | memoryview] = []
+            return [header, (request.offset, request.length)]
+        out: list[bytes | tuple[int, int]] = []
         pending: list[bytes] = []  # small chunks coalesced into one buffer
         position = request.offset
         end = request.offset + request.length
@@ -728,8 +739,7 @@ class ServerConnection:
                 )
                 out.append(b"".join(pending))
                 pending.clear()
-                start = offset - request.offset
-                out.append(data[start : start + length])
+                out.append((offset, length))
         if pending:
             out.append(b"".join(pending))
         return out

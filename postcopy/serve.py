@@ -6,7 +6,8 @@
 Each image is opened with `nbdsrv.backend.FileBackend` (read-only unless `writable`) and served by
 `nbdsrv.server.serve_nbd`.  When the listeners are up a ready line goes to stdout and is flushed:
 `ready <uri> [<uri> ...]`, one URI per listener, so scripts and tests can wait for it.  A signal
-stops the server; the Unix socket is removed and the function returns normally.
+stops the server; the Unix socket is removed, one log line sums up what was served (connections,
+requests, bytes sent) and the function returns normally.
 
 Problems an operator can fix (a missing image, a bad or busy address, two exports with one name,
 no export at all) raise `postcopy.errors.UserError` with a one-line message.
@@ -116,6 +117,13 @@ async def run_serve(
                         log.info("%s received, stopping", signal.Signals(signum).name)
                         break
                     nursery.cancel_scope.cancel()
+                    stats = serving.server.statistics()
+                    log.info(
+                        "served %d connections, %d requests; sent %d bytes (%d bytes of read "
+                        "data; %d bytes of holes described, not sent)",
+                        stats.connections_accepted, stats.requests, stats.bytes_sent,
+                        stats.read_data_bytes, stats.read_hole_bytes,
+                    )
         if listen_failure is not None:
             raise UserError(_listen_error(config, listen_failure))
 
