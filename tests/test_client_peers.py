@@ -103,6 +103,9 @@ async def test_qemu_nbd_hole_chunks_are_zero_filled(
             await client.pread_into(buffer, 0)
             assert buffer == content
             assert client.statistics().hole_chunks > 0  # qemu-nbd really answered with holes
+            data = os.urandom(12345)
+            await client.pwrite(data, 2 * MiB + 1, fua=True)  # into a hole
+            assert await client.pread(2 * MiB, 12347) == b"\0" + data + b"\0"
             ours = await _our_map(client)
             one = await client.block_status(MiB, MiB, req_one=True)
             assert len(one) == 1 and one[0].offset == MiB and one[0].flags == 0
@@ -122,6 +125,10 @@ async def test_nbd_server_simple_replies(sparse_image: tuple[Path, bytes], tmp_p
             await client.flush()
             assert await client.pread(3 * MiB, 70_010) == bytes(5) + data + bytes(5)
     assert image.read_bytes()[3 * MiB + 5 : 3 * MiB + 70_005] == data
+    with run_nbd_server(tmp_path, image) as peer:  # -d serves one connection: a fresh one
+        # nbdinfo agrees there is no allocation map to compare with
+        probe = subprocess.run(["nbdinfo", "--map", peer.uri], capture_output=True, timeout=30)
+        assert probe.returncode != 0 and b"base:allocation" in probe.stderr
 
 
 async def test_postcopy_serve_reads_map_and_refuses_writes(
