@@ -338,12 +338,24 @@ class Engine:
         if fua:
             self.flush()
 
-    def zero(self, offset: int, count: int, may_trim: bool = True, fua: bool = False) -> None:
-        """Make `[offset, offset+count)` read as zeros; punches holes when allowed."""
+    def zero(
+        self,
+        offset: int,
+        count: int,
+        may_trim: bool = True,
+        fua: bool = False,
+        fast_only: bool = False,
+    ) -> None:
+        """Make `[offset, offset+count)` read as zeros; punches holes when allowed.
+
+        `fast_only` (NBD's FAST_ZERO): fail with EOPNOTSUPP instead of fetching partial chunks.
+        """
         if count == 0:
             return
         first, end = self.map.chunk_range(offset, count)
         if not self.map.all_present(first, end):
+            if fast_only and self._partial_edges(offset, count, first, end):
+                raise EngineIOError(errno.EOPNOTSUPP, "zeroing would need a fetch")
             self._fetch_partial_edges(offset, count, first, end)
         with self._commit_lock:
             if may_trim:
@@ -441,6 +453,11 @@ class Engine:
 
     def _fetch_partial_edges(self, offset: int, length: int, first: int, end: int) -> None:
         """Read-modify-write: fetch the MISSING chunks that the range covers only in part."""
+        for chunk in self._partial_edges(offset, length, first, end):
+            self._call_trio(self._ensure_present_frozen, chunk, chunk + 1)
+
+    def _partial_edges(self, offset: int, length: int, first: int, end: int) -> list[int]:
+        """The MISSING chunks that `[offset, offset+length)` covers only in part."""
         edges = []
         start_of_first, end_of_first = self.map.chunk_bounds(first)
         if offset > start_of_first or offset + length < end_of_first:
@@ -449,9 +466,7 @@ class Engine:
         start_of_last, end_of_last = self.map.chunk_bounds(last)
         if last != first and offset + length < end_of_last:
             edges.append(last)
-        for chunk in edges:
-            if not self.map.is_present(chunk):
-                self._call_trio(self._ensure_present_frozen, chunk, chunk + 1)
+        return [chunk for chunk in edges if not self.map.is_present(chunk)]
 
     # ===== the trio side: reads, fetches =========================================================
 

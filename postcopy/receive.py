@@ -1,0 +1,268 @@
+"""`postcopy receive`: serve a lazily fetched disk on the destination host through nbdkit.
+
+How it works.  `run_receive` checks everything an operator can get wrong before anything
+listens (nbdkit and its python plugin installed, the source reachable and its size, the
+destination file's size, the state directory's identity), creates the sparse destination file
+when it does not exist, then starts `nbdkit -f --exit-with-parent` with `plugin/postcopy_plugin.py`
+and the engine's settings as `key=value` parameters.  The embedded Python sees neither the venv nor
+the project, so PYTHONPATH carries both.  Once the socket (or port) accepts a connection it prints
+the NBD URI a domain's disk config should use as the first line on stdout, then waits in the
+foreground; SIGINT/SIGTERM are forwarded to nbdkit (whose plugin makes the map durable on exit).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+import postcopy
+from postcopy.blockmap import DEFAULT_CHUNK_SIZE, BlockMap, MapIdentity, check_chunk_size
+from postcopy.errors import UserError
+
+PROJECT_ROOT = Path(postcopy.__file__).resolve().parent.parent
+PLUGIN_PATH = PROJECT_ROOT / "plugin" / "postcopy_plugin.py"
+# nbdkit worker threads: the fast path holds the GIL only briefly, so few threads win; more
+# than one, so that a read waiting for the source never stalls reads of present data.
+DEFAULT_THREADS = 4
+SOURCE_PROBE_TIMEOUT = 15.0
+LISTEN_TIMEOUT = 30.0
+
+
+@dataclass
+class ReceiveConfig:
+    source: str
+    dest: Path
+    state_dir: Path
+    socket_path: Path | None = None
+    listen: tuple[str, int] | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    wait_for_source: bool = False
+    threads: int = DEFAULT_THREADS
+    export_name: str | None = None
+    source_id: str | None = None
+    unreachable_timeout: float | None = None
+    domain: str | None = None
+
+
+def nbd_uri(config: ReceiveConfig) -> str:
+    """The URI a hypervisor opens: nbd+unix:///?socket=PATH or nbd://HOST:PORT/."""
+    if config.socket_path is not None:
+        return f"nbd+unix:///?socket={config.socket_path}"
+    assert config.listen is not None
+    host, port = config.listen
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{port}/"
+
+
+def check_nbdkit() -> None:
+    try:
+        result = subprocess.run(
+            ["nbdkit", "--dump-plugin", "python"], capture_output=True, text=True, timeout=30
+        )
+    except FileNotFoundError:
+        raise UserError("nbdkit is not installed (Debian: apt install nbdkit)") from None
+    if result.returncode != 0:
+        raise UserError(
+            "nbdkit's python plugin is missing (Debian: apt install nbdkit-plugin-python)"
+        )
+
+
+def probe_source(uri: str, export_name: str | None) -> int:
+    """Connect once and return the source's size; UserError when it cannot be reached."""
+    import nbdsrv
+
+    async def probe() -> int:
+        with trio.fail_after(SOURCE_PROBE_TIMEOUT):
+            if export_name is None:
+                opened = nbdsrv.open_client(uri)
+            else:
+                opened = nbdsrv.open_client(uri, export_name=export_name)
+            async with opened as client:
+                return int(client.size)
+
+    try:
+        return trio.run(probe)
+    except trio.TooSlowError:
+        raise UserError(
+            f"source {uri} unreachable: no answer in {SOURCE_PROBE_TIMEOUT:.0f}s"
+        ) from None
+    except (OSError, nbdsrv.NBDError, ValueError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"source {uri} unreachable: {detail}") from None
+
+
+def prepare_dest(dest: Path, size: int) -> None:
+    """Create the sparse destination file, or check an existing one has the source's size."""
+    if dest.exists():
+        found = dest.stat().st_size
+        if found != size:
+            raise UserError(f"destination {dest} has {found} bytes, the source has {size}")
+        return
+    try:
+        with open(dest, "xb") as f:
+            f.truncate(size)
+    except OSError as exc:
+        raise UserError(f"cannot create {dest}: {exc.strerror}") from None
+
+
+def check_state(config: ReceiveConfig, size: int) -> None:
+    """Refuse a state directory that belongs to another disk (StateError, one line)."""
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {config.state_dir}: {exc.strerror}") from None
+    identity = MapIdentity(
+        disk_size=size,
+        chunk_size=config.chunk_size,
+        source_size=size,
+        export_name=config.export_name or "",
+        source_id=config.source_id or config.source,
+    )
+    BlockMap.open(config.state_dir, identity).close()
+
+
+def remove_stale_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise UserError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a stale socket nbdkit would not replace
+        return
+    finally:
+        probe.close()
+    raise UserError(f"socket {path} is in use by another server")
+
+
+def nbdkit_command(config: ReceiveConfig) -> list[str]:
+    command = ["nbdkit", "-f", "--exit-with-parent", "-t", str(config.threads)]
+    if config.socket_path is not None:
+        command += ["-U", str(config.socket_path)]
+    else:
+        assert config.listen is not None
+        host, port = config.listen
+        command += ["-i", host, "-p", str(port)]
+    command += ["python", str(PLUGIN_PATH)]
+    parameters = {
+        "source": config.source,
+        "dest": str(config.dest),
+        "state_dir": str(config.state_dir),
+        "chunk_size": str(config.chunk_size),
+        "wait_for_source": "1" if config.wait_for_source else "0",
+    }
+    if config.export_name is not None:
+        parameters["export_name"] = config.export_name
+    if config.source_id is not None:
+        parameters["source_id"] = config.source_id
+    if config.unreachable_timeout is not None:
+        parameters["unreachable_timeout"] = str(config.unreachable_timeout)
+    command += [f"{key}={value}" for key, value in parameters.items()]
+    return command
+
+
+def plugin_environment() -> dict[str, str]:
+    """The embedded interpreter needs the project and the venv's packages on its path."""
+    paths = [str(PROJECT_ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    existing = os.environ.get("PYTHONPATH")
+    if existing:
+        paths.append(existing)
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return environment
+
+
+def _accepts(uri: str) -> bool:
+    """Does the server at `uri` complete an NBD handshake?  (A bare connect would make nbdkit
+    log a broken handshake.)"""
+    import nbdsrv
+
+    async def probe() -> None:
+        with trio.fail_after(2.0):
+            async with nbdsrv.open_client(uri):
+                pass
+
+    try:
+        trio.run(probe)
+        return True
+    except (OSError, nbdsrv.NBDError, trio.TooSlowError):
+        return False
+
+
+def start_nbdkit(config: ReceiveConfig) -> subprocess.Popen[bytes]:
+    """Start nbdkit and wait until it accepts connections."""
+    process = subprocess.Popen(nbdkit_command(config), env=plugin_environment())
+    deadline = time.monotonic() + LISTEN_TIMEOUT
+    while not _accepts(nbd_uri(config)):
+        code = process.poll()
+        if code is not None:
+            raise UserError(f"nbdkit exited with status {code} before listening (see above)")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise UserError(f"nbdkit did not listen within {LISTEN_TIMEOUT:.0f}s")
+        time.sleep(0.02)
+    return process
+
+
+def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
+    """Check, start nbdkit, print the URI, serve until SIGINT/SIGTERM.  Returns the exit code."""
+    out = out or sys.stdout
+    check_chunk_size(config.chunk_size)
+    check_nbdkit()
+    size = probe_source(config.source, config.export_name)
+    prepare_dest(config.dest, size)
+    check_state(config, size)
+    if config.socket_path is not None:
+        remove_stale_socket(config.socket_path)
+    stopping: list[int] = []
+    process: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        process = start_nbdkit(config)
+        if stopping:
+            process.send_signal(signal.SIGTERM)
+        print(nbd_uri(config), file=out, flush=True)
+        while True:
+            try:
+                code = process.wait()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+    finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        return 0
+    if code != 0:
+        raise UserError(f"nbdkit exited with status {code}")
+    return 0
