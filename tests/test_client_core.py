@@ -817,3 +817,17 @@ async def test_shell_splits_requests_over_the_maximum_payload() -> None:
         assert server.requests_seen == 10
         extents = [e async for e in client.iter_extents(0, client.size)]
         assert extents == [nbdsrv.Extent(0, client.size, 0)]
+
+
+async def test_errors_of_the_body_and_of_connect_pass_through_unwrapped(tmp_path: object) -> None:
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(KeyError):  # not an ExceptionGroup from the client's own nursery
+            async with nbdsrv.open_client(URI, stream_factory=connect_to(server, nursery)):
+                raise KeyError("mine")
+    with pytest.raises(FileNotFoundError):
+        async with nbdsrv.open_client(f"{tmp_path}/no-such.sock"):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="invalid NBD URI"):
+        async with nbdsrv.open_client("nbd://host:bad/"):
+            pass  # pragma: no cover
