@@ -359,9 +359,9 @@ class Client:
         if self._closing:
             return
         self._closing = True
-        for connection in self._connections:
-            await connection.send_disconnect()
-        with trio.move_on_after(DISCONNECT_TIMEOUT):
+        with trio.move_on_after(DISCONNECT_TIMEOUT):  # a server that stopped reading: give up
+            for connection in self._connections:
+                await connection.send_disconnect()
             for connection in self._connections:
                 await connection.reader_done.wait()
         self._close_now()
