@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from nbdsrv import constants as k
 from nbdsrv import wire
 from nbdsrv.backend import FileBackend
 from nbdsrv.extent import Extent
-from nbdsrv.server import Export, Server
+from nbdsrv.server import Export, Server, serve_nbd
 
 SIZE = 1 << 20
 
@@ -234,3 +235,27 @@ async def test_file_backend_read_delay_hook_holds_reads(tmp_path: Path) -> None:
                 assert await client.reply({1: 512}) == (1, 0, b"d" * 512)
             assert trio.current_time() - start >= 0.3
             nursery.cancel_scope.cancel()
+
+
+async def test_tcp_connections_get_tcp_nodelay(backend: GatedMemoryBackend) -> None:
+    seen: list[int] = []
+
+    class RecordingServer(Server):
+        async def handle_stream(self, stream: trio.abc.Stream, peer: str = "client") -> None:
+            sock = stream.socket  # type: ignore[attr-defined]
+            seen.append(sock.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY))
+            await super().handle_stream(stream, peer)
+
+    server = RecordingServer([Export("", backend)])
+    async with trio.open_nursery() as nursery:
+        serving = await nursery.start(
+            partial(serve_nbd, [], listen=("127.0.0.1", 0), server=server)
+        )
+        host, port = serving.uris[0].removeprefix("nbd://").rstrip("/").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        client = RawClient(stream)
+        with trio.fail_after(10):
+            await client.handshake()
+        assert seen == [1]
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
