@@ -9,11 +9,17 @@ Per connection: the handshake runs under a timeout; then one reader task parses 
 sans-IO core and starts a handler task per request, so requests run concurrently and are answered
 out of order.  Backpressure: the reader stops reading while `max_in_flight` requests, or
 `max_bytes_in_flight` bytes of reads and writes, are being served.  A lock keeps the chunks of one
-reply together on the wire.  Backend calls block, so they run in worker threads
-(`trio.to_thread.run_sync` under one CapacityLimiter per server).  A READ is read with os.preadv
-straight into a pooled buffer and sent from it with sendmsg (reply header + memoryview, no copy).
-With structured replies a READ's holes are found with SEEK_DATA/SEEK_HOLE first: they go out as
-OFFSET_HOLE chunks and are never read nor sent.
+reply together on the wire.  Backend calls that may block run in worker threads
+(`trio.to_thread.run_sync` under one CapacityLimiter per server).
+
+The READ hot path, measured with bench/bench_server.py (a thread hop costs more than copying
+256 KiB from the page cache, and a small send on a Unix socket costs a wakeup of the reader):
+with structured replies the holes of the range are found first with SEEK_DATA/SEEK_HOLE and go
+out as OFFSET_HOLE chunks, never read nor sent; when the data is in the page cache (probed with
+RWF_NOWAIT) it goes from the file to the socket with os.sendfile; otherwise what is cached is
+read in the event loop with preadv(RWF_NOWAIT) into a pooled buffer, the rest in a worker
+thread, and the reply goes out with one writev (header + memoryview, no copy).  Sends use
+os.writev/os.sendfile on the non-blocking fd and wait with trio only when the socket is full.
 
 Failures stay per connection: a peer that breaks the protocol or vanishes loses its own connection
 with one log line (logger "nbdsrv.server"); a backend OSError becomes an NBD error reply with the
@@ -290,7 +296,7 @@ class Server:
                     return event
                 elif isinstance(event, core.HandshakeEnded):
                     await connection.send([conn.data_to_send()])
-                    log.info("%s: handshake ended: %s", connection.peer, event.reason)
+                    log.debug("%s: handshake ended: %s", connection.peer, event.reason)
                     return None
                 elif isinstance(event, core.TLSRequested):
                     # Issue 7 wraps the stream in TLS here and calls conn.tls_established().
