@@ -19,11 +19,11 @@ Failure: a dropped connection or a protocol violation fails EVERY pending reques
 ConnectionClosedError or RemoteProtocolError), and every later request; a pool fails as a whole.
 A server's error reply raises CommandError in the one caller; the connection stays usable.
 
-Cancellation: every await is cancellable.  A request cancelled while queued for the send lock was
-never sent.  The send itself is shielded (a half-sent frame would desync the stream; a socket
-write only blocks when the server stops reading, and then closing the connection ends it).  A
-request cancelled while waiting for its reply is abandoned: the core still parses its reply, and
-discards it instead of writing into the caller's buffer.
+Cancellation: every await is cancellable.  A request cancelled while queued for the send lock, or
+blocked before its first byte went out, was never sent.  One cancelled halfway through its frame
+(a large WRITE to a server that stopped reading) fails the connection, as a half-sent frame
+cannot be taken back.  A request cancelled while waiting for its reply is abandoned: the core
+still parses its reply, and discards it instead of writing into the caller's buffer.
 """
 
 from __future__ import annotations
@@ -236,7 +236,9 @@ class _Connection:
         return finished
 
     async def _send(self, header: bytes, payload: memoryview | None) -> None:
-        """Send one frame whole, shielded from cancellation (callers hold the send lock)."""
+        """Send one frame whole (callers hold the send lock).  Cancelled before its first byte
+        went out, nothing happened; cancelled halfway, the connection is failed (the stream
+        cannot be resynchronised).  Non-socket streams shield the send instead."""
         raw = self.raw
         if raw is None:
             with trio.CancelScope(shield=True):  # a half-sent frame cannot be taken back
@@ -249,13 +251,19 @@ class _Connection:
                     await self.stream.send_all(payload)
             return
         parts: list[bytes | memoryview] = [header] if payload is None else [header, payload]
+        started = False
         while parts:
             try:
                 sent = raw.sendmsg(parts) if len(parts) > 1 else raw.send(parts[0])
             except BlockingIOError:
-                with trio.CancelScope(shield=True):  # a half-sent frame cannot be taken back
-                    await trio.lowlevel.wait_writable(raw)
+                try:
+                    await trio.lowlevel.wait_writable(raw)  # the server is not reading
+                except BaseException:
+                    if started:  # a half-sent frame cannot be taken back: the stream is lost
+                        self.fail(ConnectionClosedError("a request was cancelled half-sent"))
+                    raise
                 continue
+            started = True
             while parts and sent >= len(parts[0]):  # drop what went out, keep the rest
                 sent -= len(parts[0])
                 parts.pop(0)
@@ -289,6 +297,11 @@ class _Connection:
                 if self.error is None:
                     self.fail(ConnectionClosedError(f"connection lost while sending: {exc}"))
                 raise waiter.error or _fresh(ConnectionClosedError("closed")) from None
+            except BaseException:  # cancelled
+                if self.error is None:  # nothing was sent: withdraw the request
+                    self.waiters.pop(cookie, None)
+                    self.core.forget(cookie)
+                raise
         finally:
             self.send_lock.release()
         return cookie, waiter

@@ -603,6 +603,7 @@ class FakeServer:
         self.close_after = -1  # close the connection instead of the Nth reply
         self.requests_seen = 0
         self.disconnected = False
+        self.stop_reading = False  # after the handshake, read nothing more (and never close)
 
     async def send(self, stream: trio.abc.Stream, data: bytes) -> None:
         if self.trickle:
@@ -651,6 +652,8 @@ class FakeServer:
                     )
                     break
             held: list[bytes] = []
+            if self.stop_reading:
+                await trio.sleep_forever()
             while True:
                 request = wire.parse_request_header(await need(28))
                 if request.command == k.Command.DISC:
@@ -706,18 +709,33 @@ def connect_to(
     return connect
 
 
+def socketpair_to(
+    server: FakeServer, nursery: trio.Nursery
+) -> Callable[[], Awaitable[trio.abc.Stream]]:
+    """Like connect_to, over a real socket pair: the client takes its non-blocking socket path."""
+
+    async def connect() -> trio.abc.Stream:
+        client_end, server_end = trio.socket.socketpair()
+        nursery.start_soon(server.serve, trio.SocketStream(server_end))
+        return trio.SocketStream(client_end)
+
+    return connect
+
+
+TRANSPORTS = {"memory": connect_to, "socketpair": socketpair_to}
 URI = "nbd+unix:///?socket=/nowhere"
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("structured", [True, False])
 async def test_shell_pipelines_requests_answered_in_reverse_one_byte_at_a_time(
-    structured: bool,
+    structured: bool, transport: str
 ) -> None:
     server = FakeServer(structured=structured, trickle=True)
     server.batch = 8
     async with (
         trio.open_nursery() as nursery,
-        nbdsrv.open_client(URI, stream_factory=connect_to(server, nursery)) as client,
+        nbdsrv.open_client(URI, stream_factory=TRANSPORTS[transport](server, nursery)) as client,
     ):
         assert client.structured_replies is structured
         content = random.Random(2).randbytes(client.size)
@@ -831,3 +849,16 @@ async def test_errors_of_the_body_and_of_connect_pass_through_unwrapped(tmp_path
     with pytest.raises(ValueError, match="invalid NBD URI"):
         async with nbdsrv.open_client("nbd://host:bad/"):
             pass  # pragma: no cover
+
+
+async def test_write_cancelled_halfway_fails_the_connection_instead_of_hanging() -> None:
+    server = FakeServer(size=64 << 20)
+    server.stop_reading = True
+    async with trio.open_nursery() as nursery:
+        async with nbdsrv.open_client(URI, stream_factory=socketpair_to(server, nursery)) as client:
+            with trio.move_on_after(0.5) as scope:
+                await client.pwrite(bytes(32 << 20), 0)  # far more than the socket buffers hold
+            assert scope.cancelled_caught
+            with pytest.raises(ConnectionClosedError, match="half-sent"):
+                await client.flush()
+        nursery.cancel_scope.cancel()  # the fake server sleeps forever
