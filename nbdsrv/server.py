@@ -296,7 +296,8 @@ class Server:
                     return event
                 elif isinstance(event, core.HandshakeEnded):
                     await connection.send([conn.data_to_send()])
-                    log.debug("%s: handshake ended: %s", connection.peer, event.reason)
+                    level = logging.WARNING if event.refused else logging.DEBUG
+                    log.log(level, "%s: handshake ended: %s", connection.peer, event.reason)
                     return None
                 elif isinstance(event, core.TLSRequested):
                     # Issue 7 wraps the stream in TLS here and calls conn.tls_established().

@@ -151,6 +151,7 @@ class HandshakeEnded:
     send the queued bytes, then close."""
 
     reason: str
+    refused: bool = False  # True when we closed (EXPORT_NAME we cannot serve), not the client
 
 
 @dataclass(frozen=True)
@@ -454,7 +455,7 @@ class ServerConnection:
         if spec is None:
             self._transition("close")
             why = "TLS is required" if tls_missing else f"no export named {name!r}"
-            return HandshakeEnded(f"NBD_OPT_EXPORT_NAME refused: {why}")
+            return HandshakeEnded(f"NBD_OPT_EXPORT_NAME refused: {why}", refused=True)
         neg = self._negotiated
         flags = spec.transmission_flags(neg.structured_replies)
         self._outgoing += wire.build_export_name_reply(spec.size, flags, neg.no_zeroes)

@@ -167,7 +167,7 @@ def test_export_name_of_unknown_export_ends_the_handshake() -> None:
     events = events_of(
         conn, wire.build_client_flags(FLAGS) + wire.build_option(k.Option.EXPORT_NAME, b"nosuch")
     )
-    assert isinstance(events[-1], core.HandshakeEnded)
+    assert isinstance(events[-1], core.HandshakeEnded) and events[-1].refused
     assert conn.data_to_send() == b""
     assert conn.state is core.State.CLOSED
 

@@ -197,6 +197,44 @@ def test_block_status_req_one_gives_exactly_one_extent(served: RunningServe) -> 
         handle.shutdown()
 
 
+def test_reads_over_simple_replies_and_with_df_return_the_right_bytes(
+    served: RunningServe, sparse_image: Path
+) -> None:
+    image = sparse_image.read_bytes()
+    runs = file_extents(sparse_image)
+    boundary = next(offset for offset, _, is_data in runs[1:] if not is_data)  # data -> hole
+    start, length = boundary - 65536, 131072  # half data, half hole
+    simple = nbd.NBD()
+    simple.set_request_structured_replies(False)
+    simple.connect_uri(served.uri)
+    structured = connect(served.uri)
+    try:
+        assert not simple.get_structured_replies_negotiated()
+        assert simple.pread(length, start) == image[start : start + length]
+        with pytest.raises(nbd.Error) as caught:
+            simple.pread(4096, IMAGE_SIZE)
+        assert errno_of(caught.value) == errno.EINVAL
+        assert simple.pread(512, 0) == image[:512]
+        assert structured.can_df()
+        chunks: list[tuple[int, int, int]] = []
+
+        def chunk(data: bytes, offset: int, status: int, error: list[int]) -> int:
+            chunks.append((offset, len(data), status))
+            return 0
+
+        got = structured.pread_structured(length, start, chunk, flags=nbd.CMD_FLAG_DF)
+        assert got == image[start : start + length]
+        assert chunks == [(start, length, nbd.READ_DATA)]  # one chunk, zeroes included
+        chunks.clear()
+        structured.pread_structured(length, start, chunk)
+        assert sorted(chunks) == [
+            (start, 65536, nbd.READ_DATA), (boundary, 65536, nbd.READ_HOLE)
+        ]
+    finally:
+        simple.shutdown()
+        structured.shutdown()
+
+
 def test_unknown_export_is_refused(served: RunningServe) -> None:
     handle = nbd.NBD()
     handle.set_export_name("nosuch")
