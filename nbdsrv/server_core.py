@@ -407,7 +407,8 @@ class ServerConnection:
         self._outgoing += wire.build_option_reply(option, reply_type, data)
 
     def _error(self, option: int, reply_type: int, message: str) -> OptionHandled:
-        self._reply(option, reply_type, message.encode()[:256])
+        text = message.encode("utf-8")[:256].decode("utf-8", "ignore")  # short, valid UTF-8
+        self._reply(option, reply_type, text.encode("utf-8"))
         self._transition("option_answered")
         return OptionHandled(_option_state(option), option, reply_type, message)
 

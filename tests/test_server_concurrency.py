@@ -259,3 +259,22 @@ async def test_tcp_connections_get_tcp_nodelay(backend: GatedMemoryBackend) -> N
         assert seen == [1]
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_client_is_dropped_after_the_handshake_timeout(
+    backend: GatedMemoryBackend, autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = Server([Export("", backend)], handshake_timeout=5)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_stream, "slow-client")
+        client = RawClient(client_stream)
+        await client.recv_exact(wire.SERVER_GREETING_SIZE)  # then say nothing
+        with trio.fail_after(60):
+            assert await client_stream.receive_some(1) == b""
+        assert trio.current_time() >= 5
+    assert server.statistics().connections_failed == 1
+    assert [r.message for r in caplog.records if r.name == "nbdsrv.server"] == [
+        "slow-client: handshake not finished in 5 s, closing"
+    ]
