@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 BAR_WIDTH = 20
+MAX_PATH_LABEL = 24
 # The engine rewrites the record at least every 5 s; a record older than this while its writer
 # is alive means the writer is stuck, which the operator should see.
 STALE_AFTER_SECONDS = 15.0
@@ -226,6 +227,8 @@ def domain_totals(views: Iterable[DiskView]) -> DomainTotal:
     eta: float | None
     if complete == len(views):
         eta = 0.0
+    elif len(views) == 1 and readable:
+        eta = readable[0].get("eta_seconds")
     elif present_rate > 0 and len(readable) == len(views):
         eta = (size - present) / present_rate
     else:
@@ -269,7 +272,7 @@ def _new_table() -> Table:
 
 def _disk_row(table: Table, view: DiskView, now: float) -> None:
     state = Text(display_state(view, now), style=_state_style(view))
-    label = f"  {view.disk}"
+    label = f"  {view.disk if view.domain is not None else _short_path(view.state_dir)}"
     if view.record is None:
         table.add_row(label, "", "", "", "", "", "", "", "", state)
         return
@@ -314,6 +317,13 @@ def _total_row(table: Table, views: list[DiskView]) -> None:
     )
 
 
+def _short_path(path: Path) -> str:
+    """A disk named only by its state directory: its last two parts (`web1/xvda`), cut from the
+    left to `MAX_PATH_LABEL` characters (the full path is in the notes and the JSON)."""
+    label = "/".join(part for part in path.parts[-2:] if part != "/") or str(path)
+    return label if len(label) <= MAX_PATH_LABEL else "…" + label[-(MAX_PATH_LABEL - 1) :]
+
+
 def _disk_name(view: DiskView) -> str:
     return f"{view.domain}/{view.disk}" if view.domain is not None else str(view.state_dir)
 
@@ -325,10 +335,12 @@ def render_progress(views: Sequence[DiskView], now: float) -> RenderableType:
         return Text("no disks to show")
     table = _new_table()
     for domain, group in _group_by_domain(views):
-        table.add_row(Text(domain if domain is not None else "(state directories)", style="bold"))
+        if domain is not None:
+            table.add_row(Text(domain, style="bold"))
         for view in group:
             _disk_row(table, view, now)
-        _total_row(table, group)
+        if domain is not None or len(group) > 1:
+            _total_row(table, group)
     notes = [
         Text.assemble((f"{_disk_name(view)}: ", "bold"), (note, _state_style(view)))
         for view in views
