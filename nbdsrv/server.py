@@ -91,11 +91,13 @@ class ServerStatistics:
 
 
 class _BufferPool:
-    """Reusable read buffers in power-of-two size classes (64 KiB up to 32 MiB)."""
+    """Reusable read buffers in power-of-two size classes (64 KiB up to 32 MiB); at most
+    `keep_bytes` are kept for reuse, the rest is left to the garbage collector."""
 
-    def __init__(self, keep_per_class: int = 16) -> None:
+    def __init__(self, keep_bytes: int = 64 * 1024 * 1024) -> None:
         self._free: dict[int, list[bytearray]] = {}
-        self._keep = keep_per_class
+        self._keep_bytes = keep_bytes
+        self._kept = 0
 
     @staticmethod
     def _class_of(size: int) -> int:
@@ -103,12 +105,16 @@ class _BufferPool:
 
     def get(self, size: int) -> bytearray:
         free = self._free.get(self._class_of(size))
-        return free.pop() if free else bytearray(self._class_of(size))
+        if free:
+            buffer = free.pop()
+            self._kept -= len(buffer)
+            return buffer
+        return bytearray(self._class_of(size))
 
     def put(self, buffer: bytearray) -> None:
-        free = self._free.setdefault(len(buffer), [])
-        if len(free) < self._keep:
-            free.append(buffer)
+        if self._kept + len(buffer) <= self._keep_bytes:
+            self._free.setdefault(len(buffer), []).append(buffer)
+            self._kept += len(buffer)
 
 
 class _ByteBudget:
