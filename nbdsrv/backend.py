@@ -42,7 +42,11 @@ _ZERO_CHUNK = 1 << 20
 
 
 class Backend(Protocol):
-    """A served disk.  All methods block; they raise OSError with an errno on failure."""
+    """A served disk.  All methods block; they raise OSError with an errno on failure.
+
+    Optional: `sendfile_source(offset, length) -> int | None`, a file descriptor the server may
+    os.sendfile the range from (FileBackend has it); backends without it are read into buffers.
+    """
 
     @property
     def size(self) -> int: ...
