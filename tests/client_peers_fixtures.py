@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +63,7 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def _run(
-    argv: Sequence[str], uri: str, ready: object, socket_path: str | None = None
+    argv: Sequence[str], uri: str, ready: Callable[[], bool], socket_path: str | None = None
 ) -> Iterator[Peer]:
     process = subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -71,7 +71,7 @@ def _run(
     peer = Peer(uri, process, socket_path)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
-        while not ready():  # type: ignore[operator]
+        while not ready():
             if process.poll() is not None:
                 output = process.stdout.read().decode(errors="replace") if process.stdout else ""
                 raise RuntimeError(f"{argv[0]} exited with {process.returncode}: {output[-2000:]}")
@@ -169,9 +169,9 @@ def nbdinfo_map(uri: str) -> list[tuple[int, int, int]]:
     return merge_extents((e["offset"], e["length"], e["type"]) for e in json.loads(out))
 
 
-def merge_extents(extents: object) -> list[tuple[int, int, int]]:
+def merge_extents(extents: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     merged: list[tuple[int, int, int]] = []
-    for offset, length, flags in extents:  # type: ignore[attr-defined]
+    for offset, length, flags in extents:
         if merged and merged[-1][2] == flags and merged[-1][0] + merged[-1][1] == offset:
             merged[-1] = (merged[-1][0], merged[-1][1] + length, flags)
         else:
