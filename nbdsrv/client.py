@@ -8,7 +8,7 @@
 How it works.  `open_client` connects (TCP or Unix socket, see nbdsrv.uri), runs the handshake
 (`ClientHandshake`), and starts one reader task per connection in a nursery it owns.  A request is
 built by the connection's `ClientTransmission` (which registers its cookie) and sent under a send
-lock, so frames never interleave; the caller then waits on its own trio.Event.  The reader receives
+lock, so frames never interleave; the caller then waits on its own waiter.  The reader receives
 bytes (a READ's payload straight into the caller's buffer when the core says where it goes), feeds
 the core, and sets the waiters of finished requests; replies may come in any order, and any number
 of requests may be in flight.  Requests longer than the server's maximum payload are split and
@@ -535,7 +535,8 @@ class Client:
         self._bytes_written += length
 
     async def flush(self) -> None:
-        """Make every write answered so far durable (on every connection, with CAN_MULTI_CONN)."""
+        """Make every write answered so far durable.  In a pool, one flush covers the writes of
+        every connection: that is what the server's CAN_MULTI_CONN promises."""
         await self._one(lambda core: core.request_flush())
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
