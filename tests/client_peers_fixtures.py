@@ -120,7 +120,7 @@ def run_qemu_nbd(directory: Path, image: Path, export: str = "disk") -> Iterator
     sock = str(directory / "qemu-nbd.sock")
     argv = [
         "qemu-nbd", "--persistent", "--shared=8", "-f", "raw", "-x", export, "-k", sock,
-        "--cache=none", "--aio=threads", str(image),
+        str(image),
     ]  # fmt: skip
     ready = lambda: _listening_unix(sock)  # noqa: E731
     with _run(argv, f"nbd+unix:///{export}?socket={sock}", ready, sock) as peer:
