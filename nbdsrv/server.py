@@ -156,6 +156,10 @@ class _Connection:
         self.budget = _ByteBudget(server.max_bytes_in_flight)
         self.broken: BaseException | None = None
         self.nursery: trio.Nursery | None = None
+        self.scope = trio.CancelScope()  # the whole connection (closed at once on shutdown)
+        self.read_scope: trio.CancelScope | None = None  # a receive in transmission
+        self.transmitting = False
+        self.draining = False  # server shutdown: read no more requests
 
     def fail(self, exc: BaseException) -> None:
         """A send failed: the stream is unusable; stop the reader and every handler."""
@@ -246,6 +250,9 @@ class Server:
         self.stats = ServerStatistics()
         self._io_limiter = trio.CapacityLimiter(io_threads)
         self._buffers = _BufferPool()
+        self._connections: set[_Connection] = set()
+        self._idle = trio.lowlevel.ParkingLot()
+        self._shutting_down = False
 
     def statistics(self) -> ServerStatistics:
         return self.stats
@@ -261,10 +268,15 @@ class Server:
         stats.connections_accepted += 1
         stats.connections_open += 1
         connection = _Connection(self, stream, peer)
+        self._connections.add(connection)
         try:
-            opened = await self._handshake(connection)
-            if opened is not None:
-                await self._transmission(connection, opened)
+            with connection.scope:
+                if self._shutting_down:
+                    return
+                opened = await self._handshake(connection)
+                if opened is not None:
+                    connection.transmitting = True
+                    await self._transmission(connection, opened)
         except ConnectionClosedError as exc:
             log.debug("%s: %s", peer, exc)
         except RemoteProtocolError as exc:
@@ -281,7 +293,26 @@ class Server:
             log.error("%s: internal error, closing: %r", peer, exc)
         finally:
             stats.connections_open -= 1
+            self._connections.discard(connection)
+            self._idle.unpark_all()
             await trio.aclose_forcefully(stream)
+
+    def begin_shutdown(self) -> None:
+        """Stop taking requests: connections in transmission stop reading, finish the requests
+        in flight and close (spec: "wait for inflight requests"); connections still in the
+        handshake, and new ones, are closed at once."""
+        self._shutting_down = True
+        for connection in list(self._connections):
+            connection.draining = True
+            if not connection.transmitting:
+                connection.scope.cancel()
+            elif connection.read_scope is not None:
+                connection.read_scope.cancel()
+
+    async def wait_idle(self) -> None:
+        """Wait until no connection is open (after begin_shutdown, until they have drained)."""
+        while self._connections:
+            await self._idle.park()
 
     async def _handshake(self, connection: _Connection) -> core.ExportOpened | None:
         conn, stream = connection.core, connection.stream
@@ -333,7 +364,11 @@ class Server:
             if event is core.NEED_DATA:
                 if connection.broken is not None:
                     raise connection.broken
-                conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                if connection.draining:
+                    return  # server shutdown: the nursery finishes the requests in flight
+                with trio.CancelScope() as connection.read_scope:
+                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                connection.read_scope = None
                 continue
             if isinstance(event, core.DisconnectRequested):
                 log.debug("%s: NBD_CMD_DISC", connection.peer)

@@ -6,7 +6,8 @@
 Each image is opened with `nbdsrv.backend.FileBackend` (read-only unless `writable`) and served by
 `nbdsrv.server.serve_nbd`.  When the listeners are up a ready line goes to stdout and is flushed:
 `ready <uri> [<uri> ...]`, one URI per listener, so scripts and tests can wait for it.  A signal
-stops the server; the Unix socket is removed, one log line sums up what was served (connections,
+stops the server: requests in flight are answered (for up to SHUTDOWN_GRACE seconds), the
+connections closed, the Unix socket removed, one log line sums up what was served (connections,
 requests, bytes sent) and the function returns normally.
 
 Problems an operator can fix (a missing image, a bad or busy address, two exports with one name,
@@ -37,6 +38,7 @@ from postcopy.errors import UserError
 
 log = logging.getLogger("postcopy.serve")
 READ_DELAY_VARIABLE = "POSTCOPY_SERVE_READ_DELAY"
+SHUTDOWN_GRACE = 5.0  # seconds the requests in flight get to finish after a signal
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ async def run_serve(
                     async for signum in signals:
                         log.info("%s received, stopping", signal.Signals(signum).name)
                         break
+                    serving.server.begin_shutdown()
+                    with trio.move_on_after(SHUTDOWN_GRACE):
+                        await serving.server.wait_idle()  # requests in flight are answered
                     nursery.cancel_scope.cancel()
                     stats = serving.server.statistics()
                     log.info(

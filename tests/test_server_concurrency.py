@@ -278,3 +278,35 @@ async def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     assert [r.message for r in caplog.records if r.name == "nbdsrv.server"] == [
         "slow-client: handshake not finished in 5 s, closing"
     ]
+
+
+async def test_shutdown_answers_requests_in_flight_then_closes(
+    backend: GatedMemoryBackend,
+) -> None:
+    backend.gated.add(0)
+    server = Server([Export("", backend)])
+    async with trio.open_nursery() as nursery:
+        busy = await connected(nursery, server)
+        idle = await connected(nursery, server)
+        handshaking_stream, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_stream, server_side, "handshaking")
+        handshaking = RawClient(handshaking_stream)
+        await busy.send(k.Command.READ, 0, 1024, cookie=1)
+        with trio.fail_after(10):
+            await handshaking.recv_exact(wire.SERVER_GREETING_SIZE)
+            while backend.reads_started < 1:
+                await trio.sleep(0.01)
+        server.begin_shutdown()
+        with trio.fail_after(10):
+            assert await idle.stream.receive_some(1) == b""  # idle: closed at once
+            while await handshaking_stream.receive_some(100):
+                pass  # closed without finishing the handshake
+        backend.release()
+        with trio.fail_after(10):
+            assert await busy.reply({1: 1024}) == (1, 0, bytes(backend.data[:1024]))
+            assert await busy.stream.receive_some(1) == b""
+            await server.wait_idle()
+        late_stream, late_server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_stream, late_server_side, "late")
+        with trio.fail_after(10):
+            assert await late_stream.receive_some(100) == b""  # refused while shutting down
