@@ -152,10 +152,12 @@ def run_nbd_server(directory: Path, image: Path, export: str = "disk") -> Iterat
 
 
 @contextlib.contextmanager
-def run_postcopy_serve(directory: Path, image: Path) -> Iterator[Peer]:
-    """Our own server: `postcopy serve --socket S IMG` (read-only, base:allocation)."""
+def run_postcopy_serve(directory: Path, image: Path, *, writable: bool = False) -> Iterator[Peer]:
+    """Our own server: `postcopy serve --socket S IMG` (read-only unless `writable`)."""
     sock = str(directory / "serve.sock")
     argv = [str(Path(sys.executable).parent / "postcopy"), "serve", "--socket", sock, str(image)]
+    if writable:
+        argv.insert(2, "--writable")
     ready = lambda: _listening_unix(sock)  # noqa: E731
     with _run(argv, f"nbd+unix:///?socket={sock}", ready, sock) as peer:
         yield peer

@@ -146,6 +146,28 @@ async def test_postcopy_serve_reads_map_and_refuses_writes(
     assert ours[0] == (0, 65536, 0)
 
 
+async def test_postcopy_serve_writable_writes_read_back(
+    sparse_image: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    image, content = sparse_image
+    expected = bytearray(content)
+    with run_postcopy_serve(tmp_path, image, writable=True) as peer:
+        async with nbdsrv.open_client(peer.uri) as client:
+            assert not client.read_only
+            data = os.urandom(3 * 4096)
+            await client.pwrite(data, 2 * MiB, fua=True)  # into a hole
+            expected[2 * MiB : 2 * MiB + len(data)] = data
+            await client.write_zeroes(0, 8192)
+            expected[0:8192] = bytes(8192)
+            await client.trim(MiB, 65536)
+            expected[MiB : MiB + 65536] = bytes(65536)
+            await client.flush()
+            assert await client.pread(0, client.size) == expected
+            ours = await _our_map(client)
+        assert ours == nbdinfo_map(peer.uri)
+    assert image.read_bytes() == expected
+
+
 async def test_nbdkit_without_structured_replies(tmp_path: Path) -> None:
     with run_nbdkit(tmp_path, ["pattern", "8M"], ["--no-sr"]) as peer:
         async with nbdsrv.open_client(peer.uri) as client:
