@@ -617,7 +617,10 @@ def test_watch_on_a_terminal_draws_advancing_bars_until_all_complete(
     ]  # fmt: skip
 
 
-def test_watch_on_a_terminal_stops_quietly_on_ctrl_c(tmp_path: Path, pty_process: Any) -> None:
+@pytest.mark.parametrize(("signal_number", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_watch_on_a_terminal_stops_quietly_on_ctrl_c_or_sigterm(
+    tmp_path: Path, pty_process: Any, signal_number: int, status: int
+) -> None:
     write_status(tmp_path, make_record())
     process, master = pty_process(
         [str(FETCH_PROGRESS), "--state-dir", str(tmp_path), "--watch"], terminal_env()
@@ -627,8 +630,10 @@ def test_watch_on_a_terminal_stops_quietly_on_ctrl_c(tmp_path: Path, pty_process
     while b"fetching" not in raw and time.monotonic() < deadline:
         raw += read_pty(master, 0.1)
     assert b"fetching" in raw
-    os.kill(process.pid, signal.SIGINT)
-    assert process.wait(timeout=10) == 130
+    assert b"\x1b[?25l" in raw  # the live display hides the cursor while it draws
+    os.kill(process.pid, signal_number)
+    assert process.wait(timeout=10) == status
     while chunk := read_pty(master, 0.2):
         raw += chunk
     assert b"Traceback" not in raw and b"KeyboardInterrupt" not in raw
+    assert raw.rstrip(b"\r\n").endswith(b"\x1b[?25h")  # ... and shows it again at the end

@@ -10,8 +10,10 @@ its writer's pid checked; `postcopy.progress_display` draws them as one rich tab
 rates, ETA, faults and latency, reconnects, state; a total row per domain).  A disk whose record
 cannot be read is an error row, not a crash.  `--watch` redraws the table in place
 (`rich.live.Live`, every `--interval` seconds, 0.25 by default) until every shown disk is
-complete, then exits 0; Ctrl-C exits 130 without a traceback.  `--json` prints the records for
-tools: for exactly one `--state-dir`, the record itself (one line); otherwise a list of
+complete, then exits 0; Ctrl-C exits 130 and SIGTERM 143, without a traceback and with the
+cursor shown again (when stdout is not a terminal, only the last table is printed).  `--json`
+prints the records for tools: for exactly one `--state-dir`, the record itself (one line);
+otherwise a list of
 `{"domain", "disk", "state_dir", "writer_running", "record"}` objects, with `"error"` in place of
 `"record"` for an unreadable disk.  With `--watch`, `--json` prints one such line per interval.
 
@@ -28,9 +30,12 @@ failed or its writer stopped before completion, 2 when a state directory is miss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,11 @@ EXIT_OK = 0
 EXIT_DISK_FAILED = 1
 EXIT_UNREADABLE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while watching: leave the terminal as it was (cursor shown), then exit."""
 
 
 @dataclass(frozen=True)
@@ -208,16 +218,36 @@ def _watch_json(targets: Sequence[DiskTarget], single: bool, interval: float) ->
         time.sleep(interval)
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While watching, SIGTERM unwinds like Ctrl-C so that `Live` restores the cursor."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _watch_display(targets: Sequence[DiskTarget], interval: float) -> int:
     console = _console()
     views = [read_view(target) for target in targets]
-    with Live(
-        render_progress(views, time.time()),
-        console=console,
-        auto_refresh=False,
-        redirect_stdout=False,
-        redirect_stderr=False,
-    ) as live:
+    with (
+        _sigterm_raises(),
+        Live(
+            render_progress(views, time.time()),
+            console=console,
+            auto_refresh=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        ) as live,
+    ):
         while not _all_complete(views):
             time.sleep(interval)
             views = [read_view(target) for target in targets]
@@ -256,3 +286,5 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK if single else exit_status(views)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except _Terminated:
+        return EXIT_TERMINATED
