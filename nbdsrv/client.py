@@ -152,11 +152,19 @@ def _fresh(error: NBDError) -> NBDError:
 class _Connection:
     """One socket: its transmission core, send lock, waiters and reader task.
 
-    On a socket, the reader and senders use a non-blocking duplicate of its descriptor with
+    On a socket, receives and sends use a non-blocking duplicate of its descriptor with
     trio.lowlevel.wait_readable/wait_writable: a receive or send that succeeds at once then costs
-    no trip through the scheduler (trio's own socket methods yield once per call, which doubled
-    the queue-depth-1 latency).  Any other trio Stream (memory streams in tests) goes through
-    receive_some/send_all."""
+    no trip through the scheduler (trio's own socket methods yield once per call).  Any other
+    trio Stream (memory streams in tests) goes through receive_some/send_all.
+
+    The receive role.  Exactly one task receives at a time, named by `receiver`:
+      "reader"  the reader task (the usual case, and always on non-socket streams);
+      "idle"    nobody: nothing is in flight, the reader is parked (set by the reader only);
+      "inline"  a caller whose request was the only one in flight when the connection was idle
+                receives its own reply (no hop through the reader task: the queue-depth-1 case).
+    Whoever gives the role up hands it to the reader if anything is still in flight (or a
+    disconnect awaits its EOF), else leaves the connection idle.  A server that dies while the
+    connection is idle is noticed by the next request."""
 
     def __init__(
         self, stream: trio.abc.Stream, core: ClientTransmission, on_failure: Callable[[], None]
@@ -173,6 +181,10 @@ class _Connection:
         self.reader_scope = trio.CancelScope()
         self.reader_done = trio.Event()
         self.disconnected = False
+        self.receiver = "reader"
+        self._reader_task: trio.lowlevel.Task | None = None  # set while the reader is parked
+        self._scratch = memoryview(bytearray(RECEIVE_SIZE))
+        self._header_space = self._scratch[:HEADER_RECEIVE]
         self._on_failure = on_failure
 
     def fail(self, error: NBDError) -> None:
@@ -189,48 +201,114 @@ class _Connection:
         if self.waiters.pop(cookie, None) is not None:
             self.core.abandon(cookie)
 
-    async def run_reader(self) -> None:
+    # -- the receive role ----------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self.core.in_flight or len(self.core.buffer) or self.disconnected)
+
+    def wake_reader(self) -> None:
+        """Give the receive role to the reader task (from "idle" or "inline")."""
+        self.receiver = "reader"
+        task, self._reader_task = self._reader_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def release_receiver(self) -> None:
+        """The inline receiver is done: hand over to the reader, or leave the connection idle."""
+        if self._has_work():
+            self.wake_reader()
+        else:
+            self.receiver = "idle"
+
+    async def _park_reader(self) -> None:
+        self._reader_task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._reader_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def receive_once(self) -> bool:
+        """Wait for bytes, feed them to the core and finish requests; True at a clean EOF."""
         core = self.core
         raw = self.raw
-        scratch = memoryview(bytearray(RECEIVE_SIZE))
-        header_space = scratch[:HEADER_RECEIVE]
-        busy_rounds = 0  # receives in a row that did not wait: yield now and then (fairness)
+        if raw is None:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            count = len(data)
+            if count:
+                core.receive_data(data)
+        else:
+            while True:
+                target = core.payload_target()
+                try:
+                    if target is None:  # see HEADER_RECEIVE
+                        target = self._scratch if len(core.buffer) else self._header_space
+                        count = raw.recv_into(target)
+                        if count:
+                            core.receive_data(target[:count])
+                    else:
+                        count = raw.recv_into(target)
+                        if count:
+                            core.payload_received(count)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(raw)
+        if not count:
+            core.receive_eof()  # raises ConnectionClosedError unless after NBD_CMD_DISC
+            return True
+        self._dispatch()
+        return False
+
+    async def receive_inline(self, cookie: int, waiter: _Waiter) -> list[Extent] | None:
+        """Receive until `waiter` is done, as the inline receiver (see the class docstring)."""
+        waited = False
+        try:
+            while not waiter.done:
+                waited = True
+                if await self.receive_once():
+                    break
+        except NBDError as exc:
+            self.fail(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.fail(ConnectionClosedError(f"connection lost: {exc}"))
+        except BaseException:  # cancelled: the reader takes over, the reply is discarded
+            if not waiter.done:
+                self.abandon(cookie)
+            if self.error is None:
+                self.release_receiver()
+            raise
+        else:
+            if self.error is None:
+                self.release_receiver()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waiter.done:  # a clean EOF cannot leave a request pending; belt and braces
+            self.fail(ConnectionClosedError("the connection is closed"))
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.extents
+
+    async def run_reader(self) -> None:
+        raw = self.raw
+        busy_rounds = 0  # receives in a row without parking: yield now and then (fairness)
         try:
             with self.reader_scope:
                 self._dispatch()  # bytes that arrived with the end of the handshake
                 while True:
                     if raw is not None:
-                        if not self.waiters and not len(core.buffer):
-                            # nothing expected but a request's reply or EOF: no receive attempt
-                            # before the socket is readable (one system call fewer per request)
-                            await trio.lowlevel.wait_readable(raw)
-                            busy_rounds = 0
-                        target = core.payload_target()
-                        try:
-                            if target is None:  # see HEADER_RECEIVE
-                                target = scratch if len(core.buffer) else header_space
-                                count = raw.recv_into(target)
-                                if count:
-                                    core.receive_data(target[:count])
-                            else:
-                                count = raw.recv_into(target)
-                                if count:
-                                    core.payload_received(count)
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_readable(raw)
+                        if self.receiver != "reader":
+                            await self._park_reader()
                             busy_rounds = 0
                             continue
-                    else:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
-                        count = len(data)
-                        if count:
-                            core.receive_data(data)
-                    if not count:
-                        core.receive_eof()  # raises ConnectionClosedError unless after DISC
+                        if not self._has_work():
+                            self.receiver = "idle"
+                            continue
+                    if await self.receive_once():
                         return
                     # Callers woken by _dispatch run when this task next waits; after a few
                     # receives in a row without waiting, yield so they can send more requests.
-                    busy_rounds += self._dispatch() + 1
+                    busy_rounds += 1
                     if busy_rounds >= 8:
                         busy_rounds = 0
                         await trio.lowlevel.checkpoint()
@@ -244,7 +322,7 @@ class _Connection:
                 self.error = ConnectionClosedError("the connection is closed")
                 self.fail(self.error)
             if raw is not None:
-                trio.lowlevel.notify_closing(raw)  # wakes a sender waiting for writability
+                trio.lowlevel.notify_closing(raw)  # wakes an inline receiver or a sender
                 raw.close()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
@@ -334,6 +412,8 @@ class _Connection:
         return cookie, waiter
 
     async def wait(self, cookie: int, waiter: _Waiter) -> list[Extent] | None:
+        if self.receiver == "idle":
+            self.wake_reader()
         try:
             await waiter.wait()
         except BaseException:
@@ -353,6 +433,8 @@ class _Connection:
             # the server may be gone already: nothing left to say goodbye to
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await self._send(header, None)
+            if self.receiver == "idle":
+                self.wake_reader()  # to see the server's EOF
 
 
 class Client:
@@ -442,6 +524,9 @@ class Client:
         cookie, waiter = await connection.submit(build, payload)
         self._requests += 1
         try:
+            if connection.receiver == "idle" and connection.core.in_flight == 1:
+                connection.receiver = "inline"  # the queue-depth-1 case: no reader hop
+                return await connection.receive_inline(cookie, waiter)
             return await connection.wait(cookie, waiter)
         except CommandError:
             self._command_errors += 1

@@ -247,6 +247,15 @@ async def test_server_killed_mid_read_fails_every_pending_request(
                 await client.pread(0, 512)
 
 
+async def test_server_killed_while_idle_fails_the_next_request(tmp_path: Path) -> None:
+    with run_nbdkit(tmp_path, ["memory", "1M"]) as peer:
+        async with nbdsrv.open_client(peer.uri) as client:
+            await client.pwrite(b"x" * 512, 0)
+            peer.kill()
+            with trio.fail_after(2), pytest.raises(ConnectionClosedError):
+                await client.pread(0, 512)
+
+
 async def test_cancelled_read_does_not_desync_or_touch_the_buffer(tmp_path: Path) -> None:
     with run_nbdkit(tmp_path, ["pattern", "16M", "rdelay=500ms"], ["--filter=delay"]) as peer:
         async with nbdsrv.open_client(peer.uri) as client:
