@@ -16,10 +16,11 @@ The READ hot path, measured with bench/bench_server.py (a thread hop costs more 
 256 KiB from the page cache, and a small send on a Unix socket costs a wakeup of the reader):
 with structured replies the holes of the range are found first with SEEK_DATA/SEEK_HOLE and go
 out as OFFSET_HOLE chunks, never read nor sent; when the data is in the page cache (probed with
-RWF_NOWAIT) it goes from the file to the socket with os.sendfile; otherwise what is cached is
-read in the event loop with preadv(RWF_NOWAIT) into a pooled buffer, the rest in a worker
-thread, and the reply goes out with one writev (header + memoryview, no copy).  Sends use
-os.writev/os.sendfile on the non-blocking fd and wait with trio only when the socket is full.
+RWF_NOWAIT) it goes from the file to the socket with os.sendfile; otherwise, for reads up to
+INLINE_READ_MAX, what is cached is read in the event loop with preadv(RWF_NOWAIT) into a pooled
+buffer and the rest (or all of a larger read) in a worker thread, and the reply goes out with
+one writev (header + memoryview, no copy).  Sends use os.writev/os.sendfile on the non-blocking
+fd and wait with trio only when the socket is full.
 
 Failures stay per connection: a peer that breaks the protocol or vanishes loses its own connection
 with one log line (logger "nbdsrv.server"); a backend OSError becomes an NBD error reply with the
@@ -51,6 +52,9 @@ log = logging.getLogger("nbdsrv.server")
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to reach transmission
 RECEIVE_SIZE = 256 * 1024
+# Reads up to this size copy cached data in the event loop; larger ones are faster in a worker
+# thread, where the copy can run on another core (measured: 1 MiB reads 1.1 vs 2.0 GiB/s).
+INLINE_READ_MAX = 256 * 1024
 _IOV_BATCH = 512  # buffers per sendmsg call (Linux IOV_MAX is 1024)
 _BUFFERED_COMMANDS = frozenset({k.Command.READ, k.Command.WRITE})  # count against the byte budget
 
@@ -516,7 +520,7 @@ class Server:
         missing: list[tuple[int, int]] = []
         for start, count in segments:
             part = view[start - offset : start - offset + count]
-            done = backend.read_cached(start, part)
+            done = backend.read_cached(start, part) if length <= INLINE_READ_MAX else 0
             if done < count:
                 missing.append((start + done, count - done))
         if missing:
