@@ -236,22 +236,25 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _watch_display(targets: Sequence[DiskTarget], interval: float) -> int:
-    console = _console()
     views = [read_view(target) for target in targets]
-    with (
-        _sigterm_raises(),
-        Live(
-            render_progress(views, time.time()),
-            console=console,
-            auto_refresh=False,
-            redirect_stdout=False,
-            redirect_stderr=False,
-        ) as live,
-    ):
-        while not _all_complete(views):
-            time.sleep(interval)
-            views = [read_view(target) for target in targets]
-            live.update(render_progress(views, time.time()), refresh=True)
+    live = Live(
+        render_progress(views, time.time()),
+        console=_console(),
+        auto_refresh=False,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    # Not `with live`: an interrupt inside `Live.__enter__` (its first draw, after it hid the
+    # cursor) would skip `__exit__`.  `stop()` is safe however far `start()` got.
+    with _sigterm_raises():
+        try:
+            live.start(refresh=True)
+            while not _all_complete(views):
+                time.sleep(interval)
+                views = [read_view(target) for target in targets]
+                live.update(render_progress(views, time.time()), refresh=True)
+        finally:
+            live.stop()
     return EXIT_OK
 
 
