@@ -321,8 +321,9 @@ def test_one_state_dir_plain_output_is_the_one_line_summary(
         (lambda d: d.mkdir(), "no status in {d}"),
         (lambda d: (d / "status.json").mkdir(parents=True), "cannot read {d}/status.json"),
         (lambda d: d.mkdir() or (d / "status.json").write_text("{"), "is not a valid status"),
+        (lambda d: d.mkdir() or (d / "status.json").write_bytes(b"\xff{}"), "is not a valid"),
     ],
-    ids=["missing", "no-record", "unreadable", "garbage"],
+    ids=["missing", "no-record", "unreadable", "garbage", "not-utf8"],
 )
 @pytest.mark.parametrize("extra", [[], ["--json"]], ids=["text", "json"])
 def test_unusable_state_dir_is_a_one_line_error(

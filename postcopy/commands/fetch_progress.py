@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -46,10 +47,10 @@ from rich.live import Live
 from postcopy.config import add_config_argument, load_config
 from postcopy.errors import UserError
 from postcopy.progress_display import DiskView, render_progress
-from postcopy.status import process_alive, read_status
+from postcopy.status import process_alive, read_status, status_path
 
 DEFAULT_INTERVAL = 0.25
-PLAIN_WIDTH = 120  # the table's width when stdout is not a terminal
+PLAIN_WIDTH = 120  # the table's width when stdout is not a terminal (unless $COLUMNS)
 
 EXIT_OK = 0
 EXIT_DISK_FAILED = 1
@@ -140,10 +141,18 @@ def resolve_targets(
     return targets
 
 
+def read_record(state_dir: Path) -> dict[str, Any]:
+    """`read_status`, with a record that is not UTF-8 also reported as a `UserError`."""
+    try:
+        return read_status(state_dir)
+    except UnicodeDecodeError:
+        raise UserError(f"{status_path(state_dir)} is not a valid status record") from None
+
+
 def read_view(target: DiskTarget) -> DiskView:
     """Read one disk's record; an unusable state directory becomes an error view."""
     try:
-        record = read_status(target.state_dir)
+        record = read_record(target.state_dir)
     except UserError as exc:
         return DiskView(target.domain, target.disk, target.state_dir, error=str(exc))
     except OSError as exc:
@@ -196,7 +205,7 @@ def one_line_summary(record: dict[str, Any]) -> str:
 
 def _console() -> Console:
     console = Console()
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console = Console(width=PLAIN_WIDTH)
     return console
 
@@ -263,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     single = len(state_dirs) == 1 and not args.domain
     record: dict[str, Any] = {}
     if single and not args.watch:
-        record = read_status(state_dirs[0])
+        record = read_record(state_dirs[0])
     elif single and not state_dirs[0].is_dir():
         # With --watch the record may not be written yet, but a mistyped directory must not
         # look like "waiting".
