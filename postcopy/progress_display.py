@@ -2,23 +2,26 @@
 
 How it works.  The command reads each disk's record (`postcopy.status.read_status`) and checks
 whether the process that wrote it still runs; it hands the results here as `DiskView`s.  This
-module does no I/O: `render_progress(views, now)` turns them into a `rich.table.Table` with one
-row per disk and, per domain, a total row.  A disk row has a `rich.progress_bar.ProgressBar`
-(rich draws it), the percentage present, bytes present/total in binary units, the source
-transfer rate, the ETA, guest faults with their p50/p99 latency, reconnects and the state.  A disk
-whose record could not be read is an error row whose state column carries the one-line reason.
+module does no I/O: `render_progress(views, now)` turns them into a `rich.table.Table`, grouped by
+domain (a bold domain line, its disks, then its total row), followed by one line of detail per
+disk that needs attention.  A disk row has a `rich.progress_bar.ProgressBar` (rich draws it), the
+percentage present (rounded down: 100.0% means every byte), bytes present/total in binary units,
+the source transfer rate, the ETA, guest faults, their p50/p99 latency, reconnects and a short
+state.  A disk whose record could not be read is an error row; its reason is the detail line.
+Disks named only by a state directory have no domain line and are labelled by their path.
 
-Displayed states (`display_state`):
+Short states in the rows (`display_state`), and what the detail line adds (`disk_note`):
 
     waiting for source       the engine waits for the source (or for `source-frozen`)
     fetching                 on-demand fetches and the drain are running
-    source unreachable 12s   the source has been down this long (guest reads of missing data
-                             fail after `unreachable_timeout_seconds`)
+    source unreachable 12s   the source has been down this long; detail: how long guest reads
+                             of missing data wait (`unreachable_timeout_seconds`), last error
     complete                 every chunk is present; the source is no longer needed
-    failed: REASON           the engine gave up (its `error`)
+    failed                   the engine gave up; detail: its `error`
     stopped                  the writer (`pid`) is gone before completion: nothing progresses
-    error: REASON            no usable record (missing or unreadable state directory)
+    error                    no usable record; detail: why (missing or unreadable state dir)
 
+A live writer whose record has not changed for `STALE_AFTER_SECONDS` also gets a detail line.
 `now` is the time the records are shown at; the unreachable time and the age of a stale record
 are computed from it and the record's `updated_at`, so rendering is repeatable in tests.
 """
@@ -39,14 +42,17 @@ from rich.text import Text
 from postcopy.units import format_size
 
 __all__ = [
+    "BAR_WIDTH",
     "STALE_AFTER_SECONDS",
     "DiskView",
     "DomainTotal",
+    "disk_note",
     "display_state",
     "domain_totals",
     "format_duration",
     "percent_present",
     "render_progress",
+    "source_down_seconds",
 ]
 
 BAR_WIDTH = 20
