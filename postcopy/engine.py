@@ -513,9 +513,13 @@ class Engine:
             if present:
                 self._read_local(part, start_byte)
             else:
-                await self._source_read(link, part, start_byte)
+                # whole chunks: sources may refuse reads not aligned to their block size
+                run_start = position << shift
+                whole = bytearray(min(run_end << shift, self.size) - run_start)
+                await self._source_read(link, memoryview(whole), run_start)
+                part[:] = memoryview(whole)[start_byte - run_start:stop_byte - run_start]
                 self.passthrough_reads += 1
-                self.transferred_bytes += len(part)
+                self.transferred_bytes += len(whole)
             position = run_end
 
     async def _source_read(self, link: SourceLink, part: memoryview, offset: int) -> None:
