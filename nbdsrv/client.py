@@ -21,9 +21,10 @@ A server's error reply raises CommandError in the one caller; the connection sta
 
 Cancellation: every await is cancellable.  A request cancelled while queued for the send lock, or
 blocked before its first byte went out, was never sent.  One cancelled halfway through its frame
-(a large WRITE to a server that stopped reading) fails the connection, as a half-sent frame
-cannot be taken back.  A request cancelled while waiting for its reply is abandoned: the core
-still parses its reply, and discards it instead of writing into the caller's buffer.
+(a large WRITE to a slow server) still sends the rest, as a half-sent frame cannot be taken back;
+if the server makes no progress for HALF_SENT_GRACE seconds, the connection is failed.  A
+request cancelled while waiting for its reply is abandoned: the core still parses its reply, and
+discards it instead of writing into the caller's buffer.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ RECEIVE_SIZE = 256 * 1024  # bytes asked of the socket per receive outside READ 
 # follows, the core then points the next receive straight into the caller's buffer (no copies).
 HEADER_RECEIVE = 28
 SMALL_WRITE = 64 * 1024  # a WRITE payload up to this size goes out in one send with its header
+HALF_SENT_GRACE = 1.0  # seconds without progress before a half-sent cancelled frame is given up
 DISCONNECT_TIMEOUT = 5.0  # seconds to wait for the server to close after NBD_CMD_DISC
 
 __all__ = ["Client", "ClientStatistics", "open_client"]
@@ -340,13 +342,17 @@ class _Connection:
             finished += 1
         return finished
 
-    async def _send(self, header: bytes, payload: memoryview | None) -> None:
-        """Send one frame whole (callers hold the send lock).  Cancelled before its first byte
-        went out, nothing happened; cancelled halfway, the connection is failed (the stream
-        cannot be resynchronised).  Non-socket streams shield the send instead."""
+    async def _send(self, header: bytes, payload: memoryview | None) -> BaseException | None:
+        """Send one frame whole (callers hold the send lock).
+
+        Cancelled before its first byte went out, the Cancelled is raised and nothing happened.
+        Cancelled halfway, the rest of the frame is still sent (a half-sent frame cannot be taken
+        back), shielded but giving up on the connection after HALF_SENT_GRACE seconds without
+        progress; the Cancelled is then returned for the caller to raise once the request is
+        accounted for.  Non-socket streams shield the whole send instead."""
         raw = self.raw
         if raw is None:
-            with trio.CancelScope(shield=True):  # a half-sent frame cannot be taken back
+            with trio.CancelScope(shield=True):
                 if payload is None:
                     await self.stream.send_all(header)
                 elif len(payload) <= SMALL_WRITE:
@@ -354,19 +360,30 @@ class _Connection:
                 else:
                     await self.stream.send_all(header)
                     await self.stream.send_all(payload)
-            return
+            return None
         parts: list[bytes | memoryview] = [header] if payload is None else [header, payload]
         started = False
+        deferred: BaseException | None = None
         while parts:
             try:
                 sent = raw.sendmsg(parts) if len(parts) > 1 else raw.send(parts[0])
             except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_writable(raw)  # the server is not reading
-                except BaseException:
-                    if started:  # a half-sent frame cannot be taken back: the stream is lost
-                        self.fail(ConnectionClosedError("a request was cancelled half-sent"))
-                    raise
+                if deferred is None:
+                    try:
+                        await trio.lowlevel.wait_writable(raw)  # the server reads slowly
+                    except BaseException as exc:
+                        if not started:
+                            raise
+                        if not isinstance(exc, trio.Cancelled):  # KeyboardInterrupt...
+                            self.fail(ConnectionClosedError("a request was interrupted half-sent"))
+                            raise
+                        deferred = exc
+                    continue
+                with trio.move_on_after(HALF_SENT_GRACE, shield=True) as grace:
+                    await trio.lowlevel.wait_writable(raw)
+                if grace.cancelled_caught:
+                    self.fail(ConnectionClosedError("a request was cancelled half-sent"))
+                    raise deferred from None
                 continue
             started = True
             while parts and sent >= len(parts[0]):  # drop what went out, keep the rest
@@ -374,6 +391,7 @@ class _Connection:
                 parts.pop(0)
             if parts and sent:
                 parts[0] = memoryview(parts[0])[sent:]
+        return deferred
 
     async def _acquire_send_lock(self) -> None:
         try:
@@ -397,16 +415,19 @@ class _Connection:
             waiter = _Waiter()
             self.waiters[cookie] = waiter
             try:
-                await self._send(header, payload)
+                deferred = await self._send(header, payload)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if self.error is None:
                     self.fail(ConnectionClosedError(f"connection lost while sending: {exc}"))
                 raise waiter.error or _fresh(ConnectionClosedError("closed")) from None
             except BaseException:  # cancelled
-                if self.error is None:  # nothing was sent: withdraw the request
+                if self.error is None:  # before its first byte: withdraw the request
                     self.waiters.pop(cookie, None)
                     self.core.forget(cookie)
                 raise
+            if deferred is not None:  # cancelled halfway, sent whole: its reply is not wanted
+                self.abandon(cookie)
+                raise deferred
         finally:
             self.send_lock.release()
         return cookie, waiter
@@ -432,7 +453,9 @@ class _Connection:
             header = self.core.request_disconnect()
             # the server may be gone already: nothing left to say goodbye to
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await self._send(header, None)
+                deferred = await self._send(header, None)
+                if deferred is not None:
+                    raise deferred
             if self.receiver == "idle":
                 self.wake_reader()  # to see the server's EOF
 
