@@ -872,6 +872,9 @@ async def test_errors_of_the_body_and_of_connect_pass_through_unwrapped(tmp_path
     with pytest.raises(ValueError, match="invalid NBD URI"):
         async with nbdsrv.open_client("nbd://host:bad/"):
             pass  # pragma: no cover
+    with pytest.raises(LocalProtocolError, match="TLS"):
+        async with nbdsrv.open_client("nbds+unix:///?socket=/x"):
+            pass  # pragma: no cover
 
 
 async def test_write_cancelled_halfway_fails_the_connection_instead_of_hanging() -> None:
