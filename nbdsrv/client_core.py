@@ -145,7 +145,9 @@ class ClientHandshake:
     # -- the table ------------------------------------------------------------------------------
 
     def _advance(self) -> None:
-        for _ in range(64):  # each pass consumes a frame or queues an option: bounded
+        # Bounded: a RECV transition consumes a frame of at least 16 bytes, and SEND states
+        # (at most one per option) always lead to a RECV state.
+        for _ in range(len(self.buffer) // 16 + 16):
             if self.state == "READY":
                 return
             next_state = _TRANSITIONS[self.state](self)
@@ -153,8 +155,7 @@ class ClientHandshake:
                 return
             self.state = next_state
             self.trace.append(next_state)
-        # 64 transitions without needing data cannot happen with the table below
-        raise LocalProtocolError("handshake state machine did not settle")
+        raise LocalProtocolError("handshake state machine did not settle")  # a bug in the table
 
     def _send_option(self, option: k.Option, data: bytes = b"") -> None:
         self._outgoing += wire.build_option(option, data)

@@ -964,3 +964,14 @@ async def test_random_concurrent_requests_with_cancellations_keep_every_answer_r
             assert stats.in_flight == 0
             assert await client.pread(0, 4096) == static[:4096]
     assert server.disconnected
+
+
+def test_many_info_replies_in_one_packet_are_all_consumed() -> None:
+    server = (
+        wire.build_server_greeting(FIXED | NO_ZEROES)
+        + reply(k.Option.STRUCTURED_REPLY, k.OptionReply.ERR_UNSUP)
+        + b"".join(info(wire.UnknownInfo(999, bytes(4))) for _ in range(500))
+        + info(wire.ExportInfo(4096, 1))
+        + reply(k.Option.GO, k.OptionReply.ACK)
+    )
+    assert handshake_with(server).result.size == 4096
