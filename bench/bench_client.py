@@ -6,7 +6,7 @@
    the way the destination's drain does (4 MiB requests, 8 in flight, reused buffers), side by
    side with `nbdcopy URI null:` (which also skips holes by block status).  MiB/s of the whole
    image and the ratio ours/nbdcopy (target >= 0.5).
-2. Latency: 64 KiB random reads at queue depth 1, median and p99, against fio's completion
+2. Latency: 64 KiB random reads at queue depth 1 for 5 s, median and p99, against fio's completion
    latency (`fio --ioengine=nbd --rw=randread --bs=64k --iodepth=1`, clat percentiles from its
    JSON output) on the same server (target: within 2x).
 Each figure is measured 3 times in alternation and the medians are reported (the machine is
@@ -35,7 +35,6 @@ IMAGE_SIZE = 1024 * MiB
 RUN = MiB  # data and holes alternate in runs of this size
 DRAIN_REQUEST = 4 * MiB
 DRAIN_IN_FLIGHT = 8
-LATENCY_READS = 3000
 LATENCY_BLOCK = 64 * 1024
 FIO_SECONDS = 5
 REPEATS = 3
@@ -102,13 +101,15 @@ def drain_with_nbdcopy(uri: str) -> float:
 
 
 async def latency_with_client(uri: str) -> list[float]:
-    """Microseconds per 64 KiB read at queue depth 1, random aligned offsets."""
+    """Microseconds per 64 KiB read at queue depth 1, random aligned offsets, for as long as
+    fio runs (so that both see the same share of the machine's noise)."""
     rng = random.Random(1)
     samples = []
     async with nbdsrv.open_client(uri) as client:
         buffer = memoryview(bytearray(LATENCY_BLOCK))
         blocks = client.size // LATENCY_BLOCK
-        for _ in range(LATENCY_READS):
+        deadline = time.monotonic() + FIO_SECONDS
+        while time.monotonic() < deadline:
             offset = rng.randrange(blocks) * LATENCY_BLOCK
             start = time.perf_counter_ns()
             await client.pread_into(buffer, offset)
