@@ -117,20 +117,39 @@ def prepare_dest(dest: Path, size: int) -> None:
         raise UserError(f"cannot create {dest}: {exc.strerror}") from None
 
 
-def check_state(config: ReceiveConfig, size: int) -> None:
-    """Refuse a state directory that belongs to another disk (StateError, one line)."""
-    try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {config.state_dir}: {exc.strerror}") from None
-    identity = MapIdentity(
+def map_identity(config: ReceiveConfig, size: int) -> MapIdentity:
+    """The identity the engine will give the block map (see postcopy.engine.Engine)."""
+    return MapIdentity(
         disk_size=size,
         chunk_size=config.chunk_size,
         source_size=size,
         export_name=config.export_name or "",
         source_id=config.source_id or config.source,
     )
-    BlockMap.open(config.state_dir, identity).close()
+
+
+def check_state(config: ReceiveConfig, size: int) -> None:
+    """Refuse a state directory that belongs to another disk (StateError, one line)."""
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {config.state_dir}: {exc.strerror}") from None
+    BlockMap.open(config.state_dir, map_identity(config, size)).close()
+
+
+def completed_size(config: ReceiveConfig) -> int | None:
+    """The disk size when the destination is already complete (else None)."""
+    if not config.dest.is_file() or not config.state_dir.is_dir():
+        return None
+    size = config.dest.stat().st_size
+    try:
+        block_map = BlockMap.open(config.state_dir, map_identity(config, size))
+    except UserError:
+        return None
+    try:
+        return size if block_map.is_complete else None
+    finally:
+        block_map.close()
 
 
 def remove_stale_socket(path: Path) -> None:
@@ -226,7 +245,13 @@ def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     check_chunk_size(config.chunk_size)
     check_nbdkit()
-    size = probe_source(config.source, config.export_name)
+    try:
+        size = probe_source(config.source, config.export_name)
+    except UserError:
+        local_size = completed_size(config)  # a complete disk needs no source
+        if local_size is None:
+            raise
+        size = local_size
     prepare_dest(config.dest, size)
     check_state(config, size)
     if config.socket_path is not None:

@@ -193,6 +193,12 @@ def test_fio_randrw_verifies_while_draining_and_untouched_regions_match(
     assert_equal_outside(receiver.dest, image, [(fio_offset, fio_size)])
     assert allocated_bytes(receiver.dest) <= data_bytes + fio_size + 4 * MiB
     assert allocated_bytes(receiver.dest) >= data_bytes - fio_size
+    # a complete disk is served again without its source
+    with running_receive(serve.export_uri("disk"), tmp_path) as again:
+        assert again.wait_complete()["transferred_bytes"] == 0
+        handle = connect(again.uri)
+        assert handle.pread(CHUNK, 0) == read_range(image, 0, CHUNK)
+        handle.shutdown()
 
 
 def test_guest_writes_during_slow_drain_are_never_lost(tmp_path: Path) -> None:
