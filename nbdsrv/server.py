@@ -25,7 +25,15 @@ fd and wait with trio only when the socket is full.
 Failures stay per connection: a peer that breaks the protocol or vanishes loses its own connection
 with one log line (logger "nbdsrv.server"); a backend OSError becomes an NBD error reply with the
 nearest errno; an unexpected exception in a handler is logged and answered EIO.  TCP sockets get
-TCP_NODELAY (trio's SocketStream sets it); Unix sockets are created mode 0600.
+TCP_NODELAY (trio's SocketStream sets it); Unix sockets are created mode 0600 (0660 with a group).
+
+TLS (`Server(tls=TLSMode.OPTIONAL or REQUIRED, ssl_context=...)`): when the core acknowledges
+NBD_OPT_STARTTLS, the ACK goes out in plaintext, the stream is wrapped in a
+`trio.SSLStream(server_side=True)` and the TLS handshake runs (under the handshake timeout); the
+core then restarts option haggling.  A failed TLS handshake (a client certificate from another
+CA, or none when peers are verified) is a protocol error: the connection is closed, no option is
+answered.  Under TLS every byte goes through the SSL stream: the sendfile and writev fast paths
+are off for that connection (its `socket` is None), plaintext connections keep them.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import errno
 import logging
 import os
 import socket as stdlib_socket
+import ssl
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -156,7 +165,7 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.peer = peer
-        self.core = core.ServerConnection(server.specs)
+        self.core = core.ServerConnection(server.specs, tls=server.tls)
         self.send_lock = trio.Lock()
         self.socket: Any = getattr(stream, "socket", None)
         if self.socket is not None and self.socket.family == trio.socket.AF_UNIX:
@@ -262,10 +271,16 @@ class Server:
         max_bytes_in_flight: int = 64 * 1024 * 1024,
         io_threads: int = 8,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        tls: core.TLSMode = core.TLSMode.OFF,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         names = [export.name for export in exports]
         if len(set(names)) != len(names):
             raise ValueError("two exports share one name")
+        if tls is not core.TLSMode.OFF and ssl_context is None:
+            raise ValueError(f"TLS mode {tls.value} needs an ssl_context")
+        self.tls = tls
+        self.ssl_context = ssl_context
         self.exports = {export.name: export for export in exports}
         self.specs = {export.name: export.spec() for export in exports}
         self.max_in_flight = max_in_flight
@@ -319,7 +334,7 @@ class Server:
             stats.connections_open -= 1
             self._connections.discard(connection)
             self._idle.unpark_all()
-            await trio.aclose_forcefully(stream)
+            await _close_stream(connection.stream, graceful=connection.broken is None)
 
     def begin_shutdown(self) -> None:
         """Stop taking requests: connections in transmission stop reading, finish the requests
@@ -361,11 +376,28 @@ class Server:
                     log.log(level, "%s: handshake ended: %s", connection.peer, event.reason)
                     return None
                 elif isinstance(event, core.TLSRequested):
-                    # Issue 7 wraps the stream in TLS here and calls conn.tls_established().
-                    raise RemoteProtocolError("STARTTLS accepted but TLS is not implemented")
+                    await connection.send([conn.data_to_send()])  # the ACK, in plaintext
+                    stream = await self._start_tls(connection)
+                    conn.tls_established()
+                    log.debug("%s: TLS established (%s)", connection.peer,
+                              getattr(stream, "version", lambda: "?")())
                 elif isinstance(event, core.OptionHandled):
                     log.debug("%s: %s -> %s %s", connection.peer, event.state,
                               _reply_name(event.reply_type), event.detail)
+
+    async def _start_tls(self, connection: _Connection) -> trio.SSLStream[trio.abc.Stream]:
+        """Wrap the connection's stream in TLS and run the TLS handshake."""
+        assert self.ssl_context is not None
+        tls_stream = trio.SSLStream(connection.stream, self.ssl_context, server_side=True)
+        connection.stream = tls_stream
+        connection.socket = None  # every byte through the SSL stream: no sendfile/writev
+        try:
+            await tls_stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            reason = getattr(cause, "reason", None) or cause or "connection lost"
+            raise RemoteProtocolError(f"TLS handshake failed: {reason}") from exc
+        return tls_stream
 
     async def _transmission(self, connection: _Connection, opened: core.ExportOpened) -> None:
         failure: Exception | None = None
@@ -595,6 +627,17 @@ class Server:
                 nursery.start_soon(self.handle_stream, stream, _peer_name(stream))
 
 
+async def _close_stream(stream: trio.abc.Stream, *, graceful: bool) -> None:
+    """Close a connection's stream; a healthy TLS stream first sends close_notify (the spec's
+    "close down the TLS session", bounded in time), everything else is closed at once."""
+    if graceful and isinstance(stream, trio.SSLStream):
+        with trio.move_on_after(1.0, shield=True):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.aclose()
+                return
+    await trio.aclose_forcefully(stream)
+
+
 def _peer_name(stream: trio.SocketStream) -> str:
     try:
         address = stream.socket.getpeername()
@@ -622,9 +665,15 @@ def _reply_name(reply_type: int) -> str:
 # -- listeners and the service entry point -----------------------------------------------------
 
 
-async def open_unix_listener(path: str, *, mode: int = 0o600) -> trio.SocketListener:
-    """Listen on a Unix socket at `path` (mode 0600).  A stale socket file left by a dead server is
-    replaced; a live one raises OSError(EADDRINUSE); any other file raises FileExistsError."""
+async def open_unix_listener(
+    path: str, *, mode: int | None = None, group: int | None = None
+) -> trio.SocketListener:
+    """Listen on a Unix socket at `path`: mode 0600, or with `group` (a gid) owned by that group
+    and mode 0660; the owner and mode are set before listen(), so nobody else can ever connect.
+    A stale socket file left by a dead server is replaced; a live one raises
+    OSError(EADDRINUSE); any other file raises FileExistsError."""
+    if mode is None:
+        mode = 0o600 if group is None else 0o660
     try:
         existing = os.lstat(path)
     except FileNotFoundError:
@@ -644,6 +693,8 @@ async def open_unix_listener(path: str, *, mode: int = 0o600) -> trio.SocketList
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:
         await sock.bind(path)
+        if group is not None:
+            os.chown(path, -1, group)
         os.chmod(path, mode)  # before listen(): nobody can connect in between
         sock.listen(128)
     except BaseException:
@@ -671,15 +722,16 @@ async def open_tcp_listener(host: str, port: int) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-def listener_uri(listener: trio.SocketListener, export_name: str = "") -> str:
-    """The NBD URI (nbd:// or nbd+unix://) that reaches `listener`."""
+def listener_uri(listener: trio.SocketListener, export_name: str = "", *, tls: bool = False) -> str:
+    """The NBD URI (nbd:// or nbd+unix://; nbds... with `tls`) that reaches `listener`."""
+    scheme = "nbds" if tls else "nbd"
     address = listener.socket.getsockname()
     if listener.socket.family == trio.socket.AF_UNIX:
-        return f"nbd+unix:///{export_name}?socket={address}"
+        return f"{scheme}+unix:///{export_name}?socket={address}"
     host = address[0]
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{address[1]}/{export_name}"
+    return f"{scheme}://{host}:{address[1]}/{export_name}"
 
 
 @dataclass(frozen=True)
@@ -695,21 +747,24 @@ async def serve_nbd(
     *,
     listen: tuple[str, int] | None = None,
     socket_path: str | None = None,
+    socket_group: int | None = None,
     server: Server | None = None,
     task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `exports` on a TCP address and/or a Unix socket until cancelled; the socket file
-    is removed on the way out.  `task_status.started()` receives a `Serving`."""
+    """Serve `exports` on a TCP address and/or a Unix socket (mode 0600, or 0660 owned by the
+    gid `socket_group`) until cancelled; the socket file is removed on the way out.
+    `task_status.started()` receives a `Serving`; its URIs are nbds:// when TLS is required."""
     if listen is None and socket_path is None:
         raise ValueError("serve_nbd needs listen= or socket_path=")
     server = server or Server(exports)
     listeners: list[trio.SocketListener] = []
     try:
         if socket_path is not None:
-            listeners.append(await open_unix_listener(socket_path))
+            listeners.append(await open_unix_listener(socket_path, group=socket_group))
         if listen is not None:
             listeners.append(await open_tcp_listener(*listen))
-        uris = [listener_uri(listener) for listener in listeners]
+        tls = server.tls is core.TLSMode.REQUIRED
+        uris = [listener_uri(listener, tls=tls) for listener in listeners]
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve_listeners, listeners)
             task_status.started(Serving(server, uris))

@@ -51,7 +51,8 @@ would let one client tie up the server.
 TLS (issue 7) has its seam here: with `tls=TLSMode.OFF` STARTTLS gets ERR_POLICY.  With OPTIONAL
 or REQUIRED the core acknowledges STARTTLS, emits `TLSRequested`, and waits until the shell has
 wrapped the stream and calls `tls_established()`; REQUIRED refuses every other option with
-ERR_TLS_REQD (and closes on EXPORT_NAME) until then.
+ERR_TLS_REQD (and closes on EXPORT_NAME) until then.  Once TLS is up, haggling restarts from
+scratch (options negotiated before STARTTLS are forgotten) and a second STARTTLS gets ERR_INVALID.
 """
 
 from __future__ import annotations
@@ -326,9 +327,15 @@ class ServerConnection:
         return out
 
     def tls_established(self) -> None:
-        """The shell has finished the TLS handshake after a TLSRequested event."""
+        """The shell has finished the TLS handshake after a TLSRequested event.  Option haggling
+        starts over: what was negotiated in plaintext (structured replies, meta contexts) is
+        forgotten, as a man in the middle may have chosen it; only the client flags stay."""
         self._transition("tls_established")
-        self._negotiated.tls_active = True
+        self._negotiated = _Negotiated(no_zeroes=self._negotiated.no_zeroes, tls_active=True)
+
+    @property
+    def tls_active(self) -> bool:
+        return self._negotiated.tls_active
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA.  Raises RemoteProtocolError when the peer broke the

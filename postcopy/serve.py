@@ -10,8 +10,15 @@ stops the server: requests in flight are answered (for up to SHUTDOWN_GRACE seco
 connections closed, the Unix socket removed, one log line sums up what was served (connections,
 requests, bytes sent) and the function returns normally.
 
+Least exposure: exports are read-only unless `writable`; a Unix socket is mode 0600, or 0660 and
+owned by `socket_group`; TCP listens only on the address given; export names are matched exactly.
+TLS (`tls="on"` accepts STARTTLS, `"require"` refuses every option until it): `tls_cert` and
+`tls_key` are the server's PEM files, `tls_ca` the CA that client certificates must chain to when
+`tls_verify_peer` (then only hosts holding such a certificate can read the export).
+
 Problems an operator can fix (a missing image, a bad or busy address, two exports with one name,
-no export at all) raise `postcopy.errors.UserError` with a one-line message.
+no export at all, TLS files that are missing or do not match, an unknown group) raise
+`postcopy.errors.UserError` with a one-line message.
 
 Test hook: the environment variable POSTCOPY_SERVE_READ_DELAY (seconds, a float) delays every read
 (see `FileBackend.read_delay`).
@@ -20,6 +27,7 @@ Test hook: the environment variable POSTCOPY_SERVE_READ_DELAY (seconds, a float)
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import os
 import signal
@@ -33,12 +41,15 @@ from typing import TextIO
 import trio
 
 from nbdsrv.backend import FileBackend
-from nbdsrv.server import Export, Serving, serve_nbd
+from nbdsrv.server import Export, Server, Serving, serve_nbd
+from nbdsrv.server_core import TLSMode
+from nbdsrv.tls import TLSConfigError, server_ssl_context
 from postcopy.errors import UserError
 
 log = logging.getLogger("postcopy.serve")
 READ_DELAY_VARIABLE = "POSTCOPY_SERVE_READ_DELAY"
 SHUTDOWN_GRACE = 5.0  # seconds the requests in flight get to finish after a signal
+TLS_MODES = {"off": TLSMode.OFF, "on": TLSMode.OPTIONAL, "require": TLSMode.REQUIRED}
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,46 @@ class ServeConfig:
     writable: bool = False
     read_delay: float = 0.0
     ready_stream: TextIO | None = field(default=None, compare=False)
+    socket_group: str | None = None  # group name or gid: the Unix socket becomes 0660
+    tls: str = "off"  # off | on | require
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_verify_peer: bool = False
+
+
+def resolve_group(text: str) -> int:
+    """A group name or a numeric gid -> gid (UserError when no such group)."""
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        if text.isdigit():
+            return int(text)
+        raise UserError(f"no group named {text!r}") from None
+
+
+def make_server(config: ServeConfig, exports: Sequence[Export]) -> Server:
+    """The nbdsrv Server for `config` (its TLS mode and context); UserError on bad TLS options."""
+    mode = TLS_MODES.get(config.tls)
+    if mode is None:
+        raise UserError(f"--tls={config.tls}: expected off, on or require")
+    tls_files = config.tls_cert or config.tls_key or config.tls_ca or config.tls_verify_peer
+    if mode is TLSMode.OFF:
+        if tls_files:
+            raise UserError("TLS options given with --tls=off (use --tls=on or require)")
+        return Server(exports)
+    if not (config.tls_cert and config.tls_key):
+        raise UserError(f"--tls={config.tls} needs --tls-cert and --tls-key")
+    if config.tls_verify_peer and not config.tls_ca:
+        raise UserError("--tls-verify-peer needs --tls-ca (the CA client certificates chain to)")
+    try:
+        context = server_ssl_context(
+            config.tls_cert, config.tls_key, ca_file=config.tls_ca,
+            verify_peer=config.tls_verify_peer,
+        )
+    except TLSConfigError as exc:
+        raise UserError(str(exc)) from None
+    return Server(exports, tls=mode, ssl_context=context)
 
 
 def parse_export(text: str) -> tuple[str, str]:
@@ -91,6 +142,9 @@ async def run_serve(
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise UserError(f"two exports are named {duplicates[0]!r}")
+    if config.socket_group is not None and config.socket_path is None:
+        raise UserError("--socket-group needs --socket PATH")
+    gid = resolve_group(config.socket_group) if config.socket_group is not None else None
     with ExitStack() as stack:
         exports = []
         for name, path in config.exports:
@@ -101,12 +155,13 @@ async def run_serve(
                 raise UserError(f"cannot open {path}: {exc.strerror or exc}") from None
             stack.callback(backend.close)
             exports.append(Export(name, backend, description=os.path.basename(path)))
+        server = make_server(config, exports)
         listen_failure: OSError | None = None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 try:
                     serving: Serving = await nursery.start(
-                        _serve, exports, config.listen, config.socket_path
+                        _serve, server, config.listen, config.socket_path, gid
                     )
                 except OSError as exc:  # raised below, outside the nursery's exception group
                     listen_failure = exc
@@ -134,13 +189,17 @@ async def run_serve(
 
 
 async def _serve(
-    exports: list[Export],
+    server: Server,
     listen: tuple[str, int] | None,
     socket_path: str | None,
+    socket_group: int | None,
     *,
     task_status: trio.TaskStatus[Serving],
 ) -> None:
-    await serve_nbd(exports, listen=listen, socket_path=socket_path, task_status=task_status)
+    await serve_nbd(
+        list(server.exports.values()), listen=listen, socket_path=socket_path,
+        socket_group=socket_group, server=server, task_status=task_status,
+    )
 
 
 def _listen_error(config: ServeConfig, exc: OSError) -> str:

@@ -1,8 +1,12 @@
-"""`postcopy serve [--listen HOST:PORT] [--socket PATH] [--writable] EXPORT...`: run the NBD server.
+"""`postcopy serve [--listen HOST:PORT] [--socket PATH [--socket-group GROUP]] [--writable]
+[--tls=off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE] [--tls-verify-peer]]
+EXPORT...`: run the NBD server.
 
 EXPORT is `PATH` (served under the empty export name) or `NAME=PATH`.  Exports are read-only unless
-`--writable`.  Prints `ready <uri>...` on stdout once listening; runs until SIGINT/SIGTERM, then
-exits 0 and removes its Unix socket.
+`--writable`.  The Unix socket is mode 0600 (0660 owned by GROUP with --socket-group).  With
+`--tls=require` a client must STARTTLS before anything else; with `--tls-verify-peer` it must also
+present a certificate signed by `--tls-ca`.  Prints `ready <uri>...` on stdout once listening (nbds
+URIs under --tls=require); runs until SIGINT/SIGTERM, then exits 0 and removes its Unix socket.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser("serve", help="export disk images over NBD (the source side)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on")
     parser.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (mode 0600)")
+    parser.add_argument("--socket-group", metavar="GROUP",
+                        help="group that may connect to the Unix socket (mode 0660, not 0600)")
     parser.add_argument("--writable", action="store_true", help="allow clients to write")
+    parser.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                        help="NBD STARTTLS: off (default), on (offered), require (nothing without)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate for client certificates")
+    parser.add_argument("--tls-verify-peer", action="store_true",
+                        help="require a client certificate signed by --tls-ca")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every connection")
     parser.add_argument("exports", nargs="*", metavar="EXPORT", help="PATH or NAME=PATH")
     parser.set_defaults(func=run)
@@ -46,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         socket_path=args.socket,
         writable=args.writable,
         read_delay=read_delay_from_environment(),
+        socket_group=args.socket_group,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        tls_verify_peer=args.tls_verify_peer,
     )
     try:
         trio.run(run_serve, config)

@@ -1,0 +1,386 @@
+"""NBD over TLS (issue 7): `postcopy serve --tls=...` against libnbd (nbdinfo, nbdcopy) and
+qemu-img, our client against nbdkit --tls=require, refusals (plaintext under require, client
+certificates from another CA or none when peers are verified), and the core's STARTTLS rules.
+
+The session's throwaway PKI is made with trustme: one CA that signs the server's certificate
+(localhost, 127.0.0.1) and Host B's client certificate, and a rogue CA that signs a client
+certificate the server must refuse.  The PEM files are laid out in directories the way each peer
+wants them: nbdkit `--tls-certificates DIR` reads ca-cert.pem, server-cert.pem, server-key.pem;
+qemu `tls-creds-x509,dir=DIR,endpoint=client` and libnbd `tls-certificates=DIR` read ca-cert.pem
+and (when present) client-cert.pem, client-key.pem.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbd
+import pytest
+import trustme
+from peers import files_identical, running_serve, serve_command, sparse_test_image
+
+from nbdsrv import constants as k
+from nbdsrv import server_core as core
+from nbdsrv import wire
+
+TOOL_TIMEOUT = 60
+IMAGE_SIZE = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PKI:
+    server_dir: Path  # ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)
+    client_dir: Path  # ca-cert.pem, client-cert.pem, client-key.pem (Host B, trusted)
+    rogue_client_dir: Path  # a client certificate signed by another CA (ca-cert.pem: both CAs)
+    no_cert_dir: Path  # ca-cert.pem only: trusts the server, has no certificate of its own
+    untrusting_dir: Path  # the rogue CA only: does not trust our server
+
+    def server_args(self, mode: str = "require", *, verify_peer: bool = True) -> list[str]:
+        args = [
+            f"--tls={mode}",
+            "--tls-cert", str(self.server_dir / "server-cert.pem"),
+            "--tls-key", str(self.server_dir / "server-key.pem"),
+            "--tls-ca", str(self.server_dir / "ca-cert.pem"),
+        ]
+        return [*args, "--tls-verify-peer"] if verify_peer else args
+
+
+def _write_client_dir(
+    path: Path, cas: list[trustme.CA], client: trustme.LeafCert | None
+) -> Path:
+    path.mkdir()
+    (path / "ca-cert.pem").write_bytes(b"".join(ca.cert_pem.bytes() for ca in cas))
+    if client is not None:
+        client.cert_chain_pems[0].write_to_path(str(path / "client-cert.pem"))
+        client.private_key_pem.write_to_path(str(path / "client-key.pem"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    base = tmp_path_factory.mktemp("pki")
+    ca, rogue_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    server_dir = base / "server"
+    server_dir.mkdir()
+    ca.cert_pem.write_to_path(str(server_dir / "ca-cert.pem"))
+    server.cert_chain_pems[0].write_to_path(str(server_dir / "server-cert.pem"))
+    server.private_key_pem.write_to_path(str(server_dir / "server-key.pem"))
+    for pem in server_dir.iterdir():
+        pem.chmod(0o600)
+    return PKI(
+        server_dir=server_dir,
+        client_dir=_write_client_dir(base / "client", [ca], ca.issue_cert("host-b.example")),
+        # trusts both CAs (qemu checks its own certificate against them before connecting)
+        rogue_client_dir=_write_client_dir(
+            base / "rogue", [ca, rogue_ca], rogue_ca.issue_cert("host-b.example")
+        ),
+        no_cert_dir=_write_client_dir(base / "nocert", [ca], None),
+        untrusting_dir=_write_client_dir(base / "untrusting", [rogue_ca], None),
+    )
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    sparse_test_image(path, IMAGE_SIZE, seed=7, min_run=64 * 1024, max_run=1024 * 1024)
+    return path
+
+
+def tls_uri(socket_path: str | None, cert_dir: Path, export: str = "") -> str:
+    return f"nbds+unix:///{export}?socket={socket_path}&tls-certificates={cert_dir}"
+
+
+def qemu_tls_args(socket_path: str | None, cert_dir: Path) -> list[str]:
+    """qemu-img arguments opening our Unix socket export "" over TLS with the PEM files in
+    `cert_dir` (qemu checks the server's certificate against the host name given here)."""
+    return [
+        "--object", f"tls-creds-x509,id=tls0,dir={cert_dir},endpoint=client",
+        "--image-opts",
+        f"driver=nbd,server.type=unix,server.path={socket_path},export=,tls-creds=tls0,"
+        "tls-hostname=localhost",
+    ]
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+
+
+def served_requests(log: str) -> int:
+    """The request count from `postcopy serve`'s closing summary line."""
+    line = next(line for line in log.splitlines() if "served " in line and " requests" in line)
+    return int(line.split("connections, ")[1].split(" requests")[0])
+
+
+# -- the sans-IO core's STARTTLS rules ----------------------------------------------------------
+
+CLIENT_FLAGS = int(k.ClientFlag.FIXED_NEWSTYLE | k.ClientFlag.NO_ZEROES)
+EXPORTS = {"": core.ExportSpec("", size=1 << 20)}
+
+
+def core_events(conn: core.ServerConnection, data: bytes) -> list[object]:
+    conn.receive_data(data)
+    events: list[object] = []
+    for _ in range(100):
+        event = conn.next_event()
+        if event is core.NEED_DATA:
+            break
+        events.append(event)
+        if isinstance(event, core.TLSRequested | core.ExportOpened | core.HandshakeEnded):
+            break
+    return events
+
+
+def reply_types(data: bytes) -> list[int]:
+    types = []
+    while data:
+        header = wire.parse_option_reply_header(data[: wire.OPTION_REPLY_HEADER_SIZE])
+        types.append(header.reply_type)
+        data = data[wire.OPTION_REPLY_HEADER_SIZE + header.length :]
+    return types
+
+
+def go_option(name: str = "") -> bytes:
+    return wire.build_option(k.Option.GO, wire.build_info_request(wire.InfoRequest(name)))
+
+
+@pytest.mark.parametrize("mode", [core.TLSMode.OPTIONAL, core.TLSMode.REQUIRED])
+def test_options_negotiated_before_starttls_are_forgotten(mode: core.TLSMode) -> None:
+    conn = core.ServerConnection(EXPORTS, tls=mode)
+    conn.data_to_send()
+    meta = wire.build_meta_context_request(wire.MetaContextRequest("", (k.BASE_ALLOCATION,)))
+    plaintext = (
+        wire.build_client_flags(CLIENT_FLAGS)
+        + wire.build_option(k.Option.STRUCTURED_REPLY)
+        + wire.build_option(k.Option.SET_META_CONTEXT, meta)
+    )
+    core_events(conn, plaintext)
+    core_events(conn, wire.build_option(k.Option.STARTTLS))
+    conn.data_to_send()
+    conn.tls_established()
+    assert conn.tls_active
+    events = core_events(conn, go_option())
+    opened = events[-1]
+    assert isinstance(opened, core.ExportOpened)
+    assert not opened.structured_replies and not opened.block_status
+
+
+def test_second_starttls_is_err_invalid_and_haggling_goes_on() -> None:
+    conn = core.ServerConnection(EXPORTS, tls=core.TLSMode.REQUIRED)
+    conn.data_to_send()
+    core_events(conn, wire.build_client_flags(CLIENT_FLAGS) + wire.build_option(k.Option.STARTTLS))
+    assert reply_types(conn.data_to_send()) == [k.OptionReply.ACK]
+    conn.tls_established()
+    core_events(conn, wire.build_option(k.Option.STARTTLS))
+    assert reply_types(conn.data_to_send()) == [k.OptionReply.ERR_INVALID]
+    assert isinstance(core_events(conn, go_option())[-1], core.ExportOpened)
+
+
+def test_required_tls_closes_on_export_name_and_answers_abort() -> None:
+    conn = core.ServerConnection(EXPORTS, tls=core.TLSMode.REQUIRED)
+    conn.data_to_send()
+    events = core_events(
+        conn, wire.build_client_flags(CLIENT_FLAGS) + wire.build_option(k.Option.EXPORT_NAME)
+    )
+    ended = events[-1]
+    assert isinstance(ended, core.HandshakeEnded) and ended.refused
+    assert conn.data_to_send() == b""  # no export size, no flags: nothing about the disk
+    aborting = core.ServerConnection(EXPORTS, tls=core.TLSMode.REQUIRED)
+    aborting.data_to_send()
+    events = core_events(
+        aborting, wire.build_client_flags(CLIENT_FLAGS) + wire.build_option(k.Option.ABORT)
+    )
+    assert isinstance(events[-1], core.HandshakeEnded)
+    assert reply_types(aborting.data_to_send()) == [k.OptionReply.ACK]
+
+
+def test_optional_tls_serves_plaintext_options() -> None:
+    conn = core.ServerConnection(EXPORTS, tls=core.TLSMode.OPTIONAL)
+    conn.data_to_send()
+    events = core_events(conn, wire.build_client_flags(CLIENT_FLAGS) + go_option())
+    assert isinstance(events[-1], core.ExportOpened)
+    assert not conn.tls_active
+
+
+# -- postcopy serve against real TLS clients ----------------------------------------------------
+
+
+def _receive_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
+def plaintext_probe(socket_path: str) -> tuple[list[int], bytes]:
+    """Speak plaintext NBD to a server: LIST, STRUCTURED_REPLY, INFO and GO, then EXPORT_NAME.
+    Returns the option reply types and every byte received after EXPORT_NAME (until EOF)."""
+    replies = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(socket_path)
+        wire.parse_server_greeting(_receive_exactly(sock, wire.SERVER_GREETING_SIZE))
+        sock.sendall(wire.build_client_flags(CLIENT_FLAGS))
+        info = wire.build_info_request(wire.InfoRequest(""))
+        options = [
+            (k.Option.LIST, b""),
+            (k.Option.STRUCTURED_REPLY, b""),
+            (k.Option.INFO, info),
+            (k.Option.GO, info),
+        ]
+        for option, data in options:
+            sock.sendall(wire.build_option(option, data))
+            header = wire.parse_option_reply_header(
+                _receive_exactly(sock, wire.OPTION_REPLY_HEADER_SIZE)
+            )
+            assert header.option == option
+            _receive_exactly(sock, header.length)
+            replies.append(header.reply_type)
+        sock.sendall(wire.build_option(k.Option.EXPORT_NAME, b""))
+        after = b""
+        for _ in range(100):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            after += chunk
+    return replies, after
+
+
+def test_nbdinfo_and_nbdcopy_read_our_tls_server_with_a_client_certificate(
+    pki: PKI, image: Path, tmp_path: Path
+) -> None:
+    with running_serve(image, extra_args=pki.server_args(), verbose=True) as serve:
+        assert serve.uri.startswith("nbds+unix://")
+        info = run_tool("nbdinfo", tls_uri(serve.socket_path, pki.client_dir))
+        assert info.returncode == 0, info.stderr
+        assert "with TLS" in info.stdout
+        assert f"export-size: {IMAGE_SIZE}" in info.stdout
+        copy = tmp_path / "copy.img"
+        result = run_tool("nbdcopy", tls_uri(serve.socket_path, pki.client_dir), str(copy))
+        assert result.returncode == 0, result.stderr
+        assert files_identical(image, copy)
+        handle = nbd.NBD()
+        handle.set_tls(nbd.TLS_REQUIRE)
+        handle.set_tls_certificates(str(pki.client_dir))
+        handle.connect_uri(f"nbds+unix:///?socket={serve.socket_path}")
+        assert handle.get_tls_negotiated()
+        assert handle.is_read_only()
+        data = image.read_bytes()
+        spans = [(0, 4096), (65536 * 3 + 512, 300_032), (IMAGE_SIZE - (2 << 20), 2 << 20)]
+        for offset, length in spans:
+            assert handle.pread(length, offset) == data[offset : offset + length]
+        handle.shutdown()
+        assert "TLS established" in serve.log()
+
+
+def test_qemu_img_reads_our_tls_server_with_tls_creds_x509(
+    pki: PKI, image: Path, tmp_path: Path
+) -> None:
+    with running_serve(image, extra_args=pki.server_args()) as serve:
+        tls_args = qemu_tls_args(serve.socket_path, pki.client_dir)
+        info = run_tool("qemu-img", "info", *tls_args)
+        assert info.returncode == 0, info.stderr
+        assert f"({IMAGE_SIZE} bytes)" in info.stdout
+        copy = tmp_path / "copy.img"
+        convert = run_tool("qemu-img", "convert", *tls_args, "-O", "raw", str(copy))
+        assert convert.returncode == 0, convert.stderr
+        assert files_identical(image, copy)
+
+
+def test_plaintext_clients_are_refused_under_require_and_get_no_data(
+    pki: PKI, image: Path
+) -> None:
+    with running_serve(image, extra_args=pki.server_args(), verbose=True) as serve:
+        assert serve.socket_path is not None
+        replies, after_export_name = plaintext_probe(serve.socket_path)
+        assert replies == [k.OptionReply.ERR_TLS_REQD] * 4
+        assert after_export_name == b""  # closed: no size, no flags, no data
+        plain_uri = f"nbd+unix:///?socket={serve.socket_path}"
+        info = run_tool("nbdinfo", plain_uri)
+        assert info.returncode != 0
+        assert "export-size" not in info.stdout
+        handle = nbd.NBD()
+        with pytest.raises(nbd.Error):
+            handle.connect_uri(plain_uri)
+        serve.process.terminate()
+        assert serve.process.wait(10) == 0
+        log = serve.log()
+    assert "ERR_TLS_REQD" in log
+    assert served_requests(log) == 0
+
+
+def test_optional_tls_serves_plaintext_and_tls_clients(pki: PKI, image: Path) -> None:
+    with running_serve(image, extra_args=pki.server_args("on", verify_peer=False)) as serve:
+        assert serve.uri.startswith("nbd+unix://")  # TLS is offered, not required
+        plain = run_tool("nbdinfo", serve.uri)
+        assert plain.returncode == 0, plain.stderr
+        assert "without TLS" in plain.stdout
+        secure = run_tool("nbdinfo", tls_uri(serve.socket_path, pki.no_cert_dir))
+        assert secure.returncode == 0, secure.stderr
+        assert "with TLS" in secure.stdout
+
+
+@pytest.mark.parametrize("client", ["rogue_client_dir", "no_cert_dir"])
+def test_client_without_a_certificate_from_our_ca_fails_the_tls_handshake(
+    pki: PKI, image: Path, client: str
+) -> None:
+    with running_serve(image, extra_args=pki.server_args()) as serve:
+        info = run_tool("nbdinfo", tls_uri(serve.socket_path, getattr(pki, client)))
+        assert info.returncode != 0
+        assert "export-size" not in info.stdout
+        qemu = run_tool("qemu-img", "info", *qemu_tls_args(serve.socket_path, getattr(pki, client)))
+        assert qemu.returncode != 0, qemu.stdout
+        # the trusted client still gets in: the refusals are about the certificates
+        ok = run_tool("nbdinfo", tls_uri(serve.socket_path, pki.client_dir))
+        assert ok.returncode == 0, ok.stderr
+        assert serve.log().count("TLS handshake failed") == 2  # nbdinfo's and qemu's
+
+
+def test_qemu_refuses_our_server_when_it_does_not_trust_the_ca(pki: PKI, image: Path) -> None:
+    # (libnbd 1.14 does not check the server's certificate on a Unix socket: it has no host
+    # name to check, so qemu, told the host name, is the peer that shows the server's side.)
+    with running_serve(image, extra_args=pki.server_args(verify_peer=False)) as serve:
+        qemu = run_tool("qemu-img", "info", *qemu_tls_args(serve.socket_path, pki.untrusting_dir))
+        assert qemu.returncode != 0
+        assert "virtual size" not in qemu.stdout
+        assert "certificate" in qemu.stderr.lower()
+        trusting = run_tool("qemu-img", "info", *qemu_tls_args(serve.socket_path, pki.no_cert_dir))
+        assert trusting.returncode == 0, trusting.stderr
+
+
+def serve_fails(*args: str) -> str:
+    result = subprocess.run(
+        [*serve_command(), "serve", *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_tls_option_mistakes_are_one_line_errors(pki: PKI, image: Path, tmp_path: Path) -> None:
+    sock = ["--socket", str(tmp_path / "s.sock")]
+    cert = str(pki.server_dir / "server-cert.pem")
+    key = str(pki.server_dir / "server-key.pem")
+    ca = str(pki.server_dir / "ca-cert.pem")
+    assert "--tls-cert" in serve_fails(*sock, "--tls=require", str(image))
+    assert "--tls-ca" in serve_fails(
+        *sock, "--tls=on", "--tls-cert", cert, "--tls-key", key, "--tls-verify-peer", str(image)
+    )
+    missing = str(tmp_path / "missing.pem")
+    assert "missing.pem" in serve_fails(
+        *sock, "--tls=require", "--tls-cert", missing, "--tls-key", key, str(image)
+    )
+    # a key that is not the certificate's: the CA certificate as the server certificate
+    assert "key" in serve_fails(
+        *sock, "--tls=require", "--tls-cert", ca, "--tls-key", key, str(image)
+    )
+    assert "--tls=off" in serve_fails(*sock, "--tls-cert", cert, "--tls-key", key, str(image))
+    assert not os.path.exists(tmp_path / "s.sock")
