@@ -13,7 +13,13 @@ not consumed yet):
     the server refuses what we cannot do without, RemoteProtocolError when it breaks the protocol.
 
     NEWSTYLE.RECV_GREETING ──fixed newstyle──► NEWSTYLE.OPT_STRUCTURED_REPLY.SEND
-                           └─plain newstyle──► NEWSTYLE.OPT_EXPORT_NAME.SEND
+                           ├─fixed, TLS wanted─► NEWSTYLE.OPT_STARTTLS.SEND
+                           └─plain newstyle──► NEWSTYLE.OPT_EXPORT_NAME.SEND (TLS "require": fail)
+    NEWSTYLE.OPT_STARTTLS.SEND ─► .RECV_REPLY ─ACK─► NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE
+                                              └error─► (tls="on") NEWSTYLE.OPT_STRUCTURED_REPLY.SEND
+                                                       (tls="require") NegotiationError
+    NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE  waits for the shell: it wraps the stream in TLS, runs the
+        TLS handshake and calls tls_established() ─► NEWSTYLE.OPT_STRUCTURED_REPLY.SEND (over TLS)
     NEWSTYLE.OPT_STRUCTURED_REPLY.SEND ─► .RECV_REPLY ─ACK─► NEWSTYLE.OPT_SET_META_CONTEXT.SEND
                                                       └error─► NEWSTYLE.OPT_GO.SEND (simple replies)
     NEWSTYLE.OPT_SET_META_CONTEXT.SEND ─► .RECV_REPLY ─ACK or error─► NEWSTYLE.OPT_GO.SEND
@@ -92,7 +98,14 @@ class ClientHandshake:
         structured_replies: bool = True,
         base_allocation: bool = True,
         buffer: ReceiveBuffer | None = None,
+        tls: str = "off",
     ) -> None:
+        """`tls`: "off" (never STARTTLS), "on" (STARTTLS first; plaintext if the server refuses
+        it) or "require" (STARTTLS first; a refusal is a NegotiationError: no plaintext)."""
+        if tls not in ("off", "on", "require"):
+            raise ValueError(f"tls must be off, on or require, not {tls!r}")
+        self.tls = tls
+        self.tls_active = False
         self.buffer = buffer if buffer is not None else ReceiveBuffer()
         self.state: _State = "NEWSTYLE.RECV_GREETING"
         self.trace: list[_State] = [self.state]  # every state visited, for logs and tests
@@ -116,6 +129,21 @@ class ClientHandshake:
     @property
     def done(self) -> bool:
         return self._result is not None
+
+    @property
+    def tls_requested(self) -> bool:
+        """The server acknowledged STARTTLS: the shell must now wrap the stream in TLS (nothing
+        more may be sent or received in plaintext) and call tls_established()."""
+        return self.state == "NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE"
+
+    def tls_established(self) -> None:
+        """The shell finished the TLS handshake: option haggling goes on over TLS."""
+        if not self.tls_requested:
+            raise LocalProtocolError(f"tls_established() in state {self.state}")
+        self.tls_active = True
+        self.state = self._after_tls()
+        self.trace.append(self.state)
+        self._advance()
 
     @property
     def result(self) -> NegotiatedExport:
@@ -195,10 +223,41 @@ class ClientHandshake:
             client_flags |= k.ClientFlag.NO_ZEROES
         self._outgoing += wire.build_client_flags(client_flags)
         if not self._fixed_newstyle:  # a plain newstyle server knows only NBD_OPT_EXPORT_NAME
+            if self.tls == "require":
+                raise NegotiationError("TLS is required but the server is not fixed newstyle")
             return "NEWSTYLE.OPT_EXPORT_NAME.SEND"
+        if self.tls != "off":
+            return "NEWSTYLE.OPT_STARTTLS.SEND"
+        return self._after_tls()
+
+    def _after_tls(self) -> _State:
         if self._want_structured:
             return "NEWSTYLE.OPT_STRUCTURED_REPLY.SEND"
         return "NEWSTYLE.OPT_GO.SEND"
+
+    def _send_starttls(self) -> _State:
+        self._send_option(k.Option.STARTTLS)
+        return "NEWSTYLE.OPT_STARTTLS.RECV_REPLY"
+
+    def _recv_starttls(self) -> _State | None:
+        reply = self._take_option_reply(k.Option.STARTTLS)
+        if reply is None:
+            return None
+        reply_type, data = reply
+        if reply_type == k.OptionReply.ACK:
+            if data:
+                raise RemoteProtocolError("NBD_REP_ACK with a payload")
+            if len(self.buffer):  # the TLS handshake starts with our ClientHello
+                raise RemoteProtocolError("plaintext bytes after the STARTTLS acknowledgement")
+            return "NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE"
+        if not k.is_option_error(reply_type):
+            raise RemoteProtocolError(f"reply type {reply_type} to NBD_OPT_STARTTLS")
+        if self.tls == "require":  # never carry on in plaintext (spec: downgrade attacks)
+            raise NegotiationError(_refusal("NBD_OPT_STARTTLS", reply_type, data), reply_type)
+        return self._after_tls()
+
+    def _wait_for_tls(self) -> None:
+        return None  # the shell calls tls_established()
 
     def _send_structured_reply(self) -> _State:
         self._send_option(k.Option.STRUCTURED_REPLY)
@@ -311,6 +370,9 @@ class ClientHandshake:
 
 _TRANSITIONS: dict[_State, _Handler] = {
     "NEWSTYLE.RECV_GREETING": ClientHandshake._recv_greeting,
+    "NEWSTYLE.OPT_STARTTLS.SEND": ClientHandshake._send_starttls,
+    "NEWSTYLE.OPT_STARTTLS.RECV_REPLY": ClientHandshake._recv_starttls,
+    "NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE": ClientHandshake._wait_for_tls,
     "NEWSTYLE.OPT_STRUCTURED_REPLY.SEND": ClientHandshake._send_structured_reply,
     "NEWSTYLE.OPT_STRUCTURED_REPLY.RECV_REPLY": ClientHandshake._recv_structured_reply,
     "NEWSTYLE.OPT_SET_META_CONTEXT.SEND": ClientHandshake._send_set_meta_context,
