@@ -19,6 +19,7 @@ fail.  Every process started here is terminated on the way out.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -59,6 +60,16 @@ def _tail(path: Path, size: int = 2000) -> str:
         return ""
 
 
+def _same_bytes(first: Path, second: Path, start: int, length: int) -> bool:
+    block = 4 << 20
+    with open(first, "rb") as a, open(second, "rb") as b:
+        for offset in range(start, start + length, block):
+            size = min(block, start + length - offset)
+            if os.pread(a.fileno(), size, offset) != os.pread(b.fileno(), size, offset):
+                return False
+    return True
+
+
 @contextmanager
 def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str]:
     """`postcopy serve` exporting `image` read-only on `socket`; yields the NBD URI."""
@@ -77,6 +88,32 @@ def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str
         yield f"nbd+unix:///?socket={socket}"
     finally:
         _terminate(process, "serve")
+
+
+@contextmanager
+def run_rate_limited_link(
+    source_socket: Path, link_socket: Path, rate: str, workdir: Path
+) -> Iterator[str]:
+    """A slower link between the hosts: nbdkit's nbd plugin relaying to `source_socket` through
+    its rate filter (`rate` in bits/s, e.g. "800M"); yields the relay's NBD URI.  The filter's
+    bucket holds 0.2 s of traffic (its default, 2 s, lets a small disk through in one burst)."""
+    log = workdir / "link.log"
+    link_socket.unlink(missing_ok=True)  # nbdkit does not remove a stale socket
+    command = [
+        "nbdkit", "-f", "-U", str(link_socket), "--filter=rate", "nbd",
+        f"socket={source_socket}", f"rate={rate}", "burstiness=0.2",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 15
+        while not link_socket.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nbdkit relay did not start:\n{_tail(log)}")
+            time.sleep(POLL_SECONDS)
+        yield f"nbd+unix:///?socket={link_socket}"
+    finally:
+        _terminate(process, "link")
 
 
 @dataclass
@@ -134,6 +171,7 @@ class ScenarioResult:
     passes_during_drain: int
     passes_after_complete: int
     final_status: dict[str, Any]
+    copied_regions_match: bool  # B's file equals A's over the pre-boot and zero regions
     errors: list[str] = field(default_factory=list)
     logs: str = ""
 
@@ -148,6 +186,7 @@ def check_scenario(result: ScenarioResult, min_passes_after_complete: int = 2) -
     assert result.failures == [], f"FAIL markers: {result.failures}\n{result.logs}"
     assert result.report is not None and result.report.status == "completed"
     assert result.final_status.get("state") == "complete", result.final_status
+    assert result.copied_regions_match, "B's disk differs from A's where the guest never wrote"
     assert result.passes_after_complete >= min_passes_after_complete
     assert all(m.ok for m in result.dest_markers)
     numbers = [m.pass_number for m in result.dest_markers]
@@ -163,7 +202,10 @@ def run_postcopy_scenario(
     stale_source: bool = False,
     passes_after_complete: int = 2,
     drain_timeout: float = 60.0,
+    link_rate: str | None = None,
 ) -> ScenarioResult:
+    """Run the scenario (see the module docs); `link_rate` puts a rate-limited relay between
+    the hosts (bits/s, nbdkit's rate filter) so that the drain lasts a while."""
     layout = layout or GuestLayout()
     image_a = workdir / "a.img"
     image_b = workdir / "b.img"
@@ -195,6 +237,12 @@ def run_postcopy_scenario(
             source_uri = stack.enter_context(
                 run_postcopy_serve(served, socket_dir / "A.sock", workdir)
             )
+            if link_rate is not None:
+                source_uri = stack.enter_context(
+                    run_rate_limited_link(
+                        socket_dir / "A.sock", socket_dir / "link.sock", link_rate, workdir
+                    )
+                )
             receive = stack.enter_context(
                 run_postcopy_receive(
                     source_uri, image_b, state_dir, socket_dir / "B.sock", workdir
@@ -239,12 +287,21 @@ def run_postcopy_scenario(
         errors.append(str(exc))
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
+    # Every process is gone: B's file must hold A's pre-boot data and zeros where A has them.
+    copied_regions_match = False
+    if final_status.get("state") == "complete":
+        preboot = layout.preboot_byte_range()
+        zero = (layout.zero_kib[0] * 1024, layout.zero_kib[1] * 1024)
+        copied_regions_match = all(
+            _same_bytes(image_a, image_b, start, length) for start, length in (preboot, zero)
+        )
     logs = "\n".join(
         [
             source.console_tail() if source else "",
             dest.console_tail() if dest else "",
             f"--- receive ---\n{_tail(receive.log) if receive else ''}",
             f"--- serve ---\n{_tail(workdir / 'serve.log')}",
+            f"--- link ---\n{_tail(workdir / 'link.log')}",
         ]
     )
     return ScenarioResult(
@@ -259,14 +316,20 @@ def run_postcopy_scenario(
         passes_during_drain=during,
         passes_after_complete=after,
         final_status=final_status,
+        copied_regions_match=copied_regions_match,
         errors=errors,
         logs=logs,
     )
 
 
-def measure_postcopy_run(boot_files: GuestBootFiles, workdir: Path) -> dict[str, float]:
+def measure_postcopy_run(
+    boot_files: GuestBootFiles,
+    workdir: Path,
+    layout: GuestLayout | None = None,
+    link_rate: str | None = None,
+) -> dict[str, float]:
     """One scenario run for `tests.guest.measure --mode postcopy`."""
-    result = run_postcopy_scenario(boot_files, workdir)
+    result = run_postcopy_scenario(boot_files, workdir, layout, link_rate=link_rate)
     check_scenario(result)
     assert result.report is not None and result.drain_seconds is not None
     return {
