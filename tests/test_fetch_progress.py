@@ -455,6 +455,7 @@ def test_json_of_several_disks_is_a_list_with_records_and_errors(
     ]  # fmt: skip
 
 
+@pytest.mark.timeout(30)  # in-process: a watch that never ends must fail, not hang
 def test_watch_ends_with_status_0_when_everything_is_already_complete(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
