@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from nbdsrv.errors import (
     RemoteProtocolError,
 )
 from nbdsrv.extent import Extent
+from nbdsrv.tls import client_ssl_context
 from nbdsrv.uri import NBDAddress, parse_nbd_uri
 
 RECEIVE_SIZE = 256 * 1024  # bytes asked of the socket per receive outside READ payloads
@@ -728,35 +730,76 @@ async def _connect(address: NBDAddress) -> trio.abc.Stream:
     return stream
 
 
+@dataclass(frozen=True)
+class _TLSSettings:
+    """How a connection does STARTTLS: mode "off", "on" or "require" (see ClientHandshake)."""
+
+    mode: str = "off"
+    context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+
+async def _start_tls(stream: trio.abc.Stream, tls: _TLSSettings) -> trio.abc.Stream:
+    """Wrap `stream` in TLS after the server acknowledged STARTTLS and run the TLS handshake; a
+    failed one (the server's certificate does not verify, the server wants a client certificate
+    we lack) is a NegotiationError."""
+    assert tls.context is not None
+    tls_stream = trio.SSLStream(stream, tls.context, server_hostname=tls.server_hostname)
+    try:
+        await tls_stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+        raise NegotiationError(f"TLS handshake failed: {reason or cause or exc}") from exc
+    return tls_stream
+
+
 async def _handshake(
-    stream: trio.abc.Stream, export_name: str
-) -> tuple[NegotiatedExport, ReceiveBuffer]:
+    stream: trio.abc.Stream, export_name: str, tls: _TLSSettings = _TLSSettings()
+) -> tuple[NegotiatedExport, ReceiveBuffer, trio.abc.Stream]:
+    """Option haggling; returns the export, the bytes received past it and the stream to use
+    from now on (a TLS stream after STARTTLS)."""
     buffer = ReceiveBuffer()
-    handshake = ClientHandshake(export_name, buffer=buffer)
-    for _ in range(10_000):  # bounded: each round trip makes progress or the server closes
-        if handshake.done:
-            break
-        data = await stream.receive_some(65536)
-        if not data:
-            handshake.receive_eof()
-        handshake.receive_data(data)
-        outgoing = handshake.data_to_send()
-        if outgoing:
-            await stream.send_all(outgoing)
-    else:
-        raise RemoteProtocolError("handshake did not finish")
-    return handshake.result, buffer
+    handshake = ClientHandshake(export_name, buffer=buffer, tls=tls.mode)
+    try:
+        for _ in range(10_000):  # bounded: each round trip makes progress or the server closes
+            if handshake.done:
+                break
+            data = await stream.receive_some(65536)
+            if not data:
+                handshake.receive_eof()
+            handshake.receive_data(data)
+            if handshake.tls_requested:
+                stream = await _start_tls(stream, tls)
+                handshake.tls_established()
+            outgoing = handshake.data_to_send()
+            if outgoing:
+                await stream.send_all(outgoing)
+        else:
+            raise RemoteProtocolError("handshake did not finish")
+    except trio.BrokenResourceError as exc:
+        if not handshake.tls_active:
+            raise
+        # With TLS 1.3 a server that refuses our certificate says so after its side of the
+        # TLS handshake: as an alert on the first read.
+        cause = exc.__cause__
+        reason = getattr(cause, "reason", None) or cause or exc
+        raise NegotiationError(f"TLS session failed during the handshake: {reason}") from exc
+    return handshake.result, buffer, stream
 
 
 StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
 
 
 async def _open_connection(
-    address: NBDAddress, connect: StreamFactory, on_failure: Callable[[], None]
+    address: NBDAddress,
+    connect: StreamFactory,
+    on_failure: Callable[[], None],
+    tls: _TLSSettings = _TLSSettings(),
 ) -> tuple[_Connection, NegotiatedExport]:
     stream = await connect()
     try:
-        export, buffer = await _handshake(stream, address.export_name)
+        export, buffer, stream = await _handshake(stream, address.export_name, tls)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -771,6 +814,12 @@ async def open_client(
     export_name: str | None = None,
     connections: int = 1,
     stream_factory: StreamFactory | None = None,
+    tls: str | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    tls_hostname: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to an NBD export and yield a `Client`; disconnects on leaving.
 
@@ -778,12 +827,20 @@ async def open_client(
     (ValueError when malformed).  `export_name` overrides the URI's.  `connections` > 1 opens a
     pool when the server offers CAN_MULTI_CONN (else one connection is used).
     `stream_factory`, when given, makes each connection instead of connecting to the URI's
-    address (an async callable returning a connected trio Stream: tests, custom transports)."""
+    address (an async callable returning a connected trio Stream: tests, custom transports).
+
+    TLS: `tls` is "off", "on" (STARTTLS, plaintext if the server refuses it) or "require"
+    (STARTTLS or NegotiationError, never plaintext); by default "require" for nbds:// and
+    nbds+unix:// URIs, else "off".  The server's certificate must chain to `tls_ca` (PEM; the
+    system CAs when None) and name `tls_hostname` (default: the URI's host; a Unix socket has
+    none, so without `tls_hostname` only the chain is checked).  `tls_cert`/`tls_key` are the
+    client certificate for servers that verify peers.  `ssl_context` replaces all of these."""
     address = parse_nbd_uri(uri_or_path)
     if export_name is not None:
         address = dataclasses.replace(address, export_name=export_name)
-    if address.tls:
-        raise LocalProtocolError("TLS (nbds://) is not supported by this client yet")
+    tls_settings = _tls_settings(
+        address, tls, tls_ca, tls_cert, tls_key, tls_hostname, ssl_context
+    )
     if connections < 1:
         raise ValueError(f"connections must be at least 1, not {connections}")
     connect: StreamFactory = stream_factory or partial(_connect, address)
@@ -791,14 +848,16 @@ async def open_client(
         async with trio.open_nursery() as nursery:
             client: Client | None = None
             try:
-                first, export = await _open_connection(address, connect, lambda: None)
+                first, export = await _open_connection(
+                    address, connect, lambda: None, tls_settings
+                )
                 client = Client(address, export)
                 first._on_failure = client._on_connection_failure
                 client._add_connection(first, nursery)
                 if client.can_multi_conn:
                     for _ in range(connections - 1):
                         extra, other = await _open_connection(
-                            address, connect, client._on_connection_failure
+                            address, connect, client._on_connection_failure, tls_settings
                         )
                         client._add_connection(extra, nursery)
                         if other.size != export.size:
@@ -813,3 +872,31 @@ async def open_client(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def _tls_settings(
+    address: NBDAddress,
+    mode: str | None,
+    ca: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+    hostname: str | None,
+    context: ssl.SSLContext | None,
+) -> _TLSSettings:
+    if mode is None:
+        mode = "require" if address.tls else "off"
+    if mode not in ("off", "on", "require"):
+        raise ValueError(f"tls must be off, on or require, not {mode!r}")
+    if address.tls and mode != "require":
+        raise ValueError(f"an nbds URI requires TLS (tls={mode!r} given)")
+    if mode == "off":
+        if ca or cert or key or context:
+            raise ValueError("TLS files or context given with tls='off'")
+        return _TLSSettings()
+    if hostname is None and address.transport == "tcp":
+        hostname = address.host
+    if context is None:
+        context = client_ssl_context(
+            ca_file=ca, cert_file=cert, key_file=key, check_hostname=hostname is not None
+        )
+    return _TLSSettings(mode, context, hostname)

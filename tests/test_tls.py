@@ -12,17 +12,27 @@ and (when present) client-cert.pem, client-key.pem.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import nbd
 import pytest
+import trio
 import trustme
-from peers import files_identical, running_serve, serve_command, sparse_test_image
+from peers import (
+    files_identical,
+    running_nbdkit,
+    running_serve,
+    serve_command,
+    sparse_test_image,
+)
 
+import nbdsrv
 from nbdsrv import constants as k
 from nbdsrv import server_core as core
 from nbdsrv import wire
@@ -384,3 +394,133 @@ def test_tls_option_mistakes_are_one_line_errors(pki: PKI, image: Path, tmp_path
     )
     assert "--tls=off" in serve_fails(*sock, "--tls-cert", cert, "--tls-key", key, str(image))
     assert not os.path.exists(tmp_path / "s.sock")
+
+
+# -- our client over TLS --------------------------------------------------------------------------
+
+
+class ClientFiles(TypedDict, total=False):
+    tls_ca: Path
+    tls_cert: Path
+    tls_key: Path
+
+
+def client_files(directory: Path) -> ClientFiles:
+    """open_client() TLS arguments for the PEM files in a client directory."""
+    files = ClientFiles(tls_ca=directory / "ca-cert.pem")
+    if (directory / "client-cert.pem").exists():
+        files["tls_cert"] = directory / "client-cert.pem"
+        files["tls_key"] = directory / "client-key.pem"
+    return files
+
+
+def nbdkit_tls_args(pki: PKI, mode: str = "require", *, verify_peer: bool = True) -> list[str]:
+    args = [f"--tls={mode}", f"--tls-certificates={pki.server_dir}"]
+    return [*args, "--tls-verify-peer"] if verify_peer else args
+
+
+async def read_all(client: nbdsrv.Client, size: int) -> bytes:
+    out = bytearray(size)
+    step = 1 << 20
+    for offset in range(0, size, step):
+        await client.pread_into(memoryview(out)[offset : offset + step], offset)
+    return bytes(out)
+
+
+async def test_our_client_reads_nbdkit_tls_require_with_a_client_certificate(
+    pki: PKI, image: Path
+) -> None:
+    with running_nbdkit(["file", str(image)], nbdkit_args=nbdkit_tls_args(pki)) as uri:
+        tls_uri_text = uri.replace("nbd+unix://", "nbds+unix://")
+        with trio.fail_after(30):
+            async with nbdsrv.open_client(
+                tls_uri_text, tls_hostname="localhost", connections=2,
+                **client_files(pki.client_dir),
+            ) as client:
+                assert client.size == IMAGE_SIZE
+                assert await read_all(client, IMAGE_SIZE) == image.read_bytes()
+                assert client.statistics().connections == 2
+
+
+async def test_our_client_reads_our_tls_server_over_tcp_checking_the_host_name(
+    pki: PKI, image: Path
+) -> None:
+    with running_serve(image, listen="127.0.0.1:0", extra_args=pki.server_args()) as serve:
+        assert serve.uri.startswith("nbds://127.0.0.1:")
+        with trio.fail_after(30):
+            async with nbdsrv.open_client(
+                serve.uri, **client_files(pki.client_dir)
+            ) as client:
+                data = image.read_bytes()
+                assert await read_all(client, IMAGE_SIZE) == data
+                extents = [e async for e in client.iter_extents(0, IMAGE_SIZE)]
+                assert sum(e.length for e in extents) == IMAGE_SIZE
+                holes = [e for e in extents if e.flags & k.BlockStatusFlag.HOLE]
+                assert holes and all(
+                    data[e.offset : e.end] == bytes(e.length) for e in holes
+                )
+
+
+async def test_plaintext_client_gets_err_tls_reqd_and_no_export(pki: PKI, image: Path) -> None:
+    with running_nbdkit(["file", str(image)], nbdkit_args=nbdkit_tls_args(pki)) as uri:
+        with trio.fail_after(30), pytest.raises(nbdsrv.NegotiationError) as refused:
+            async with nbdsrv.open_client(uri):
+                pytest.fail("a plaintext client reached transmission")
+        assert refused.value.reply_type == k.OptionReply.ERR_TLS_REQD
+    with running_serve(image, extra_args=pki.server_args()) as serve:
+        plain = f"nbd+unix:///?socket={serve.socket_path}"
+        with trio.fail_after(30), pytest.raises(nbdsrv.NegotiationError) as refused:
+            async with nbdsrv.open_client(plain, tls="off"):
+                pytest.fail("a plaintext client reached transmission")
+        assert refused.value.reply_type == k.OptionReply.ERR_TLS_REQD
+
+
+@pytest.mark.parametrize("peer", ["postcopy serve", "nbdkit"])
+async def test_client_requiring_tls_never_falls_back_to_plaintext(
+    pki: PKI, image: Path, peer: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if peer == "nbdkit":
+            nbdkit = running_nbdkit(["file", str(image)], nbdkit_args=["--tls=off"])
+            uri = stack.enter_context(nbdkit)
+        else:
+            uri = stack.enter_context(running_serve(image)).uri
+        secure = uri.replace("nbd+unix://", "nbds+unix://")
+        with trio.fail_after(30), pytest.raises(nbdsrv.NegotiationError) as refused:
+            async with nbdsrv.open_client(secure, **client_files(pki.client_dir)):
+                pytest.fail("went on in plaintext")
+        assert refused.value.reply_type in (k.OptionReply.ERR_POLICY, k.OptionReply.ERR_UNSUP)
+        # tls="on" accepts the refusal and reads in plaintext (the operator's explicit choice)
+        with trio.fail_after(30):
+            async with nbdsrv.open_client(uri, tls="on", **client_files(pki.client_dir)) as client:
+                assert await client.pread(0, 4096) == image.read_bytes()[:4096]
+
+
+async def test_client_refuses_a_server_certificate_it_does_not_trust(
+    pki: PKI, image: Path
+) -> None:
+    with running_serve(image, extra_args=pki.server_args(verify_peer=False)) as serve:
+        with trio.fail_after(30), pytest.raises(nbdsrv.NegotiationError, match="TLS handshake"):
+            async with nbdsrv.open_client(
+                serve.uri, tls_hostname="localhost", **client_files(pki.untrusting_dir)
+            ):
+                pytest.fail("trusted a server signed by an unknown CA")
+        # right CA, wrong name: the host name is checked
+        with trio.fail_after(30), pytest.raises(nbdsrv.NegotiationError, match="TLS handshake"):
+            async with nbdsrv.open_client(
+                serve.uri, tls_hostname="host-a.elsewhere", **client_files(pki.no_cert_dir)
+            ):
+                pytest.fail("accepted a certificate for another host")
+
+
+@pytest.mark.parametrize("client", ["rogue_client_dir", "no_cert_dir"])
+async def test_nbdkit_verifying_peers_refuses_our_client_without_a_good_certificate(
+    pki: PKI, image: Path, client: str
+) -> None:
+    with running_nbdkit(["file", str(image)], nbdkit_args=nbdkit_tls_args(pki)) as uri:
+        secure = uri.replace("nbd+unix://", "nbds+unix://")
+        with trio.fail_after(30), pytest.raises(nbdsrv.NegotiationError):
+            async with nbdsrv.open_client(
+                secure, tls_hostname="localhost", **client_files(getattr(pki, client))
+            ):
+                pytest.fail("nbdkit served a client without a certificate from its CA")
