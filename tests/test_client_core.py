@@ -872,8 +872,8 @@ async def test_errors_of_the_body_and_of_connect_pass_through_unwrapped(tmp_path
     with pytest.raises(ValueError, match="invalid NBD URI"):
         async with nbdsrv.open_client("nbd://host:bad/"):
             pass  # pragma: no cover
-    with pytest.raises(LocalProtocolError, match="TLS"):
-        async with nbdsrv.open_client("nbds+unix:///?socket=/x"):
+    with pytest.raises(ValueError, match="requires TLS"):  # nbds:// never goes plaintext
+        async with nbdsrv.open_client("nbds+unix:///?socket=/x", tls="off"):
             pass  # pragma: no cover
 
 
