@@ -15,6 +15,12 @@ of requests may be in flight.  Requests longer than the server's maximum payload
 pipelined.  With `connections=N` and a server that offers CAN_MULTI_CONN, a pool of N connections
 is used, each request going to the one with the fewest requests in flight.
 
+TLS: with `tls="require"` (the default for nbds:// URIs) or "on", each connection sends
+NBD_OPT_STARTTLS first; on the server's ACK the stream is wrapped in a `trio.SSLStream` and the
+handshake goes on over it (a TLS connection always uses the generic stream path, never the raw
+socket).  Under "require" a server that refuses STARTTLS, a certificate that does not verify, or a
+server that refuses ours (a TLS alert during haggling) is a NegotiationError: no plaintext ever.
+
 Failure: a dropped connection or a protocol violation fails EVERY pending request at once (with
 ConnectionClosedError or RemoteProtocolError), and every later request; a pool fails as a whole.
 A server's error reply raises CommandError in the one caller; the connection stays usable.
