@@ -18,19 +18,11 @@ import pytest
 
 from tests.guest.build import GuestBootFiles
 from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401  (fixture)
-from tests.guest.qemu import MIB, GuestLayout
-from tests.guest.scenario import check_scenario, run_postcopy_scenario
-
-# The hosts are joined by a relay limited to ~100 MB/s (nbdkit's rate filter; bits/s), so the
-# drain of the 176 MiB of data lasts ~2 s and the guest passes on B while it runs.
-LINK_RATE = "800M"
-# A 256 MiB disk: 160 MiB of pre-boot data, the guest's 16 MiB of slots, 8 MiB that must read as
-# zeros, holes elsewhere.  Enough data that the guest runs passes on B while the drain goes on.
-SCENARIO_LAYOUT = GuestLayout(
-    disk_size=256 * MIB,
-    preboot_kib=(1024, 160 * 1024),
-    work_kib=(161 * 1024, 16 * 1024),
-    zero_kib=(177 * 1024, 8 * 1024),
+from tests.guest.scenario import (
+    LINK_RATE,
+    SCENARIO_LAYOUT,
+    check_scenario,
+    run_postcopy_scenario,
 )
 
 

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--mode", choices=["shared", "postcopy"], default="shared")
+    parser.add_argument(
+        "--no-link", action="store_true", help="postcopy mode: no rate-limited relay"
+    )
     args = parser.parse_args(argv)
     boot_files = ensure_guest_boot_files()
     runs = []
@@ -75,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "shared":
                 result = measure_shared_storage_run(boot_files, Path(directory))
             else:
-                from tests.guest.scenario import measure_postcopy_run
+                from tests.guest.scenario import (
+                    LINK_RATE,
+                    SCENARIO_LAYOUT,
+                    measure_postcopy_run,
+                )
 
-                result = measure_postcopy_run(boot_files, Path(directory))
+                link = None if args.no_link else LINK_RATE
+                result = measure_postcopy_run(boot_files, Path(directory), SCENARIO_LAYOUT, link)
         runs.append(result)
         print(f"run {number}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items()))
         sys.stdout.flush()

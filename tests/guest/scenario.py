@@ -36,11 +36,30 @@ import trio
 
 from postcopy.qemu_migrate import MigrationConfig, MigrationReport, migrate_qemu_domain
 from tests.guest.build import GuestBootFiles
-from tests.guest.qemu import GuestLayout, Marker, QemuGuest, prepare_disk_image, run_qemu_guest
+from tests.guest.qemu import (
+    MIB,
+    GuestLayout,
+    Marker,
+    QemuGuest,
+    prepare_disk_image,
+    run_qemu_guest,
+)
 
 BOOT_TIMEOUT = 30.0
 URI_RE = re.compile(r"nbd(\+unix)?://\S+")
 POLL_SECONDS = 0.02
+
+# The hosts are joined by a relay limited to ~100 MB/s (nbdkit's rate filter; bits/s), so the
+# drain of the 176 MiB of data lasts ~2 s and the guest passes on B while it runs.
+LINK_RATE = "800M"
+# A 256 MiB disk: 160 MiB of pre-boot data, the guest's 16 MiB of slots, 8 MiB that must read as
+# zeros, holes elsewhere.  Enough data that the guest runs passes on B while the drain goes on.
+SCENARIO_LAYOUT = GuestLayout(
+    disk_size=256 * MIB,
+    preboot_kib=(1024, 160 * 1024),
+    work_kib=(161 * 1024, 16 * 1024),
+    zero_kib=(177 * 1024, 8 * 1024),
+)
 
 
 def _terminate(process: subprocess.Popen[bytes], name: str) -> None:
