@@ -775,7 +775,7 @@ class ClientTransmission:
         if reply_type == k.ReplyType.NONE:
             return
         if reply_type == k.ReplyType.OFFSET_HOLE:
-            start, count = struct.unpack(">QI", data)
+            start, count = wire.parse_offset_hole(data)
             self._claim(pending, start, count)
             self.hole_chunks += 1
             target = pending.target
@@ -800,23 +800,21 @@ class ClientTransmission:
             pending.error = _command_error(chunk.error, chunk.message)
 
     def _on_block_status(self, pending: _Pending, data: bytes) -> None:
-        if len(data) < 12 or (len(data) - 4) % 8:
-            raise RemoteProtocolError(f"NBD_REPLY_TYPE_BLOCK_STATUS of {len(data)} bytes")
+        chunk = wire.parse_block_status(data)
         if pending.extents is not None:
             raise RemoteProtocolError("two NBD_REPLY_TYPE_BLOCK_STATUS chunks for one context")
-        count = (len(data) - 4) // 8
-        values = struct.unpack(f">I{2 * count}I", data)
-        if values[0] != self._context_id:
-            raise RemoteProtocolError(f"block status for context id {values[0]} not negotiated")
+        if chunk.context_id != self._context_id:
+            raise RemoteProtocolError(
+                f"block status for context id {chunk.context_id} not negotiated"
+            )
         extents: list[Extent] = []
         offset = pending.offset
         end = offset + pending.length
-        for i in range(1, 2 * count, 2):
-            length = values[i]
+        for length, flags in chunk.descriptors:
             if length == 0:
                 raise RemoteProtocolError("block status extent of length 0")
             if offset < end:  # the last extent may reach past the request: clip it
-                extents.append(Extent(offset, min(length, end - offset), values[i + 1]))
+                extents.append(Extent(offset, min(length, end - offset), flags))
             offset += length
         pending.extents = extents
 

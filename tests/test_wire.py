@@ -181,3 +181,21 @@ def test_errno_mapping() -> None:
     assert k.errno_to_wire(2) == k.Errno.EIO  # ENOENT has no wire value
     assert k.errno_from_wire(999) == k.Errno.EINVAL
     assert k.errno_from_wire(28) == 28
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+def test_offset_hole_struct_agrees_with_construct(offset: int, size: int) -> None:
+    fast = wire.build_offset_hole(offset, size)
+    assert fast == wire.OffsetHoleData.build({"offset": offset, "hole_size": size})
+    assert wire.parse_offset_hole(fast) == (offset, size)
+
+
+@given(st.integers(0, 2**32 - 1), st.lists(st.tuples(st.integers(0, 2**32 - 1),
+                                                     st.integers(0, 2**32 - 1)), min_size=1))
+def test_block_status_struct_agrees_with_construct(
+    context_id: int, descriptors: list[tuple[int, int]]
+) -> None:
+    fast = wire.build_block_status(context_id, descriptors)
+    items = [{"length": length, "status_flags": flags} for length, flags in descriptors]
+    assert fast == wire.BlockStatusData.build({"context_id": context_id, "descriptors": items})
+    assert wire.parse_block_status(fast) == wire.BlockStatusChunk(context_id, tuple(descriptors))
