@@ -113,8 +113,12 @@ class EngineConfig:
     export_name: str | None = None  # None: the one in the URI
     source_id: str | None = None  # identifies the source in the state; None: the URI
     demand_fetch_bytes: int = 256 * 1024  # largest single fetch for a guest miss
-    drain_request_bytes: int = 2 * 1024 * 1024
-    drain_requests_in_flight: int = 8
+    drain_request_bytes: int = 1024 * 1024
+    drain_requests_in_flight: int = 4
+    # after a guest miss the drain keeps at most this many requests in flight for a while,
+    # so that the source and this process answer the guest first
+    drain_requests_during_faults: int = 1
+    fault_quiet_seconds: float = 0.05
     block_status_window_bytes: int = 1024 * 1024 * 1024
     unreachable_timeout: float = 30.0  # how long a guest read waits for the source
     sync_interval: float = 1.0
@@ -166,6 +170,9 @@ class Engine:
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._in_flight: dict[int, FetchJob] = {}
+        self._demand_jobs_in_flight = 0
+        self._drain_jobs_in_flight = 0
+        self._last_fault_at = -1e9
         self._drain_hint: int | None = None
         self._failure: str | None = None
         self._complete_reported = self.map.is_complete
@@ -587,6 +594,10 @@ class Engine:
             self._in_flight[chunk] = job
         if demand:
             self.demand_fetches += 1
+            self._demand_jobs_in_flight += 1
+            self._last_fault_at = trio.current_time()
+        else:
+            self._drain_jobs_in_flight += 1
         self._nursery.start_soon(self._run_fetch, job)
         return job
 
@@ -616,13 +627,25 @@ class Engine:
                 self.demand_bytes += len(buffer)
             else:
                 self.drain_bytes += len(buffer)
-            self._commit_fetched(job.first, job.end, buffer, start)
+            if job.demand:
+                self._commit_fetched(job.first, job.end, buffer, start)
+            else:
+                # a drain commit writes MiBs: off the trio thread, so that guest misses
+                # arriving meanwhile are not held up behind it
+                await trio.to_thread.run_sync(
+                    self._commit_fetched, job.first, job.end, buffer, start
+                )
+            self._check_complete()
         except Exception as exc:
             job.error = exc
         finally:
             for chunk in range(job.first, job.end):
                 if self._in_flight.get(chunk) is job:
                     del self._in_flight[chunk]
+            if job.demand:
+                self._demand_jobs_in_flight -= 1
+            else:
+                self._drain_jobs_in_flight -= 1
             job.done.set()
             self._signal_job_finished()
 
@@ -639,7 +662,6 @@ class Engine:
                 self.map.mark(run_first, run_end, PRESENT)
                 committed += run_stop - run_start
         self.discarded_fetch_bytes += len(buffer) - committed
-        self._check_complete()
 
     def _check_complete(self) -> None:
         if self.map.is_complete and self._complete_event is not None:
@@ -682,6 +704,7 @@ class Engine:
         async with trio.open_nursery() as nursery:
             while not self.map.is_complete:
                 await slots.acquire()
+                await self._wait_demand_quiet()
                 if self._drain_hint is not None:
                     cursor, self._drain_hint = self._drain_hint, None
                 picked = None
@@ -714,6 +737,24 @@ class Engine:
                 job = self._new_job(first, end, False)
                 nursery.start_soon(self._release_when_done, job, slots)
         self._check_complete()
+
+    async def _wait_demand_quiet(self) -> None:
+        """Guest misses have priority: while one is being fetched, and for
+        `fault_quiet_seconds` after one (guests miss in bursts), the drain keeps at most
+        `drain_requests_during_faults` requests in flight."""
+        deadline = trio.current_time() + 1.0  # never starve the drain completely
+        while trio.current_time() < deadline:
+            if self._drain_jobs_in_flight < self.config.drain_requests_during_faults:
+                return
+            if self._demand_jobs_in_flight:
+                wait_until = deadline
+            elif trio.current_time() - self._last_fault_at < self.config.fault_quiet_seconds:
+                wait_until = self._last_fault_at + self.config.fault_quiet_seconds
+            else:
+                return
+            assert self._job_finished is not None
+            with trio.move_on_at(min(wait_until, deadline)):
+                await self._job_finished.wait()
 
     async def _release_when_done(self, job: FetchJob, slots: trio.Semaphore) -> None:
         try:

@@ -278,7 +278,9 @@ def test_drain_completes_skipping_holes_and_stays_sparse(make_engine: EngineFact
 def test_drain_never_overwrites_guest_writes(make_engine: EngineFactory) -> None:
     source = FakeSource(random_bytes(SIZE))
     source.pause()
-    engine = make_engine(source, drain=True, drain_request_bytes=256 * 1024)
+    engine = make_engine(
+        source, drain=True, drain_request_bytes=256 * 1024, drain_requests_in_flight=8
+    )
     source.wait_reads_in_flight(8)  # the drain has 8 requests in flight, none answered
     guest = {}
     for chunk in (0, 1, 5, 17, 30):  # inside the ranges being drained right now
