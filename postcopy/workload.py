@@ -3,11 +3,12 @@
 Workers issue random reads and writes against the destination's NBD export while the disk migrates.
 The workload knows what the disk must hold: the source image (a local file it can read, because the
 demo creates it) overlaid with every write the destination acknowledged.  Each read is compared
-block by block with that; a block with a write in flight is not judged (either answer is right).
+block by block with that.
 At the end `compare_with_file()` checks a whole image (B's local file) the same way.
 
 Writes are 4 KiB blocks of seeded random bytes aimed at `write_region` (the whole disk by default);
-reads are 4 KiB to 64 KiB, aligned to 4 KiB.
+reads are 4 KiB to 64 KiB, aligned to 4 KiB.  A block that a write touched while a read of it was
+in flight (started before, or started and finished during it) is not judged by that read.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class VerifyingWorkload:
         self.size = size
         self.written: dict[int, bytes] = {}  # block index -> bytes the destination acknowledged
         self._writing: set[int] = set()
+        self._write_starts: dict[int, int] = {}  # block index -> writes started on it so far
         self._rng = random.Random(seed)
         self._write_fraction = write_fraction
         start, end = write_region or (0, size)
@@ -99,6 +101,7 @@ class VerifyingWorkload:
             return
         data = self._rng.randbytes(BLOCK)
         self._writing.add(index)
+        self._write_starts[index] = self._write_starts.get(index, 0) + 1
         try:
             await client.pwrite(data, index * BLOCK)
             self.written[index] = data
@@ -114,7 +117,10 @@ class VerifyingWorkload:
         blocks = self._rng.randint(1, 16)
         index = self._rng.randrange(0, self.size // BLOCK - blocks + 1)
         offset, length = index * BLOCK, blocks * BLOCK
-        busy = {i for i in range(index, index + blocks) if i in self._writing}
+        # A block written while the read is in flight may read as either version: not judged.
+        blocks_read = range(index, index + blocks)
+        busy = {i for i in blocks_read if i in self._writing}
+        starts_before = [self._write_starts.get(i, 0) for i in blocks_read]
         began = time.monotonic()
         try:
             data = await client.pread(offset, length)
@@ -124,7 +130,12 @@ class VerifyingWorkload:
         self.report.read_latencies.append(time.monotonic() - began)
         self.report.reads += 1
         self.report.bytes_read += length
-        busy |= {i for i in range(index, index + blocks) if i in self._writing}
+        busy |= {i for i in blocks_read if i in self._writing}
+        busy |= {
+            i
+            for i, before in zip(blocks_read, starts_before, strict=True)
+            if self._write_starts.get(i, 0) != before
+        }
         expected = self.expected(offset, length)
         for i in range(blocks):
             if index + i in busy:
