@@ -366,7 +366,12 @@ class Engine:
             self._fetch_partial_edges(offset, count, first, end)
         with self._commit_lock:
             if may_trim:
-                punch_hole(self._fd, offset, count)
+                try:
+                    punch_hole(self._fd, offset, count)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    self._zero_allocated(offset, count)
             else:
                 self._zero_allocated(offset, count)
             self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
@@ -398,7 +403,12 @@ class Engine:
             start_byte = first * chunk
             stop_byte = min(end * chunk, self.size)
             with self._commit_lock:
-                punch_hole(self._fd, start_byte, stop_byte - start_byte)
+                try:
+                    punch_hole(self._fd, start_byte, stop_byte - start_byte)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    return  # trim is advisory: keep the data and the map as they are
                 self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
@@ -822,7 +832,13 @@ class Engine:
                 for part_first, part_end in self._split_not_in_flight(run_first, run_end):
                     part_start = part_first << shift
                     part_stop = min(part_end << shift, self.size)
-                    punch_hole(self._fd, part_start, part_stop - part_start)
+                    try:
+                        punch_hole(self._fd, part_start, part_stop - part_start)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                            log.warning("postcopy: cannot punch a source hole: %s", exc)
+                            continue  # stays missing: the drain copies its zeros instead
+                        self._zero_allocated(part_start, part_stop - part_start)
                     self.map.mark(part_first, part_end, PRESENT | SOURCE_HOLE)
                     self.hole_bytes_skipped += part_stop - part_start
         self._check_complete()
@@ -850,7 +866,10 @@ class Engine:
         while True:
             await trio.sleep(self.config.sync_interval)
             if self.map.pending_changes:
-                await trio.to_thread.run_sync(self.map.make_durable, self._sync_data)
+                try:
+                    await trio.to_thread.run_sync(self.map.make_durable, self._sync_data)
+                except OSError as exc:  # kept pending; a guest flush reports it as an error
+                    log.error("postcopy: cannot make the block map durable: %s", exc)
 
     async def _status_task(self) -> None:
         last_record: dict[str, Any] | None = None
@@ -863,7 +882,12 @@ class Engine:
             } != {k: v for k, v in last_record.items() if k != "updated_at"}
             now = time.monotonic()
             if changed or now - last_written > 5.0:
-                await trio.to_thread.run_sync(status.write_status, self.config.state_dir, record)
+                try:
+                    await trio.to_thread.run_sync(
+                        status.write_status, self.config.state_dir, record
+                    )
+                except OSError as exc:
+                    log.warning("postcopy: cannot write the status record: %s", exc)
                 last_record, last_written = record, now
             await trio.sleep(self.config.status_interval)
 
@@ -879,8 +903,8 @@ class Engine:
             return "waiting-for-source"
         if any(link.fatal_error for link in self._links):
             return "failed"
-        if self._links and not all(link.is_connected for link in self._links):
-            return "source-unreachable"
+        if any(link.seconds_down() >= 0.5 for link in self._links):
+            return "source-unreachable"  # (not during the first connection's set-up)
         return "fetching"
 
     def statistics(self) -> dict[str, Any]:

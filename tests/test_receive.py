@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,17 +74,18 @@ def receive_command(source: str, dest: Path, state_dir: Path, *extra: str) -> li
 
 @contextlib.contextmanager
 def running_receive(
-    source: str, workdir: Path, *extra: str, name: str = "dest"
+    source: str, workdir: Path, *extra: str, name: str = "dest", listen: str | None = None
 ) -> Iterator[Receiver]:
     dest, state_dir, socket_path = workdir / f"{name}.img", workdir / "state", workdir / "d.sock"
     log_path = workdir / f"receive-{time.monotonic_ns()}.log"
-    command = receive_command(source, dest, state_dir, "--socket", str(socket_path), *extra)
+    where = ["--listen", listen] if listen else ["--socket", str(socket_path)]
+    command = receive_command(source, dest, state_dir, *where, *extra)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
     try:
         assert process.stdout is not None
         line = process.stdout.readline().decode().strip()  # receive bounds its own start-up
-        if not line.startswith("nbd+unix://"):
+        if not line.startswith(("nbd+unix://", "nbd://")):
             process.wait(10)
             raise AssertionError(f"no URI printed: {line!r}: {log_path.read_text()}")
         yield Receiver(process, line, state_dir, dest, log_path)
@@ -374,3 +376,20 @@ def test_receive_refuses_bad_starts_with_one_line_errors(
     )  # fmt: skip
     assert "nbdkit is not installed" in error
     assert not Path(sock).exists()
+
+
+def test_listen_on_tcp_prints_nbd_uri_and_serves(tmp_path: Path) -> None:
+    image = tmp_path / "source.img"
+    sparse_test_image(image, 16 * MiB, seed=13, data_fraction=0.7)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with running_serve(f"disk={image}") as serve, running_receive(
+        serve.export_uri("disk"), tmp_path, listen=f"127.0.0.1:{port}"
+    ) as receiver:
+        assert receiver.uri == f"nbd://127.0.0.1:{port}/"
+        handle = connect(receiver.uri)
+        assert handle.pread(MiB, 5 * MiB) == read_range(image, 5 * MiB, MiB)
+        handle.shutdown()
+        receiver.wait_complete()
+    assert_equal_outside(receiver.dest, image, [])
