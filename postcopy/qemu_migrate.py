@@ -15,7 +15,10 @@ How it works (`migrate_qemu_domain`):
 Failure policy: any failure before the destination runs with the gate open (migration failed,
 timeout, a QMP connection lost, the gate not declared) rolls back: the migration is cancelled,
 the destination QEMU is told to `quit` (first, so two guests never run), and the source is
-resumed with `cont` if it is left paused.  `MigrationFailed` then says what happened.
+resumed with `cont` if it is left paused.  `MigrationFailed` then says what happened.  Two cases
+after the source completed need care: with postcopy the source's disk was never written by B,
+so resuming A is safe, but B's state directory (gate open) must be discarded; with shared
+storage a destination that started by itself may have written the disk, so A stays paused.
 """
 
 from __future__ import annotations
@@ -106,9 +109,11 @@ async def _wait_destination_loaded(dest: QMPClient, interval: float) -> str:
 
 
 async def _rollback(
-    source: QMPClient, dest: QMPClient, source_was_running: bool
+    source: QMPClient, dest: QMPClient, source_was_running: bool, resume_source: bool = True
 ) -> tuple[bool, bool]:
-    """Stop the destination, resume the source.  Returns (source_resumed, destination_stopped)."""
+    """Stop the destination, resume the source (unless told not to).
+
+    Returns (source_resumed, destination_stopped)."""
     destination_stopped = False
     try:
         await dest.execute("quit")
@@ -117,6 +122,8 @@ async def _rollback(
         # A destination whose QMP connection is gone has usually died already.
         destination_stopped = dest.is_closed or "closed" in str(exc)
     source_resumed = False
+    if not resume_source:
+        return source_resumed, destination_stopped
     try:
         info = await source.execute("query-migrate")
         if info.get("status") not in MIGRATION_DONE_STATES and info.get("status") != "none":
@@ -178,6 +185,7 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
             )
         source_was_running = source_status == "running"
         started = time.monotonic()
+        source_completed = False
         try:
             with trio.fail_after(config.timeout_seconds):
                 if config.max_bandwidth_bytes is not None:
@@ -189,7 +197,8 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
                 await source.execute("migrate", {"uri": uri})
                 info = await _poll_source_migration(source, config.poll_interval_seconds)
                 completed_seen = time.monotonic()
-                if info.get("status") != "completed":
+                source_completed = info.get("status") == "completed"
+                if not source_completed:
                     raise MigrationFailed(
                         f"QEMU says {info.get('status')}: {info.get('error-desc', 'no reason')}",
                         False,
@@ -218,10 +227,18 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
                 reason = f"timed out after {config.timeout_seconds:g} s"
             else:
                 reason = str(exc)
+            # With shared storage a destination that may have run (it starts by itself once the
+            # RAM is in) may have written the disk: resuming the source then would corrupt it.
+            resume_source = not (source_completed and config.state_dir is None)
+            if not resume_source:
+                reason += "; the destination may have run on the shared disk: source left paused"
+            elif source_completed and config.state_dir is not None:
+                reason += f"; the gate of {config.state_dir} is open: discard that state directory"
+            source_resumed = destination_stopped = False
             with trio.move_on_after(ROLLBACK_SECONDS) as cleanup:
                 cleanup.shield = True
                 source_resumed, destination_stopped = await _rollback(
-                    source, dest, source_was_running
+                    source, dest, source_was_running, resume_source
                 )
             raise MigrationFailed(reason, source_resumed, destination_stopped) from exc
         ram = info.get("ram", {})
