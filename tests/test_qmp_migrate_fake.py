@@ -74,7 +74,7 @@ class FakeQemu:
         sock, _ = await listener.accept()
         stream = trio.SocketStream(sock)
         parser = QMPLineParser()
-        greeting = {"QMP": {"version": {}, "capabilities": []}}
+        greeting: dict[str, Any] = {"QMP": {"version": {}, "capabilities": []}}
         await stream.send_all(json.dumps(greeting).encode() + b"\n")
         while not self.quit:
             data = await stream.receive_some(65536)
