@@ -9,6 +9,7 @@ thread:
   while a fetch is provably in flight (`wait_reads_in_flight(n)` waits for that);
 - `unreachable = True`: connecting raises `ConnectionRefusedError` and every pending or new read
   of an open client fails with `ConnectionClosedError`, like a dropped link;
+- `read_delay`: seconds every read takes, like a slow link;
 - `read_requests`: every (offset, length) read, to count what crossed the "network".
 """
 
@@ -35,6 +36,7 @@ class FakeSource:
             self.data[offset:offset + length] = bytes(length)
         self.export_name = export_name
         self.unreachable = False
+        self.read_delay = 0.0  # seconds each read takes (trio.sleep), like a slow link
         self.read_requests: list[tuple[int, int]] = []
         self.connections_opened = 0
         self._lock = threading.Lock()
@@ -109,7 +111,10 @@ class FakeClient:
                     source._running.wait, 0.05, abandon_on_cancel=True
                 )
                 self._check_open()
-            await trio.lowlevel.checkpoint()
+            if source.read_delay:
+                await trio.sleep(source.read_delay)
+            else:
+                await trio.lowlevel.checkpoint()
             self._check_open()
             buffer[:] = source.data[offset:offset + length]
         finally:
