@@ -469,12 +469,13 @@ def test_watch_ends_with_status_0_when_everything_is_already_complete(
     assert row(out, "total").rstrip().endswith("2/2 complete")
 
 
+@pytest.mark.timeout(60)  # readline() on a silent watcher would block
 def test_watch_json_waits_for_the_record_and_prints_a_line_per_refresh_until_complete(
     tmp_path: Path,
 ) -> None:
     command = [str(FETCH_PROGRESS), "--state-dir", str(tmp_path), "--watch", "--json",
                "--interval", "0.05"]  # fmt: skip
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as watcher:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=plain_env()) as watcher:
         try:
             assert watcher.stdout is not None
             # Receive has not written its first record yet: the watcher says so and waits.
@@ -556,16 +557,18 @@ def read_pty(master: int, timeout: float) -> bytes:
         return b""
 
 
+def plain_env() -> dict[str, str]:
+    """The environment without what changes rich's output or the policy file looked up."""
+    unwanted = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "POSTCOPY_CONFIG")
+    return {name: value for name, value in os.environ.items() if name not in unwanted}
+
+
 def terminal_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "POSTCOPY_CONFIG")
-    }
+    env = plain_env()
     # NO_COLOR: rich then draws only the filled part of a bar, so the filled cells can be
     # counted in the text; everything else (cursor movement, redraws) is the real terminal path.
     env.update(TERM="xterm-256color", NO_COLOR="1")
-    return env  # fmt: skip
+    return env
 
 
 def test_watch_on_a_terminal_draws_advancing_bars_until_all_complete(

@@ -21,11 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from peers import require_tools, running_serve, sparse_test_image
 from test_fetch_progress import (
     FETCH_PROGRESS,
     bar_and_percent,
     frames_of,
+    plain_env,
     pty_process,  # noqa: F401  (a fixture)
     read_pty,
     terminal_env,
@@ -89,8 +91,9 @@ def running_receive(source_uri: str, dest: Path, state_dir: Path, socket: Path) 
 
 def fetch_progress_json(*args: str) -> tuple[int, Any]:
     result = subprocess.run(
-        [str(FETCH_PROGRESS), *args, "--json"], capture_output=True, text=True, timeout=30
-    )
+        [str(FETCH_PROGRESS), *args, "--json"], capture_output=True, text=True, timeout=30,
+        env=plain_env(),
+    )  # fmt: skip
     return result.returncode, json.loads(result.stdout) if result.stdout else result.stderr
 
 
@@ -101,6 +104,7 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.timeout(120)
 def test_watch_follows_a_real_receive_to_completion(tmp_path: Path, pty_process: Any) -> None:  # noqa: F811
     require_tools("nbdkit")
     image = tmp_path / "source.img"
@@ -165,6 +169,7 @@ def test_watch_follows_a_real_receive_to_completion(tmp_path: Path, pty_process:
         assert filecmp.cmp(dest, image, shallow=False)  # what was watched is the real copy
 
 
+@pytest.mark.timeout(120)
 def test_a_killed_receive_shows_as_stopped(tmp_path: Path) -> None:
     require_tools("nbdkit")
     image = tmp_path / "source.img"
@@ -179,8 +184,8 @@ def test_a_killed_receive_shows_as_stopped(tmp_path: Path) -> None:
             wait_for(lambda: not Path(f"/proc/{writer}").exists(), 10, "the writer to go")
             result = subprocess.run(
                 [str(FETCH_PROGRESS), "--config", str(policy)],
-                capture_output=True, text=True, timeout=30,
+                capture_output=True, text=True, timeout=30, env=plain_env(),
             )  # fmt: skip
             assert result.returncode == 1, result
-            assert "stopped" in result.stdout.splitlines()[2]  # the vda row
+            assert "stopped" in result.stdout.splitlines()[2], result.stdout  # the vda row
             assert f"the writer (pid {writer}) is gone" in result.stdout
