@@ -1,0 +1,588 @@
+"""Hostile input (issue 7): hypothesis drives the sans-IO cores with generated peers.
+
+Each test builds a byte stream that is mostly well shaped (real options, real requests, real
+replies, built with nbdsrv.wire) and partly corrupted (bytes flipped, cut, inserted; nonsense
+codes, lengths and offsets), feeds it in random-sized pieces, and checks that
+
+- the core only ever raises the documented errors (RemoteProtocolError / ConnectionClosedError on
+  the server; RemoteProtocolError / NegotiationError / ConnectionClosedError on the client),
+  never anything else (no struct.error, IndexError, LocalProtocolError, AssertionError...);
+- it never hangs: every loop is bounded, and after the end of the input (EOF) the core stops
+  asking for data;
+- what it lets through is safe: a REQUIRED-TLS server answers nothing but ERR_TLS_REQD before
+  TLS and opens no export; a read-only export never executes a write; an executed request is
+  inside the export; a client that requires TLS never finishes a plaintext handshake; when the
+  server's replies were not corrupted, every READ returns exactly the disk's bytes.
+
+Examples per test: POSTCOPY_FUZZ_EXAMPLES (default 2000; e.g. 50000 for a long run).  The number
+of cases run is printed at the end of the module ("fuzz cases run: ...").
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nbdsrv import constants as k
+from nbdsrv import server_core as core
+from nbdsrv import wire
+from nbdsrv.client_core import (
+    ClientHandshake,
+    ClientTransmission,
+    NegotiatedExport,
+    RequestFinished,
+)
+from nbdsrv.errors import (
+    ConnectionClosedError,
+    NegotiationError,
+    RemoteProtocolError,
+)
+from nbdsrv.extent import Extent
+
+FUZZ_EXAMPLES = int(os.environ.get("POSTCOPY_FUZZ_EXAMPLES", "2000"))
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+MAX_STEPS = 20_000  # events per example: far above what the inputs can produce
+CASES: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_fuzz_cases(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    summary = ", ".join(f"{name} {count}" for name, count in CASES.items())
+    line = f"\nfuzz cases run: {sum(CASES.values())} ({summary})"
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            print(line)
+    else:  # pragma: no cover
+        print(line)
+
+
+def count_case(name: str) -> None:
+    CASES[name] = CASES.get(name, 0) + 1
+
+
+# -- shared strategies --------------------------------------------------------------------------
+
+SIZE = 1 << 20
+names = st.sampled_from(["", "disk", "Disk", "disk ", "nosuch", "*"]) | st.text(max_size=12)
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+u64 = st.integers(0, 0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass
+class Corruption:
+    kind: str  # flip | cut | insert | none
+    position: int
+    value: bytes
+
+
+corruptions = st.builds(
+    Corruption,
+    st.sampled_from(["flip", "cut", "insert"]),
+    st.integers(0, 1 << 16),
+    st.binary(min_size=1, max_size=8),
+)
+
+
+def corrupt(data: bytes, damage: list[Corruption]) -> bytes:
+    for hit in damage:
+        if not data:
+            break
+        at = hit.position % len(data)
+        if hit.kind == "flip":
+            data = data[:at] + bytes([data[at] ^ (hit.value[0] or 1)]) + data[at + 1 :]
+        elif hit.kind == "cut":
+            data = data[:at]
+        else:
+            data = data[:at] + hit.value + data[at:]
+    return data
+
+
+def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
+    """`data` cut into the given sizes (cycled), the one-byte trickle included."""
+    position, index = 0, 0
+    while position < len(data):
+        size = sizes[index % len(sizes)] if sizes else len(data)
+        index += 1
+        yield data[position : position + size]
+        position += size
+
+
+piece_sizes = st.lists(st.integers(1, 64) | st.just(1 << 16), min_size=1, max_size=8)
+
+
+# -- the server: negotiation ----------------------------------------------------------------------
+
+EXPORTS = {
+    "": core.ExportSpec("", size=SIZE),
+    "disk": core.ExportSpec("disk", size=SIZE, read_only=False, minimum_block_size=512),
+}
+
+
+@st.composite
+def option_messages(draw: st.DrawFn) -> bytes:
+    option = draw(st.sampled_from(list(k.Option)) | u32)
+    shape = draw(st.integers(0, 3))
+    if shape == 0:
+        data = draw(st.binary(max_size=48))
+    elif option in (k.Option.INFO, k.Option.GO):
+        infos = draw(st.lists(st.sampled_from(list(k.Info)) | u16, max_size=4))
+        data = wire.build_info_request(wire.InfoRequest(draw(names), tuple(int(i) for i in infos)))
+    elif option in (k.Option.LIST_META_CONTEXT, k.Option.SET_META_CONTEXT):
+        queries = draw(
+            st.lists(st.sampled_from([k.BASE_ALLOCATION, "base:", "qemu:x"]) | names, max_size=3)
+        )
+        data = wire.build_meta_context_request(wire.MetaContextRequest(draw(names), tuple(queries)))
+    elif option == k.Option.EXPORT_NAME:
+        data = draw(names).encode()
+    else:
+        data = b""
+    message = wire.build_option(option, data)
+    if draw(st.integers(0, 15)) == 0:  # a lying length field
+        message = message[:12] + struct.pack(">I", draw(u32)) + message[16:]
+    return message
+
+
+@st.composite
+def handshake_streams(draw: st.DrawFn) -> bytes:
+    flags = draw(
+        st.sampled_from([CLIENT_FLAGS, int(k.ClientFlag.FIXED_NEWSTYLE), 0]) | u32
+    )
+    options = draw(st.lists(option_messages(), max_size=6))
+    stream = wire.build_client_flags(flags) + b"".join(options)
+    if draw(st.booleans()):
+        stream = corrupt(stream, draw(st.lists(corruptions, max_size=3)))
+    return stream
+
+
+CLIENT_FLAGS = int(k.ClientFlag.FIXED_NEWSTYLE | k.ClientFlag.NO_ZEROES)
+SERVER_ERRORS = (RemoteProtocolError, ConnectionClosedError)
+
+
+def option_reply_types(data: bytes) -> list[tuple[int, int]]:
+    """(option, reply_type) of queued option replies; they must parse."""
+    found = []
+    while data:
+        header = wire.parse_option_reply_header(data[: wire.OPTION_REPLY_HEADER_SIZE])
+        end = wire.OPTION_REPLY_HEADER_SIZE + header.length
+        assert len(data) >= end
+        found.append((header.option, header.reply_type))
+        data = data[end:]
+    return found
+
+
+@dataclass
+class ServerRun:
+    events: list[object] = field(default_factory=list)
+    error: Exception | None = None
+
+
+def drive_server(
+    conn: core.ServerConnection, data: bytes, sizes: list[int], on_event: object = None
+) -> ServerRun:
+    """Feed `data` then EOF; collect events until the connection ends.  Fails on a hang (the
+    step bound) or on NEED_DATA after EOF."""
+    run = ServerRun()
+    feed = pieces(data, sizes)
+    eof = False
+    for _ in range(MAX_STEPS):
+        try:
+            event = conn.next_event()
+        except SERVER_ERRORS as exc:
+            run.error = exc
+            return run
+        if event is core.NEED_DATA:
+            assert not eof, "NEED_DATA after the peer closed: would hang"
+            chunk = next(feed, b"")
+            eof = not chunk
+            conn.receive_data(chunk)
+            continue
+        run.events.append(event)
+        if callable(on_event):
+            on_event(event)
+        if isinstance(event, core.TLSRequested):
+            conn.tls_established()
+        if isinstance(event, core.HandshakeEnded | core.DisconnectRequested):
+            return run
+        if isinstance(event, core.CommandRefused) and event.close_after:
+            assert conn.state is core.State.CLOSED  # the shell sends the error, then closes
+            return run
+    raise AssertionError("no end after MAX_STEPS events")
+
+
+@FUZZ
+@given(stream=handshake_streams(), sizes=piece_sizes, mode=st.sampled_from(list(core.TLSMode)))
+def test_fuzz_server_negotiation(stream: bytes, sizes: list[int], mode: core.TLSMode) -> None:
+    count_case("server negotiation")
+    conn = core.ServerConnection(EXPORTS, tls=mode)
+    assert conn.data_to_send()[:8] == b"NBDMAGIC"
+    tls_up = False
+
+    def check(event: object) -> None:
+        nonlocal tls_up
+        outgoing = conn.data_to_send()
+        if isinstance(event, core.ExportOpened):
+            assert mode is not core.TLSMode.REQUIRED or tls_up, "export opened without TLS"
+            assert event.export.name in EXPORTS
+            return
+        if isinstance(event, core.HandshakeEnded):
+            if event.refused:
+                assert outgoing == b""  # EXPORT_NAME refused: nothing about any export
+            return
+        replies = option_reply_types(outgoing)
+        assert replies and all(option == replies[0][0] for option, _ in replies)
+        if mode is core.TLSMode.REQUIRED and not tls_up:
+            allowed = {int(k.OptionReply.ERR_TLS_REQD), int(k.OptionReply.ERR_INVALID)}
+            if replies[0][0] == k.Option.STARTTLS:
+                allowed.add(int(k.OptionReply.ACK))
+            assert {reply for _, reply in replies} <= allowed, replies
+        if mode is core.TLSMode.OFF:
+            assert all(reply != k.OptionReply.ERR_TLS_REQD for _, reply in replies)
+        if isinstance(event, core.TLSRequested):
+            assert mode is not core.TLSMode.OFF and not tls_up
+            tls_up = True
+
+    run = drive_server(conn, stream, sizes, check)
+    assert run.error is not None or run.events
+
+
+# -- the server: transmission ---------------------------------------------------------------------
+
+
+def opened_server(
+    spec: core.ExportSpec, structured: bool, block_size: bool
+) -> core.ServerConnection:
+    conn = core.ServerConnection({spec.name: spec})
+    conn.data_to_send()
+    infos = (int(k.Info.BLOCK_SIZE),) if block_size else ()
+    handshake = wire.build_client_flags(CLIENT_FLAGS)
+    if structured:
+        meta = wire.MetaContextRequest(spec.name, (k.BASE_ALLOCATION,))
+        handshake += wire.build_option(k.Option.STRUCTURED_REPLY) + wire.build_option(
+            k.Option.SET_META_CONTEXT, wire.build_meta_context_request(meta)
+        )
+    handshake += wire.build_option(
+        k.Option.GO, wire.build_info_request(wire.InfoRequest(spec.name, infos))
+    )
+    conn.receive_data(handshake)
+    for _ in range(10):
+        event = conn.next_event()
+        if isinstance(event, core.ExportOpened):
+            conn.data_to_send()
+            return conn
+    raise AssertionError("handshake did not open the export")
+
+
+ZEROES = memoryview(bytes(k.MAX_PAYLOAD))
+boundary_offsets = st.sampled_from(
+    [0, 1, 511, 512, SIZE - 512, SIZE - 1, SIZE, SIZE + 512, 1 << 63]
+)
+boundary_lengths = st.sampled_from(
+    [0, 1, 512, 4096, 65536, k.MAX_PAYLOAD, k.MAX_PAYLOAD + 1, 0xFFFFFFFF]
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    command = draw(st.sampled_from(list(k.Command)) | u16)
+    flags = draw(st.sampled_from([0, *[int(f) for f in k.CommandFlag]]) | u16)
+    offset = draw(boundary_offsets | st.integers(0, 2 * SIZE) | u64)
+    if command == k.Command.WRITE:
+        length = draw(st.integers(0, 2048) | boundary_lengths)
+    else:
+        length = draw(boundary_lengths | st.integers(0, 2 * SIZE) | u32)
+    header = wire.build_request_header(wire.Request(flags, command, draw(u64), offset, length))
+    if command == k.Command.WRITE and length <= 2048:
+        return header + bytes(draw(st.binary(min_size=length, max_size=length)))
+    return header
+
+
+@st.composite
+def request_streams(draw: st.DrawFn) -> bytes:
+    stream = b"".join(draw(st.lists(requests(), max_size=8)))
+    if draw(st.integers(0, 3)) == 0:
+        stream = corrupt(stream, draw(st.lists(corruptions, max_size=2)))
+    return stream
+
+
+@FUZZ
+@given(
+    stream=request_streams(),
+    sizes=piece_sizes,
+    read_only=st.booleans(),
+    structured=st.booleans(),
+    block_size=st.booleans(),
+    holes=st.lists(st.tuples(st.integers(0, SIZE), st.integers(1, 1 << 16)), max_size=4),
+)
+def test_fuzz_server_transmission(
+    stream: bytes,
+    sizes: list[int],
+    read_only: bool,
+    structured: bool,
+    block_size: bool,
+    holes: list[tuple[int, int]],
+) -> None:
+    count_case("server transmission")
+    spec = core.ExportSpec("", size=SIZE, read_only=read_only, minimum_block_size=512)
+    conn = opened_server(spec, structured, block_size)
+    hole_flags = int(k.BlockStatusFlag.HOLE | k.BlockStatusFlag.ZERO)
+    hole_extents = sorted((Extent(o, n, hole_flags) for o, n in holes), key=lambda e: e.offset)
+
+    def check(event: object) -> None:
+        if isinstance(event, core.CommandReceived):
+            request = event.request
+            assert conn.validate(request) is None
+            if request.command in (k.Command.WRITE, k.Command.TRIM, k.Command.WRITE_ZEROES):
+                assert not read_only, "a write reached a read-only export"
+            if request.command != k.Command.FLUSH:
+                assert request.length > 0 and request.offset + request.length <= SIZE
+            if request.command == k.Command.WRITE:
+                assert event.payload is not None and len(event.payload) == request.length
+            if request.command == k.Command.READ:
+                inside = [h for h in hole_extents if h.offset < request.offset + request.length
+                          and h.end > request.offset]
+                merged: list[Extent] = []
+                for hole in inside:  # read_reply wants sorted, non-overlapping holes
+                    if merged and hole.offset < merged[-1].end:
+                        continue
+                    merged.append(hole)
+                reply = conn.read_reply(request, ZEROES[: request.length], merged)
+                assert sum(len(part) for part in reply) >= 16
+            if request.command == k.Command.BLOCK_STATUS:
+                extents = [Extent(request.offset, request.length, 0)]
+                status = conn.block_status_reply(request, extents)
+                assert status[:4] == struct.pack(">I", k.STRUCTURED_REPLY_MAGIC)
+        elif isinstance(event, core.CommandRefused):
+            refusal = conn.error_reply(event.request, event.errno, event.message)
+            assert len(refusal) >= 16 and event.errno != 0
+
+    drive_server(conn, stream, sizes, check)
+
+
+# -- the client: handshake -----------------------------------------------------------------------
+
+
+@st.composite
+def server_option_replies(draw: st.DrawFn) -> bytes:
+    option = draw(st.sampled_from(list(k.Option)) | u32)
+    reply = draw(st.sampled_from(list(k.OptionReply)) | u32)
+    if reply == k.OptionReply.INFO and draw(st.booleans()):
+        items: list[wire.InfoItem] = [
+            wire.ExportInfo(SIZE, int(k.TransmissionFlag.HAS_FLAGS)),
+            wire.NameInfo("disk"),
+            wire.DescriptionInfo("a disk"),
+            wire.BlockSizeInfo(512, 4096, k.MAX_PAYLOAD),
+            wire.BlockSizeInfo(3, 4096, 1),
+        ]
+        data = wire.build_info(draw(st.sampled_from(items)))
+    elif reply == k.OptionReply.META_CONTEXT and draw(st.booleans()):
+        data = wire.build_meta_context_reply(
+            wire.MetaContext(draw(u32), draw(st.sampled_from([k.BASE_ALLOCATION, "qemu:x"])))
+        )
+    else:
+        data = draw(st.binary(max_size=24))
+    return wire.build_option_reply(option, reply, data)
+
+
+@st.composite
+def server_handshake_streams(draw: st.DrawFn) -> bytes:
+    greeting_flags = draw(
+        st.sampled_from([int(k.HandshakeFlag.FIXED_NEWSTYLE | k.HandshakeFlag.NO_ZEROES), 0]) | u16
+    )
+    stream = wire.build_server_greeting(greeting_flags)
+    stream += b"".join(draw(st.lists(server_option_replies(), max_size=8)))
+    if draw(st.booleans()):
+        stream += wire.build_export_name_reply(SIZE, 1, True)
+    if draw(st.booleans()):
+        stream = corrupt(stream, draw(st.lists(corruptions, max_size=3)))
+    return stream
+
+
+@FUZZ
+@given(stream=server_handshake_streams(), sizes=piece_sizes,
+       tls=st.sampled_from(["off", "on", "require"]))
+def test_fuzz_client_handshake(stream: bytes, sizes: list[int], tls: str) -> None:
+    count_case("client handshake")
+    handshake = ClientHandshake("disk", tls=tls)
+    try:
+        for chunk in pieces(stream, sizes):
+            handshake.receive_data(chunk)
+            handshake.data_to_send()
+            if handshake.tls_requested:
+                # Never upgrade here: a client that requires TLS must not finish in plaintext.
+                break
+            if handshake.done:
+                break
+        else:
+            handshake.receive_eof()  # stops asking: raises
+            raise AssertionError("receive_eof() returned mid-handshake")
+    except (NegotiationError, RemoteProtocolError):
+        return
+    if handshake.done:
+        assert tls != "require", "a TLS-requiring client finished a plaintext handshake"
+        assert handshake.result.size >= 0
+
+
+# -- the client: transmission replies -----------------------------------------------------------
+
+
+DISK = random.Random(5).randbytes(SIZE)
+CONTEXT_ID = 7
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    command: int  # READ, BLOCK_STATUS, FLUSH or WRITE
+    offset: int
+    length: int
+
+
+planned_requests = st.builds(
+    PlannedRequest,
+    st.sampled_from([k.Command.READ, k.Command.READ, k.Command.BLOCK_STATUS, k.Command.FLUSH]),
+    st.integers(0, SIZE - 1),
+    st.integers(1, 8192),
+)
+
+
+def valid_reply(
+    rng: random.Random, cookie: int, request: PlannedRequest, structured: bool
+) -> bytes:
+    """A correct reply to `request` (data from DISK), in randomly sized chunks."""
+    if rng.random() < 0.1:  # an error reply
+        if structured:
+            payload = wire.build_error_chunk(int(k.Errno.EIO), "no")
+            return wire.build_structured_reply_header(
+                k.ReplyFlag.DONE, k.ReplyType.ERROR, cookie, len(payload)
+            ) + payload
+        return wire.build_simple_reply(cookie, int(k.Errno.EIO))
+    if request.command == k.Command.READ:
+        data = DISK[request.offset : request.offset + request.length]
+        if not structured:
+            return wire.build_simple_reply(cookie, 0) + data
+        cuts = sorted({0, len(data), *(rng.randrange(len(data) + 1) for _ in range(3))})
+        chunks = []
+        spans = list(zip(cuts, cuts[1:], strict=False))
+        rng.shuffle(spans)  # chunks may come in any order
+        for index, (start, end) in enumerate(spans):
+            flags = k.ReplyFlag.DONE if index == len(spans) - 1 else 0
+            offset = request.offset + start
+            if data[start:end] == bytes(end - start) and rng.random() < 0.5:
+                payload = wire.build_offset_hole(offset, end - start)
+                chunks.append(wire.build_structured_reply_header(
+                    flags, k.ReplyType.OFFSET_HOLE, cookie, len(payload)) + payload)
+            else:
+                chunks.append(
+                    wire.build_structured_reply_header(
+                        flags, k.ReplyType.OFFSET_DATA, cookie, 8 + end - start
+                    ) + wire.build_offset_data_header(offset) + data[start:end]
+                )
+        return b"".join(chunks)
+    if request.command == k.Command.BLOCK_STATUS:
+        payload = wire.build_block_status(CONTEXT_ID, [(request.length, 0)])
+        return wire.build_structured_reply_header(
+            k.ReplyFlag.DONE, k.ReplyType.BLOCK_STATUS, cookie, len(payload)
+        ) + payload
+    return wire.build_simple_reply(cookie, 0)
+
+
+@FUZZ
+@given(
+    planned=st.lists(planned_requests, min_size=1, max_size=6),
+    structured=st.booleans(),
+    seed=st.integers(0, 1 << 32),
+    damage=st.lists(corruptions, max_size=3),
+    garbage=st.binary(max_size=64),
+    sizes=piece_sizes,
+    direct=st.booleans(),
+)
+def test_fuzz_client_replies(
+    planned: list[PlannedRequest],
+    structured: bool,
+    seed: int,
+    damage: list[Corruption],
+    garbage: bytes,
+    sizes: list[int],
+    direct: bool,
+) -> None:
+    count_case("client replies")
+    rng = random.Random(seed)
+    flags = int(k.TransmissionFlag.HAS_FLAGS | k.TransmissionFlag.SEND_FLUSH)
+    export = NegotiatedExport(
+        "disk", SIZE, flags, structured_replies=structured,
+        meta_context_id=CONTEXT_ID if structured else None,
+    )
+    client = ClientTransmission(export)
+    targets: dict[int, tuple[PlannedRequest, bytearray]] = {}
+    replies = []
+    for request in planned:
+        length = min(request.length, SIZE - request.offset)
+        request = PlannedRequest(request.command, request.offset, length)
+        if request.command == k.Command.BLOCK_STATUS and not structured:
+            request = PlannedRequest(k.Command.READ, request.offset, length)
+        if request.command == k.Command.READ:
+            buffer = bytearray(length)
+            cookie, _ = client.request_read(request.offset, memoryview(buffer))
+        elif request.command == k.Command.BLOCK_STATUS:
+            buffer = bytearray()
+            cookie, _ = client.request_block_status(request.offset, length)
+        else:
+            buffer = bytearray()
+            cookie, _ = client.request_flush()
+        targets[cookie] = (request, buffer)
+        replies.append(valid_reply(rng, cookie, request, structured))
+    rng.shuffle(replies)  # replies to different requests come in any order
+    stream = b"".join(replies)
+    corrupted = bool(damage or garbage)
+    if damage:
+        stream = corrupt(stream, damage)
+    if garbage:
+        stream = stream[: len(stream) // 2] + garbage + stream[len(stream) // 2 :]
+    finished: dict[int, RequestFinished] = {}
+    try:
+        for chunk in pieces(stream, sizes):
+            while chunk:
+                target = client.payload_target() if direct else None
+                if target is not None:  # the shell's zero-copy path
+                    count = min(len(target), len(chunk))
+                    target[:count] = chunk[:count]
+                    client.payload_received(count)
+                    chunk = chunk[count:]
+                else:
+                    client.receive_data(chunk)
+                    chunk = b""
+                for _ in range(MAX_STEPS):
+                    event = client.next_event()
+                    if event is None:
+                        break
+                    assert event.cookie not in finished
+                    finished[event.cookie] = event
+                else:
+                    raise AssertionError("next_event() did not settle")
+        if client.in_flight:
+            with pytest.raises(ConnectionClosedError):
+                client.receive_eof()
+    except RemoteProtocolError:
+        assert corrupted, "a valid reply stream was refused"
+        return
+    if corrupted:
+        return  # corruption that still parsed (a flipped data byte): no oracle
+    assert set(finished) == set(targets)
+    for cookie, (request, buffer) in targets.items():
+        event = finished[cookie]
+        if event.error is None and request.command == k.Command.READ:
+            assert bytes(buffer) == DISK[request.offset : request.offset + request.length]
