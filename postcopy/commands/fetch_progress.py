@@ -10,7 +10,8 @@ its writer's pid checked; `postcopy.progress_display` draws them as one rich tab
 rates, ETA, faults and latency, reconnects, state; a total row per domain).  A disk whose record
 cannot be read is an error row, not a crash.  `--watch` redraws the table in place
 (`rich.live.Live`, every `--interval` seconds, 0.25 by default) until every shown disk is
-complete, then exits 0; Ctrl-C exits 130 and SIGTERM 143, without a traceback and with the
+complete, then exits 0 (a failed or stopped disk keeps it going: receive may be restarted, and
+the display says so); Ctrl-C exits 130 and SIGTERM 143, without a traceback and with the
 cursor shown again (when stdout is not a terminal, only the last table is printed).  `--json`
 prints the records for tools: for exactly one `--state-dir`, the record itself (one line);
 otherwise a list of
