@@ -307,8 +307,12 @@ async def _watch_until_complete(
                 await watcher.wait()
     finally:
         if watcher is not None and watcher.returncode is None:
-            watcher.kill()
-            await watcher.wait()
+            watcher.terminate()  # SIGTERM: fetch-progress restores the terminal's cursor
+            with trio.move_on_after(3):
+                await watcher.wait()
+            if watcher.returncode is None:
+                watcher.kill()
+                await watcher.wait()
     if not live and record:
         print(_progress_line(record, time.monotonic() - started), file=out, flush=True)
     return record
