@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypedDict
 
@@ -36,6 +39,9 @@ import nbdsrv
 from nbdsrv import constants as k
 from nbdsrv import server_core as core
 from nbdsrv import wire
+from nbdsrv.backend import FileBackend
+from nbdsrv.server import Export, Server, serve_nbd
+from nbdsrv.tls import server_ssl_context
 
 TOOL_TIMEOUT = 60
 IMAGE_SIZE = 8 * 1024 * 1024
@@ -524,3 +530,116 @@ async def test_nbdkit_verifying_peers_refuses_our_client_without_a_good_certific
                 secure, tls_hostname="localhost", **client_files(getattr(pki, client))
             ):
                 pytest.fail("nbdkit served a client without a certificate from its CA")
+
+
+# -- the server shell in-process: hostile TLS peers, traffic both ways ----------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving_in_process(
+    pki: PKI, image: Path, socket_path: Path, *, writable: bool = False
+) -> AsyncIterator[Server]:
+    context = server_ssl_context(
+        pki.server_dir / "server-cert.pem", pki.server_dir / "server-key.pem",
+        ca_file=pki.server_dir / "ca-cert.pem", verify_peer=True,
+    )
+    backend = FileBackend(image, writable=writable)
+    server = Server(
+        [Export("", backend)], handshake_timeout=1.0, tls=core.TLSMode.REQUIRED,
+        ssl_context=context,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(serve_nbd, [], socket_path=str(socket_path), server=server)
+            )
+            yield server
+            nursery.cancel_scope.cancel()
+    finally:
+        backend.close()
+
+
+async def starttls_acknowledged(socket_path: Path) -> trio.SocketStream:
+    """A raw connection that has sent STARTTLS and read the server's ACK."""
+    stream = await trio.open_unix_socket(str(socket_path))
+    greeting = b""
+    while len(greeting) < wire.SERVER_GREETING_SIZE:
+        greeting += await stream.receive_some(wire.SERVER_GREETING_SIZE - len(greeting))
+    await stream.send_all(
+        wire.build_client_flags(CLIENT_FLAGS) + wire.build_option(k.Option.STARTTLS)
+    )
+    reply = b""
+    while len(reply) < wire.OPTION_REPLY_HEADER_SIZE:
+        reply += await stream.receive_some(wire.OPTION_REPLY_HEADER_SIZE - len(reply))
+    assert wire.parse_option_reply_header(reply).reply_type == k.OptionReply.ACK
+    return stream
+
+
+async def receive_until_closed(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def test_stalled_or_garbage_tls_handshakes_are_closed_and_the_server_goes_on(
+    pki: PKI, image: Path, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "s.sock"
+    async with serving_in_process(pki, image, socket_path) as server:
+        with trio.fail_after(10):
+            stalled = await starttls_acknowledged(socket_path)
+            started = trio.current_time()
+            assert await receive_until_closed(stalled) == b""  # closed, nothing sent
+            assert 0.5 < trio.current_time() - started < 5  # by the 1 s handshake timeout
+            await stalled.aclose()
+            garbage = await starttls_acknowledged(socket_path)
+            await garbage.send_all(b"GET / HTTP/1.0\r\n\r\n" + bytes(200))
+            received = await receive_until_closed(garbage)
+            assert b"NBD" not in received and len(received) < 64  # at most a TLS alert
+            await garbage.aclose()
+            assert server.statistics().connections_failed == 2
+            async with nbdsrv.open_client(
+                f"nbds+unix:///?socket={socket_path}", tls_hostname="localhost",
+                **client_files(pki.client_dir),
+            ) as client:
+                assert await client.pread(0, 65536) == image.read_bytes()[:65536]
+
+
+async def test_concurrent_reads_and_writes_over_tls_keep_their_bytes(
+    pki: PKI, image: Path, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "s.sock"
+    expected = bytearray(image.read_bytes())
+    rng = random.Random(3)
+    slot = 64 * 1024  # disjoint 64 KiB slots, so concurrent writes have one outcome
+    writes = [
+        (index * slot, rng.randbytes(rng.choice([4096, 32768, slot])))
+        for index in rng.sample(range(IMAGE_SIZE // slot), 24)
+    ]
+    for offset, data in writes:
+        expected[offset : offset + len(data)] = data
+    results: dict[int, bytes] = {}
+    async with serving_in_process(pki, image, socket_path, writable=True) as server:
+        with trio.fail_after(30):
+            async with nbdsrv.open_client(
+                f"nbds+unix:///?socket={socket_path}", tls_hostname="localhost",
+                **client_files(pki.client_dir),
+            ) as client:
+                async with trio.open_nursery() as nursery:
+                    for offset, data in writes:
+                        nursery.start_soon(client.pwrite, data, offset)
+                await client.flush()
+
+                async def read(offset: int) -> None:
+                    results[offset] = await client.pread(offset, 1 << 20)
+
+                async with trio.open_nursery() as nursery:
+                    for offset in range(0, IMAGE_SIZE, 1 << 20):
+                        nursery.start_soon(read, offset)
+        assert server.statistics().requests >= len(writes) + IMAGE_SIZE // (1 << 20)
+    assert len(results) == IMAGE_SIZE // (1 << 20)
+    for offset, data in results.items():
+        assert data == expected[offset : offset + (1 << 20)]
+    assert image.read_bytes() == bytes(expected)
