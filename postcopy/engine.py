@@ -175,7 +175,6 @@ class Engine:
         self._last_fault_at = -1e9
         self._drain_hint: int | None = None
         self._failure: str | None = None
-        self._complete_reported = self.map.is_complete
         # statistics (ints updated under the GIL from the trio thread; see statistics())
         self._started_at = time.time()
         self.transferred_bytes = 0
