@@ -392,4 +392,10 @@ def test_listen_on_tcp_prints_nbd_uri_and_serves(tmp_path: Path) -> None:
         assert handle.pread(MiB, 5 * MiB) == read_range(image, 5 * MiB, MiB)
         handle.shutdown()
         receiver.wait_complete()
+        receiver.process.send_signal(signal.SIGINT)  # as Ctrl-C does
+        assert receiver.process.wait(15) == 0
     assert_equal_outside(receiver.dest, image, [])
+    identity = MapIdentity(16 * MiB, CHUNK, 16 * MiB, "", serve.export_uri("disk"))
+    on_disk = BlockMap.open(receiver.state_dir, identity)
+    assert on_disk.is_complete  # the map was made durable on the way out
+    on_disk.close()
