@@ -188,6 +188,7 @@ class Engine:
         self._fault_latencies: deque[float] = deque(maxlen=2048)
         self._progress_samples: deque[tuple[float, int, int]] = deque(maxlen=64)
         self._links: list[SourceLink] = []
+        self._links_ever: list[SourceLink] = []
         self._demand_link: SourceLink | None = None
         self._drain_link: SourceLink | None = None
         self._frozen_event: trio.Event | None = None
@@ -259,6 +260,7 @@ class Engine:
         self._demand_link = SourceLink("demand", self._opener, self.size)
         self._drain_link = SourceLink("drain", self._opener, self.size)
         self._links = [self._demand_link, self._drain_link]
+        self._links_ever = list(self._links)  # (`_links` empties at completion)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for link in self._links:
@@ -951,7 +953,7 @@ class Engine:
             "transfer_rate_bytes_per_second": round(transfer_rate),
             "present_rate_bytes_per_second": round(present_rate),
             "eta_seconds": eta,
-            "reconnects": max(0, sum(link.connects for link in self._links) - len(self._links)),
+            "reconnects": sum(max(0, link.connects - 1) for link in self._links_ever),
             "source_down_seconds": round(down, 3),
             "unreachable_timeout_seconds": self.config.unreachable_timeout,
             "error": self._failure or (errors[0] if errors and down > 0 else None),

@@ -399,3 +399,24 @@ def test_listen_on_tcp_prints_nbd_uri_and_serves(tmp_path: Path) -> None:
     on_disk = BlockMap.open(receiver.state_dir, identity)
     assert on_disk.is_complete  # the map was made durable on the way out
     on_disk.close()
+
+
+def test_source_restart_midway_reconnects_and_completes(tmp_path: Path) -> None:
+    image = tmp_path / "source.img"
+    data_runs = sparse_test_image(image, 64 * MiB, seed=14, data_fraction=0.8)
+    data_bytes = sum(length for _, length in data_runs)
+    socket_path = str(tmp_path / "source.sock")
+    uri = f"nbd+unix:///disk?socket={socket_path}"
+    with contextlib.ExitStack() as stack:
+        serve = stack.enter_context(
+            running_serve(f"disk={image}", socket_path=socket_path, read_delay=0.05)
+        )
+        receiver = stack.enter_context(running_receive(uri, tmp_path))
+        receiver.wait_status(lambda r: 0.2 * data_bytes < r["transferred_bytes"])
+        serve.process.kill()  # the source host goes away with fetches in flight
+        serve.process.wait(10)
+        receiver.wait_status(lambda r: r["state"] == "source-unreachable")
+        with running_serve(f"disk={image}", socket_path=socket_path):
+            record = receiver.wait_complete(timeout=60)
+        assert record["reconnects"] >= 1
+    assert_equal_outside(receiver.dest, image, [])
