@@ -48,8 +48,20 @@ def run_random_operations(tmp_path: Path, seed: int, operations: int) -> None:
         ),
         source_opener=source.open_client,
     )
+    source.pause()
     engine.start()
     try:
+        # one sure race first: a whole-chunk write to a chunk the drain is fetching
+        source.wait_reads_in_flight(1)
+        deadline = time.monotonic() + 5
+        while not in_flight_chunks(engine):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        chunk = in_flight_chunks(engine)[-1]
+        data = rng.randbytes(CHUNK)
+        engine.pwrite(data, chunk * CHUNK)
+        model[chunk * CHUNK:(chunk + 1) * CHUNK] = data
+        source.resume()
         for _ in range(operations):
             if rng.random() < 0.05:
                 source.pause()
