@@ -28,7 +28,7 @@ import trio
 
 import postcopy
 from postcopy.blockmap import DEFAULT_CHUNK_SIZE, BlockMap, MapIdentity, check_chunk_size
-from postcopy.errors import UserError
+from postcopy.errors import StateError, UserError
 
 PROJECT_ROOT = Path(postcopy.__file__).resolve().parent.parent
 PLUGIN_PATH = PROJECT_ROOT / "plugin" / "postcopy_plugin.py"
@@ -128,13 +128,22 @@ def map_identity(config: ReceiveConfig, size: int) -> MapIdentity:
     )
 
 
-def check_state(config: ReceiveConfig, size: int) -> None:
-    """Refuse a state directory that belongs to another disk (StateError, one line)."""
+def check_state(config: ReceiveConfig, size: int, *, dest_exists: bool = True) -> None:
+    """Refuse a state directory that belongs to another disk, or whose map says data is present
+    in a destination file that is gone (StateError, one line)."""
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {config.state_dir}: {exc.strerror}") from None
-    BlockMap.open(config.state_dir, map_identity(config, size)).close()
+    block_map = BlockMap.open(config.state_dir, map_identity(config, size))
+    try:
+        if not dest_exists and block_map.present_count:
+            raise StateError(
+                f"state directory {config.state_dir} records {block_map.present_bytes} bytes "
+                f"present in {config.dest}, which does not exist (use a new state directory)"
+            )
+    finally:
+        block_map.close()
 
 
 def completed_size(config: ReceiveConfig) -> int | None:
@@ -252,8 +261,9 @@ def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
         if local_size is None:
             raise
         size = local_size
+    dest_existed = config.dest.exists()
+    check_state(config, size, dest_exists=dest_existed)
     prepare_dest(config.dest, size)
-    check_state(config, size)
     if config.socket_path is not None:
         remove_stale_socket(config.socket_path)
     stopping: list[int] = []

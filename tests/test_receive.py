@@ -363,6 +363,14 @@ def test_receive_refuses_bad_starts_with_one_line_errors(
             "--socket", sock,
         )  # fmt: skip
         assert "has 4096 bytes" in error
+        # the state says data is present in a destination file that is gone
+        moved = tmp_path / "moved.img"
+        dest.rename(moved)
+        error = run_receive_expecting_error(
+            "--source", uri, "--dest", str(dest), "--state-dir", str(state), "--socket", sock,
+        )  # fmt: skip
+        assert "does not exist" in error and not dest.exists()
+        moved.rename(dest)
     # the source is gone
     error = run_receive_expecting_error(
         "--source", f"nbd+unix:///?socket={tmp_path}/nothing.sock", "--dest", str(dest),
