@@ -139,10 +139,13 @@ def test_torn_last_journal_record_is_dropped(tmp_path: Path) -> None:
         {"export_name": "disk2"},
     ],
 )
-def test_mismatched_state_is_refused(tmp_path: Path, changed: dict[str, object]) -> None:
+@pytest.mark.parametrize("compacted", [True, False])  # refused by the snapshot / the journal
+def test_mismatched_state_is_refused(
+    tmp_path: Path, changed: dict[str, object], compacted: bool
+) -> None:
     bm = BlockMap.open(tmp_path, identity())
     bm.mark_present(0, 1)
-    bm.make_durable(lambda: None, compact=True)
+    bm.make_durable(lambda: None, compact=compacted)
     bm.close()
     other = identity(**changed)  # type: ignore[arg-type]
     with pytest.raises(StateError, match="belongs to another disk") as info:
