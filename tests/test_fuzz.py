@@ -20,19 +20,28 @@ of cases run is printed at the end of the module ("fuzz cases run: ...").
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
+import shutil
+import ssl
 import struct
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+import trio
+import trio.testing
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdsrv import constants as k
 from nbdsrv import server_core as core
 from nbdsrv import wire
+from nbdsrv.backend import FileBackend
 from nbdsrv.client_core import (
     ClientHandshake,
     ClientTransmission,
@@ -45,6 +54,7 @@ from nbdsrv.errors import (
     RemoteProtocolError,
 )
 from nbdsrv.extent import Extent
+from nbdsrv.server import Export, Server
 
 FUZZ_EXAMPLES = int(os.environ.get("POSTCOPY_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(
@@ -586,3 +596,117 @@ def test_fuzz_client_replies(
         event = finished[cookie]
         if event.error is None and request.command == k.Command.READ:
             assert bytes(buffer) == DISK[request.offset : request.offset + request.length]
+
+
+# -- the server shell: hostile bytes through the real trio Server --------------------------------
+
+
+class _ErrorRecords(logging.Handler):
+    """Collects ERROR records of nbdsrv.server ("internal error": an undocumented exception)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_SHELL: dict[str, object] = {}
+
+
+def shell_fixtures() -> tuple[str, ssl.SSLContext]:
+    """A 1 MiB image and a server TLS context, made once per process."""
+    if not _SHELL:
+        workdir = tempfile.mkdtemp(prefix="fuzz-shell-")
+        image = os.path.join(workdir, "disk.img")
+        with open(image, "wb") as file:
+            file.write(DISK)
+        ca = trustme.CA()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert("localhost").configure_cert(context)
+        _SHELL.update(image=image, context=context, workdir=workdir)
+    return str(_SHELL["image"]), _SHELL["context"]  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_shell_fixtures() -> Iterator[None]:
+    yield
+    if _SHELL:
+        shutil.rmtree(str(_SHELL["workdir"]), ignore_errors=True)
+        _SHELL.clear()
+
+
+async def serve_hostile_bytes(server: Server, data: bytes, sizes: list[int]) -> bytes:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    received = bytearray()
+    with trio.fail_after(10):  # no hang: the shell must end the connection
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.handle_stream, server_end, "fuzz")
+
+            async def receive() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while chunk := await client_end.receive_some(1 << 16):
+                        received.extend(chunk)
+
+            nursery.start_soon(receive)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for chunk in pieces(data, sizes):
+                    await client_end.send_all(chunk)
+                await client_end.send_eof()
+    return bytes(received)
+
+
+@settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 8, 10))
+@given(
+    opening=st.sampled_from(["handshake", "transmission"]),
+    handshake=handshake_streams(),
+    requests_stream=request_streams(),
+    sizes=piece_sizes,
+    mode=st.sampled_from(list(core.TLSMode)),
+    writable=st.booleans(),
+)
+def test_fuzz_server_shell(
+    opening: str,
+    handshake: bytes,
+    requests_stream: bytes,
+    sizes: list[int],
+    mode: core.TLSMode,
+    writable: bool,
+) -> None:
+    count_case("server shell")
+    image, context = shell_fixtures()
+    if opening == "handshake":
+        data = handshake
+    else:
+        meta = wire.MetaContextRequest("", (k.BASE_ALLOCATION,))
+        data = (
+            wire.build_client_flags(CLIENT_FLAGS)
+            + wire.build_option(k.Option.STRUCTURED_REPLY)
+            + wire.build_option(k.Option.SET_META_CONTEXT, wire.build_meta_context_request(meta))
+            + wire.build_option(k.Option.GO, wire.build_info_request(wire.InfoRequest("")))
+            + requests_stream
+        )
+        mode = core.TLSMode.OFF
+    backend = FileBackend(image, writable=writable)
+    errors = _ErrorRecords()
+    logger = logging.getLogger("nbdsrv.server")
+    logger.addHandler(errors)
+    try:
+        server = Server([Export("", backend)], tls=mode, ssl_context=context, handshake_timeout=5)
+        received = trio.run(serve_hostile_bytes, server, data, sizes)
+    finally:
+        logger.removeHandler(errors)
+        backend.close()
+        with open(image, "rb") as file:
+            unchanged = file.read() == DISK
+        if writable and not unchanged:  # the next example starts from the same image
+            with open(image, "wb") as file:
+                file.write(DISK)
+    assert received[:8] == b"NBDMAGIC"
+    assert not errors.records, [record.getMessage() for record in errors.records]
+    stats = server.statistics()
+    assert stats.connections_open == 0 and stats.connections_accepted == 1
+    if not writable:
+        assert "WRITE" not in stats.commands and "TRIM" not in stats.commands
+        assert unchanged, "a read-only export was modified"
