@@ -172,7 +172,9 @@ class BlockMap:
     around both (see `postcopy.engine`).
     """
 
-    def __init__(self, state_dir: Path, identity: MapIdentity, states: bytearray) -> None:
+    def __init__(
+        self, state_dir: Path, identity: MapIdentity, states: bytearray, *, fresh: bool = False
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.identity = identity
         self.disk_size = identity.disk_size
@@ -183,10 +185,13 @@ class BlockMap:
         self.lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._pending: list[tuple[int, int, int]] = []
-        self._present_count = self.chunk_count - states.translate(_ONLY_PRESENT_BIT).count(0)
-        self._guest_written_count = (
-            self.chunk_count - states.translate(_ONLY_GUEST_WRITTEN_BIT).count(0)
-        )
+        if not fresh:
+            self._present_count = self.chunk_count - states.translate(_ONLY_PRESENT_BIT).count(0)
+            self._guest_written_count = (
+                self.chunk_count - states.translate(_ONLY_GUEST_WRITTEN_BIT).count(0)
+            )
+        else:  # a fresh map: nothing to count
+            self._present_count = self._guest_written_count = 0
         self._journal_fd = -1
         self._journal_bytes = 0
 
@@ -202,11 +207,12 @@ class BlockMap:
         chunk_count = -(-identity.disk_size // identity.chunk_size)
         snapshot_path = state_dir / SNAPSHOT_FILENAME
         journal_path = state_dir / JOURNAL_FILENAME
-        if snapshot_path.exists():
-            states = cls._load_snapshot(snapshot_path, identity, chunk_count)
+        fresh = not snapshot_path.exists()
+        if fresh:
+            states = bytearray(chunk_count)  # calloc: no page is touched yet
         else:
-            states = bytearray(chunk_count)
-        block_map = cls(state_dir, identity, states)
+            states = cls._load_snapshot(snapshot_path, identity, chunk_count)
+        block_map = cls(state_dir, identity, states, fresh=fresh)
         block_map._open_journal(journal_path)
         return block_map
 
