@@ -16,6 +16,8 @@ import contextlib
 import os
 import random
 import socket
+import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -643,3 +645,43 @@ async def test_concurrent_reads_and_writes_over_tls_keep_their_bytes(
     for offset, data in results.items():
         assert data == expected[offset : offset + (1 << 20)]
     assert image.read_bytes() == bytes(expected)
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("version", "accepted"),
+    [
+        (ssl.TLSVersion.TLSv1_1, False),
+        (ssl.TLSVersion.TLSv1_2, True),
+        (ssl.TLSVersion.TLSv1_3, True),
+    ],
+)
+async def test_server_accepts_tls_1_2_and_later_only(
+    pki: PKI, image: Path, tmp_path: Path, version: ssl.TLSVersion, accepted: bool
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=pki.client_dir / "ca-cert.pem")
+    context.load_cert_chain(pki.client_dir / "client-cert.pem", pki.client_dir / "client-key.pem")
+    context.minimum_version = context.maximum_version = version
+    if version < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client offer the old version
+    socket_path = tmp_path / "s.sock"
+    async with serving_in_process(pki, image, socket_path) as server:
+        with trio.fail_after(10):
+            raw = await starttls_acknowledged(socket_path)
+            tls_stream = trio.SSLStream(raw, context, server_hostname="localhost")
+            try:
+                await tls_stream.do_handshake()
+                # TLS 1.3 reports a refused client certificate only on the first read
+                await tls_stream.send_all(wire.build_option(k.Option.LIST))
+                header = await tls_stream.receive_some(wire.OPTION_REPLY_HEADER_SIZE)
+                negotiated = tls_stream.version()
+            except trio.BrokenResourceError:
+                assert not accepted
+                assert server.statistics().connections_failed == 1
+            else:
+                assert accepted
+                assert negotiated == {ssl.TLSVersion.TLSv1_2: "TLSv1.2"}.get(version, "TLSv1.3")
+                assert header[:8] == struct.pack(">Q", k.OPTION_REPLY_MAGIC)
+            finally:
+                await trio.aclose_forcefully(tls_stream)
