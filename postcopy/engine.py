@@ -8,10 +8,13 @@ which runs `trio.run` in a daemon thread, via `trio.from_thread.run` and a token
 
 Fetching.  Each missing chunk has at most one fetch in flight (`_in_flight`: chunk -> FetchJob);
 a second miss on it waits for the same job.  Guest misses use their own source connection and are
-never queued behind the drain.  The drain (one task, several requests in flight) walks the map
-from a cursor, first asking the source's block status for a window so that holes become PRESENT
-holes without any transfer (the local file stays sparse), then fetching coalesced missing runs in
-requests of up to `drain_request_bytes`.  After a guest miss the cursor jumps to the chunk after it.
+never queued behind the drain; while one is in flight (and for `fault_quiet_seconds` after) the
+drain keeps at most `drain_requests_during_faults` requests going, and drain commits (MiB-sized
+writes) run in a worker thread, so the trio thread answers misses first.  The drain (one task,
+`drain_requests_in_flight` requests of up to `drain_request_bytes`) walks the map from a cursor,
+first asking the source's block status for a window so that holes become PRESENT holes without
+any transfer (the local file stays sparse), then fetching coalesced missing runs.  After a guest
+miss the cursor jumps to the chunk after it (guests read sequentially more often than not).
 
 The race rule.  A fetched chunk is written only if it is still MISSING, checked and written under
 `_commit_lock`.  Guest writes, zeroes and trims that make a MISSING chunk PRESENT take the same
