@@ -6,9 +6,12 @@ How it works (`run_postcopy_scenario`), all on one machine over Unix sockets:
     Host B  `postcopy receive --source nbd+unix:///?socket=A.sock --dest b.img --state-dir B.state
             --socket B.sock --wait-for-source`, and QEMU with `-incoming defer` on the URI it
             printed.
+    Optionally (`link_rate`) B reaches A through an nbdkit relay with the rate filter, a slower
+    link, so that the drain lasts long enough to watch the guest pass while it runs.
     Then `migrate_qemu_domain` moves the guest (declaring the source frozen at switchover), and
     the scenario watches the guest pass on B while the drain runs, waits for the status record's
-    `complete`, and lets the guest pass some more rounds after completion.
+    `complete`, lets the guest pass some more rounds after completion, and, with every process
+    gone, compares B's file with A's where the guest never wrote (pre-boot and zero regions).
 
 `stale_source=True` is the negative control: B is fed a copy of `a.img` taken a few passes
 before the migration, so the guest's re-reads on B must find old data and say FAIL.
