@@ -8,10 +8,8 @@ The postcopy disk is exercised by test_guest_migration.py.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tests.guest.fixtures import (  # noqa: F401  (fixtures)
     guest_boot_files_fixture,
     guest_image_fixture,
     guest_layout_fixture,
+    short_socket_dir_fixture,
 )
 from tests.guest.qemu import GuestLayout, QemuGuest, kill_now, run_qemu_guest, wait_until_exited
 
@@ -49,13 +48,15 @@ def written_slots(detail: str) -> int:
 
 
 def test_qemu_migrate_moves_a_running_guest_and_it_keeps_passing(
-    guest_boot_files: GuestBootFiles, guest_layout: GuestLayout, guest_image: Path, tmp_path: Path
+    guest_boot_files: GuestBootFiles,
+    guest_layout: GuestLayout,
+    guest_image: Path,
+    tmp_path: Path,
+    short_socket_dir: Path,
 ) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    # A second QMP monitor on the source, for the watcher (short path: Unix socket limits).
-    monitor_dir = Path(tempfile.mkdtemp(prefix="pcg-mon-"))
-    monitor = monitor_dir / "src.qmp"
+    monitor = short_socket_dir / "src.qmp"  # a second QMP monitor on the source, for the watcher
     with (
         run_qemu_guest(
             guest_boot_files, guest_layout, guest_image, tmp_path, "src",
@@ -84,7 +85,6 @@ def test_qemu_migrate_moves_a_running_guest_and_it_keeps_passing(
             if migration.poll() is None:
                 migration.kill()
                 migration.wait()
-            shutil.rmtree(monitor_dir, ignore_errors=True)
         migrated_at = time.monotonic()
         assert source_status_at_gate == "postmigrate"
         assert migration.returncode == 0, stderr
@@ -118,9 +118,17 @@ def test_qemu_migrate_moves_a_running_guest_and_it_keeps_passing(
 
 
 async def test_migration_to_a_destination_that_dies_leaves_the_source_running(
-    guest_boot_files: GuestBootFiles, guest_layout: GuestLayout, guest_image: Path, tmp_path: Path
+    guest_boot_files: GuestBootFiles,
+    guest_layout: GuestLayout,
+    guest_image: Path,
+    tmp_path: Path,
+    short_socket_dir: Path,
 ) -> None:
-    with run_qemu_guest(guest_boot_files, guest_layout, guest_image, tmp_path, "src") as source:
+    monitor = short_socket_dir / "src.qmp"  # a second QMP monitor, to watch the migration
+    with run_qemu_guest(
+        guest_boot_files, guest_layout, guest_image, tmp_path, "src",
+        extra_args=["-qmp", f"unix:{monitor},server=on,wait=off"],
+    ) as source:  # fmt: skip
         source.wait_for_marker(BOOT_TIMEOUT, ok=True, min_pass=1)
 
         # 1. The destination is killed in the middle of the RAM migration.
@@ -141,10 +149,20 @@ async def test_migration_to_a_destination_that_dies_leaves_the_source_running(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(migrate)
-                await trio.sleep(1.5)
-                kill_now(dest)
+                # Kill it once RAM is flowing, as seen on the source's second monitor.
+                with trio.fail_after(20):
+                    async with open_qmp(monitor) as watcher:
+                        while (await watcher.execute("query-migrate")).get("status") != "active":
+                            await trio.sleep(0.05)
+                        await trio.sleep(0.3)
+                        kill_now(dest)
+                        while (await watcher.execute("query-migrate")).get("status") == "active":
+                            await trio.sleep(0.05)
+                        migration_ended_as = (await watcher.execute("query-migrate"))["status"]
+        assert migration_ended_as == "failed"
         assert failure is not None
         assert failure.source_resumed and failure.destination_stopped, str(failure)
+        assert "failed" in failure.reason
         assert await qemu_status(source) == "running"
         resumed_at = time.monotonic()
         source.wait_for_marker(BOOT_TIMEOUT, ok=True, after=resumed_at)

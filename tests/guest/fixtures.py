@@ -7,6 +7,9 @@ given below), e.g. `from tests.guest.fixtures import guest_boot_files_fixture  #
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,14 @@ def guest_image_fixture(
     image = tmp_path / "guest.img"
     prepare_disk_image(image, guest_layout, guest_boot_files)
     return image
+
+
+@pytest.fixture(name="short_socket_dir")
+def short_socket_dir_fixture() -> Iterator[Path]:
+    """A private directory with a short path, for Unix sockets (their paths max out at 107 bytes,
+    which pytest's tmp_path can exceed)."""
+    directory = Path(tempfile.mkdtemp(prefix="pcg-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
