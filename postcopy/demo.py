@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -257,17 +258,14 @@ async def _guest_and_watch(
 
     live = out.isatty() if config.live is None else config.live
     async with nbdsrv.open_client(uri) as client, trio.open_nursery() as nursery:
-        guest_done = trio.Event()
-
-        async def guest() -> None:
-            await workload.run(client, config.timeout, start=started)
-            guest_done.set()
-
-        nursery.start_soon(guest)
+        stop_guest = trio.Event()
+        nursery.start_soon(
+            partial(workload.run, client, config.timeout, start=started, stop=stop_guest)
+        )
         record = await _watch_until_complete(state_dir, started, config, live, out)
         summary.drain_seconds = time.monotonic() - started
         await trio.sleep(EXTRA_GUEST_SECONDS)
-        nursery.cancel_scope.cancel()
+        stop_guest.set()  # the workload ends its operations in flight, then returns
     summary.transferred_bytes = int(record.get("transferred_bytes", 0))
     summary.faults = int(record.get("faults", 0))
     summary.fault_p50_ms = record.get("fault_latency_p50_ms")

@@ -8,7 +8,8 @@ At the end `compare_with_file()` checks a whole image (B's local file) the same 
 
 Writes are 4 KiB blocks of seeded random bytes aimed at `write_region` (the whole disk by default);
 reads are 4 KiB to 64 KiB, aligned to 4 KiB.  A block that a write touched while a read of it was
-in flight (started before, or started and finished during it) is not judged by that read.
+in flight (started before, or started and finished during it) is not judged by that read, and a
+block whose write failed or was cancelled unanswered is not judged at all.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class VerifyingWorkload:
         self.written: dict[int, bytes] = {}  # block index -> bytes the destination acknowledged
         self._writing: set[int] = set()
         self._write_starts: dict[int, int] = {}  # block index -> writes started on it so far
+        self.uncertain: set[int] = set()  # blocks whose last write was cancelled unanswered
         self._rng = random.Random(seed)
         self._write_fraction = write_fraction
         start, end = write_region or (0, size)
@@ -77,16 +79,26 @@ class VerifyingWorkload:
                 data[at : at + BLOCK] = block
         return bytes(data)
 
-    async def run(self, client: Any, duration: float, *, workers: int = 4, start: float) -> None:
-        """Run `workers` tasks for `duration` seconds; `start` is the time.monotonic() origin
-        used for `first_io_seconds`."""
-        with trio.move_on_after(duration):
-            async with trio.open_nursery() as nursery:
-                for _ in range(workers):
-                    nursery.start_soon(self._worker, client, start)
+    async def run(
+        self,
+        client: Any,
+        duration: float,
+        *,
+        workers: int = 4,
+        start: float,
+        stop: trio.Event | None = None,
+    ) -> None:
+        """Run `workers` tasks for `duration` seconds or until `stop` is set; `start` is the
+        time.monotonic() origin of `first_io_seconds`.  Workers finish the operation they are
+        in, so every write ends answered (cancelling the caller instead leaves writes unknown)."""
+        deadline = trio.current_time() + duration
+        stop = stop if stop is not None else trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(self._worker, client, start, deadline, stop)
 
-    async def _worker(self, client: Any, start: float) -> None:
-        while True:
+    async def _worker(self, client: Any, start: float, deadline: float, stop: trio.Event) -> None:
+        while not stop.is_set() and trio.current_time() < deadline:
             if self._rng.random() < self._write_fraction:
                 await self._write_one(client)
             else:
@@ -109,7 +121,12 @@ class VerifyingWorkload:
             self.report.bytes_written += BLOCK
         except Exception as exc:  # noqa: BLE001 - every failure is a finding
             self.report.errors.append(f"write at {index * BLOCK}: {exc}")
-            self.written.pop(index, None)  # unknown content now: stop judging it
+            self.uncertain.add(index)
+        except BaseException:
+            # Cancelled with the write sent but unanswered (the workload's end): it may or may
+            # not have landed, so the block is not judged any more.
+            self.uncertain.add(index)
+            raise
         finally:
             self._writing.discard(index)
 
@@ -138,21 +155,39 @@ class VerifyingWorkload:
         }
         expected = self.expected(offset, length)
         for i in range(blocks):
-            if index + i in busy:
+            if index + i in busy or index + i in self.uncertain:
                 continue
             if data[i * BLOCK : (i + 1) * BLOCK] != expected[i * BLOCK : (i + 1) * BLOCK]:
                 self.report.errors.append(f"read at {offset + i * BLOCK}: wrong data")
                 return
 
     def compare_with_file(self, image: Path, piece: int = 4 * 1024 * 1024) -> list[str]:
-        """Compare a whole image with the source plus acknowledged writes; returns mismatches."""
+        """Compare a whole image with the source plus acknowledged writes; returns mismatches,
+        one line per differing 4 KiB block (at most 10), saying what the block holds instead."""
         mismatches: list[str] = []
         with open(image, "rb") as handle:
             for offset in range(0, self.size, piece):
                 length = min(piece, self.size - offset)
                 actual = os.pread(handle.fileno(), length, offset)
-                if actual != self.expected(offset, length):
-                    mismatches.append(f"{image}: bytes {offset}..{offset + length} differ")
-                    if len(mismatches) >= 10:
-                        break
+                expected = self.expected(offset, length)
+                if actual == expected:
+                    continue
+                for at in range(0, length, BLOCK):
+                    got, want = actual[at : at + BLOCK], expected[at : at + BLOCK]
+                    if got != want and (offset + at) // BLOCK not in self.uncertain:
+                        mismatches.append(self._describe(offset + at, got))
+                        if len(mismatches) >= 10:
+                            return mismatches
         return mismatches
+
+    def _describe(self, offset: int, got: bytes) -> str:
+        written = offset // BLOCK in self.written
+        source = os.pread(self._source_fd, BLOCK, offset)
+        if got == bytes(len(got)):
+            holds = "zeros"
+        elif got == source:
+            holds = "the source's bytes"
+        else:
+            holds = "bytes from neither the source nor the last write"
+        kind = "guest-written" if written else "untouched"
+        return f"block at {offset} ({kind}) holds {holds}"
