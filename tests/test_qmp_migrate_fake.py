@@ -157,3 +157,20 @@ async def test_a_paused_destination_is_resumed_after_the_gate_opens(tmp_path: Pa
     assert (report.qemu_total_time_ms, report.qemu_downtime_ms) == (500, 20)
     assert is_source_frozen(tmp_path)
     assert dest.status == "running" and source.status == "postmigrate"
+
+
+def test_cli_says_in_one_line_when_a_qmp_socket_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from postcopy.cli import main
+
+    code = main(
+        [
+            "qemu-migrate", "--source-qmp", str(tmp_path / "absent-a.qmp"),
+            "--dest-qmp", str(tmp_path / "absent-b.qmp"), "--state-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "cannot connect to QMP socket" in err
+    assert not is_source_frozen(tmp_path)

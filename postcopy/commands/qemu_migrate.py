@@ -19,7 +19,9 @@ from pathlib import Path
 
 import trio
 
+from postcopy.errors import UserError
 from postcopy.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
+from postcopy.qmp import QMPError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = trio.run(migrate_qemu_domain, config)
+    except QMPError as exc:
+        # Raised only before anything was changed (a socket missing, a QEMU not answering).
+        raise UserError(str(exc)) from exc
     except MigrationFailed as exc:
         if args.json:
             print(
