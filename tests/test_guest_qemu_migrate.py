@@ -90,7 +90,8 @@ def test_qemu_migrate_moves_a_running_guest_and_it_keeps_passing(
         assert migration.returncode == 0, stderr
         report = json.loads(stdout)
         assert report["status"] == "completed"
-        assert 0 < report["qemu_downtime_ms"] <= report["qemu_total_time_ms"]
+        assert 0 <= report["qemu_downtime_ms"] <= report["qemu_total_time_ms"]  # ms: may be 0
+        assert report["qemu_total_time_ms"] > 0
         assert report["ram_transferred_bytes"] > 0
 
         source.poll_serial()
