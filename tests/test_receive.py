@@ -208,14 +208,14 @@ def test_guest_writes_during_slow_drain_are_never_lost(tmp_path: Path) -> None:
     sparse_test_image(image, 64 * MiB, seed=5, data_fraction=1.0)
     rng = random.Random(9)
     writes: dict[int, bytes] = {}
-    with running_serve(f"disk={image}", read_delay=0.2) as serve, running_receive(
+    with running_serve(f"disk={image}", read_delay=0.1) as serve, running_receive(
         serve.export_uri("disk"), tmp_path
     ) as receiver:
         handle = connect(receiver.uri)
         receiver.wait_status(lambda r: r["drain_bytes"] > 0)  # from now on 4 fetches in flight
         # whole chunks (they never wait), then partial chunks (they wait for their chunk's
         # fetch), all over the disk: the drain has 4 x 1 MiB requests in flight at any time,
-        # each held 0.2 s by the source, so some of these land on chunks being fetched
+        # each held 0.1 s by the source, so some of these land on chunks being fetched
         for chunk in [*range(1, 1024, 10), *range(0, 1024, 128)]:
             offset = chunk * CHUNK + (0 if chunk % 2 else 1000)
             length = CHUNK if chunk % 2 else 3000
