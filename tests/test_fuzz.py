@@ -143,19 +143,23 @@ EXPORTS = {
 }
 
 
+OPTIONS = st.sampled_from([int(o) for o in k.Option]) | u32
+OPTION_REPLIES = st.sampled_from([int(r) for r in k.OptionReply]) | u32
+INFO_LISTS = st.lists(st.sampled_from([int(i) for i in k.Info]) | u16, max_size=4)
+QUERY_LISTS = st.lists(st.sampled_from([k.BASE_ALLOCATION, "base:", "qemu:x"]) | names, max_size=3)
+
+
 @st.composite
 def option_messages(draw: st.DrawFn) -> bytes:
-    option = draw(st.sampled_from(list(k.Option)) | u32)
+    option = draw(OPTIONS)
     shape = draw(st.integers(0, 3))
     if shape == 0:
         data = draw(st.binary(max_size=48))
     elif option in (k.Option.INFO, k.Option.GO):
-        infos = draw(st.lists(st.sampled_from(list(k.Info)) | u16, max_size=4))
+        infos = draw(INFO_LISTS)
         data = wire.build_info_request(wire.InfoRequest(draw(names), tuple(int(i) for i in infos)))
     elif option in (k.Option.LIST_META_CONTEXT, k.Option.SET_META_CONTEXT):
-        queries = draw(
-            st.lists(st.sampled_from([k.BASE_ALLOCATION, "base:", "qemu:x"]) | names, max_size=3)
-        )
+        queries = draw(QUERY_LISTS)
         data = wire.build_meta_context_request(wire.MetaContextRequest(draw(names), tuple(queries)))
     elif option == k.Option.EXPORT_NAME:
         data = draw(names).encode()
@@ -308,17 +312,22 @@ boundary_lengths = st.sampled_from(
 
 @st.composite
 def requests(draw: st.DrawFn) -> bytes:
-    command = draw(st.sampled_from(list(k.Command)) | u16)
-    flags = draw(st.sampled_from([0, *[int(f) for f in k.CommandFlag]]) | u16)
-    offset = draw(boundary_offsets | st.integers(0, 2 * SIZE) | u64)
-    if command == k.Command.WRITE:
-        length = draw(st.integers(0, 2048) | boundary_lengths)
-    else:
-        length = draw(boundary_lengths | st.integers(0, 2 * SIZE) | u32)
+    command = draw(COMMANDS)
+    flags = draw(COMMAND_FLAGS)
+    offset = draw(OFFSETS)
+    length = draw(WRITE_LENGTHS if command == k.Command.WRITE else LENGTHS)
     header = wire.build_request_header(wire.Request(flags, command, draw(u64), offset, length))
     if command == k.Command.WRITE and length <= 2048:
-        return header + bytes(draw(st.binary(min_size=length, max_size=length)))
+        return header + random.Random(length).randbytes(length)  # the bytes do not matter
     return header
+
+
+# Built once: making a strategy per draw costs more than drawing from it.
+COMMANDS = st.sampled_from([int(c) for c in k.Command]) | u16
+COMMAND_FLAGS = st.sampled_from([0, *[int(f) for f in k.CommandFlag]]) | u16
+OFFSETS = boundary_offsets | st.integers(0, 2 * SIZE) | u64
+WRITE_LENGTHS = st.integers(0, 2048) | boundary_lengths
+LENGTHS = boundary_lengths | st.integers(0, 2 * SIZE) | u32
 
 
 @st.composite
@@ -388,8 +397,8 @@ def test_fuzz_server_transmission(
 
 @st.composite
 def server_option_replies(draw: st.DrawFn) -> bytes:
-    option = draw(st.sampled_from(list(k.Option)) | u32)
-    reply = draw(st.sampled_from(list(k.OptionReply)) | u32)
+    option = draw(OPTIONS)
+    reply = draw(OPTION_REPLIES)
     if reply == k.OptionReply.INFO and draw(st.booleans()):
         items: list[wire.InfoItem] = [
             wire.ExportInfo(SIZE, int(k.TransmissionFlag.HAS_FLAGS)),
