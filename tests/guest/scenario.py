@@ -362,5 +362,7 @@ def measure_postcopy_run(
         "drain_s": result.drain_seconds,
         "passes_during_drain": result.passes_during_drain,
         "demand_fetches": float(result.final_status.get("demand_fetches", 0)),
+        "fault_p50_ms": float(result.final_status.get("fault_latency_p50_ms") or 0.0),
+        "fault_p99_ms": float(result.final_status.get("fault_latency_p99_ms") or 0.0),
         "guest_fail_markers": float(len(result.failures)),
     }
