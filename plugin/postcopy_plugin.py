@@ -3,7 +3,8 @@
 #   PYTHONPATH=<project root>:<venv site-packages> \
 #   nbdkit -f --exit-with-parent -t 4 -U /run/disk.sock python plugin/postcopy_plugin.py \
 #       source=nbd://host-a:10809/disk dest=/var/lib/vm/disk.img state_dir=/var/lib/vm/disk.state \
-#       chunk_size=65536 wait_for_source=1
+#       chunk_size=65536 wait_for_source=1 unreachable_timeout=180 request_timeout=10 \
+#       bandwidth=209715200
 #
 # The script is a thin shell: every callback hands the request to one `postcopy.engine.Engine`
 # per nbdkit process (so every connection sees the same disk: can_multi_conn is true).  The
@@ -34,7 +35,7 @@ def thread_model():
 def config(key, value):
     known = _REQUIRED + (
         "chunk_size", "wait_for_source", "export_name", "source_id", "unreachable_timeout",
-        "drain_requests", "drain_request_size",
+        "drain_requests", "drain_request_size", "request_timeout", "bandwidth",
     )
     if key not in known:
         raise ValueError(f"unknown parameter {key!r} (known: {', '.join(known)})")
@@ -58,6 +59,10 @@ def config_complete():
         engine_config.chunk_size = nbdkit.parse_size(_settings["chunk_size"])
     if "unreachable_timeout" in _settings:
         engine_config.unreachable_timeout = float(_settings["unreachable_timeout"])
+    if "request_timeout" in _settings:
+        engine_config.request_timeout = float(_settings["request_timeout"])
+    if "bandwidth" in _settings:
+        engine_config.bandwidth = int(_settings["bandwidth"]) or None
     if "drain_requests" in _settings:
         engine_config.drain_requests_in_flight = int(_settings["drain_requests"])
     if "drain_request_size" in _settings:

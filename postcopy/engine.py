@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from nbdsrv.errors import CommandError, NBDError
+from nbdsrv.errors import CommandError
 from postcopy import source_gate, status
 from postcopy.blockmap import (
     DEFAULT_CHUNK_SIZE,
@@ -72,6 +72,7 @@ from postcopy.fetch import (
     nbd_source_opener,
     percentile,
 )
+from postcopy.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,6 +80,9 @@ T = TypeVar("T")
 # extent types, as nbdkit spells them (nbdkit.EXTENT_HOLE, nbdkit.EXTENT_ZERO)
 EXTENT_HOLE = 1
 EXTENT_ZERO = 2
+# once the source has been unreachable for the whole window, a guest read of missing data waits
+# only this long (for a reconnection attempt made at once) before it fails with EIO
+UNREACHABLE_GRACE_SECONDS = 1.0
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -123,7 +127,9 @@ class EngineConfig:
     drain_requests_during_faults: int = 1
     fault_quiet_seconds: float = 0.05
     block_status_window_bytes: int = 1024 * 1024 * 1024
-    unreachable_timeout: float = 30.0  # how long a guest read waits for the source
+    unreachable_timeout: float = 180.0  # how long a guest read waits for the source
+    request_timeout: float = 10.0  # a source request (or handshake) unanswered this long: stalled
+    bandwidth: int | None = None  # drain cap in bytes per second (None: no cap)
     sync_interval: float = 1.0
     status_interval: float = 0.25
     gate_poll_interval: float = 0.1
@@ -197,6 +203,7 @@ class Engine:
         self._frozen_event: trio.Event | None = None
         self._complete_event: trio.Event | None = None
         self._job_finished: trio.Event | None = None
+        self._bucket: TokenBucket | None = None
 
     # ===== lifecycle =============================================================================
 
@@ -243,6 +250,11 @@ class Engine:
         self._frozen_event = trio.Event()
         self._complete_event = trio.Event()
         self._job_finished = trio.Event()
+        if self.config.bandwidth:
+            self._bucket = TokenBucket(
+                self.config.bandwidth,
+                capacity=max(self.config.bandwidth // 4, self.config.drain_request_bytes),
+            )
         if self._frozen:
             self._frozen_event.set()
         if self.map.is_complete:
@@ -260,8 +272,12 @@ class Engine:
     ) -> None:
         """Everything that needs the source (links, fetch jobs, drain), torn down at completion."""
         assert self._complete_event is not None and self._frozen_event is not None
-        self._demand_link = SourceLink("demand", self._opener, self.size)
-        self._drain_link = SourceLink("drain", self._opener, self.size)
+        timeouts = {
+            "request_timeout": self.config.request_timeout,
+            "connect_timeout": self.config.request_timeout,
+        }
+        self._demand_link = SourceLink("demand", self._opener, self.size, **timeouts)
+        self._drain_link = SourceLink("drain", self._opener, self.size, **timeouts)
         self._links = [self._demand_link, self._drain_link]
         self._links_ever = list(self._links)  # (`_links` empties at completion)
         async with trio.open_nursery() as nursery:
@@ -544,28 +560,37 @@ class Engine:
             position = run_end
 
     async def _source_read(self, link: SourceLink, part: memoryview, offset: int) -> None:
-        """Read from the source, retrying over reconnects, for at most the unreachable window."""
-        with trio.move_on_after(self.config.unreachable_timeout):
-            while True:
-                try:
-                    client = await link.get()
-                except SourceMismatch as exc:
-                    raise EngineIOError(errno.EIO, str(exc)) from None
-                try:
-                    await client.pread_into(part, offset)
-                    return
-                except CommandError as exc:
-                    raise EngineIOError(exc.errno, str(exc)) from None
-                except (OSError, NBDError) as exc:
-                    link.report_broken(client, exc)
-                    await trio.lowlevel.checkpoint()
+        """Read from the source, retrying over reconnects, within the unreachable window."""
+        with trio.move_on_at(self._guest_deadline(link)):
+            try:
+                await link.pread_into(part, offset)
+            except SourceMismatch as exc:
+                raise EngineIOError(errno.EIO, str(exc)) from None
+            except CommandError as exc:
+                raise EngineIOError(exc.errno, str(exc)) from None
+            return
         raise EngineIOError(errno.EIO, "source unreachable")
+
+    def _guest_deadline(self, link: SourceLink | None) -> float:
+        """When a guest request that needs the source gives up (trio clock): the unreachable
+        window from now, but once the source has been down for longer than the window, only a
+        short grace (`UNREACHABLE_GRACE_SECONDS`, in which the link retries at once), so that
+        reads of missing data fail quickly during a long outage and succeed as soon as the
+        source is back."""
+        window = self.config.unreachable_timeout
+        now = trio.current_time()
+        if link is None or link.down_since is None:
+            return now + window
+        link.retry_now()
+        remaining = window - link.seconds_down()
+        return now + max(remaining, min(window, UNREACHABLE_GRACE_SECONDS))
 
     async def _ensure_present(self, first: int, end: int, demand: bool) -> None:
         """Wait until chunks `[first, end)` are PRESENT, starting fetches for uncovered ones."""
         if self._failure is not None:
             raise EngineIOError(errno.EIO, self._failure)
-        with trio.move_on_after(self.config.unreachable_timeout) as timeout_scope:
+        link = self._demand_link if demand else self._drain_link
+        with trio.move_on_at(self._guest_deadline(link)) as timeout_scope:
             while not self.map.all_present(first, end):
                 jobs = self._start_fetches(first, end, demand)
                 for job in jobs:
@@ -607,6 +632,8 @@ class Engine:
         for chunk in range(first, end):
             self._in_flight[chunk] = job
         if demand:
+            if self._bucket is not None:
+                self._bucket.take(self._job_bytes(first, end))  # counted, never waited for
             self.demand_fetches += 1
             self._demand_jobs_in_flight += 1
             self._last_fault_at = trio.current_time()
@@ -615,6 +642,10 @@ class Engine:
         self._nursery.start_soon(self._run_fetch, job)
         return job
 
+    def _job_bytes(self, first: int, end: int) -> int:
+        shift = self.map.chunk_shift
+        return min(end << shift, self.size) - (first << shift)
+
     async def _run_fetch(self, job: FetchJob) -> None:
         link = self._demand_link if job.demand else self._drain_link
         start = job.first << self.map.chunk_shift
@@ -622,20 +653,15 @@ class Engine:
         buffer = bytearray(stop - start)
         try:
             assert link is not None
-            while True:
-                try:
-                    client = await link.get()
-                except SourceMismatch as exc:
-                    self._fail(str(exc))
-                    raise EngineIOError(errno.EIO, str(exc)) from None
-                try:
-                    await client.pread_into(buffer, start)
-                    break
-                except CommandError as exc:
-                    raise EngineIOError(exc.errno, f"source: {exc}") from None
-                except (OSError, NBDError) as exc:
-                    link.report_broken(client, exc)
-                    await trio.lowlevel.checkpoint()
+            try:
+                # re-sent on every new connection until it succeeds (a stalled request is
+                # dropped at its deadline): a fetch is never lost across a reconnect
+                await link.pread_into(buffer, start)
+            except SourceMismatch as exc:
+                self._fail(str(exc))
+                raise EngineIOError(errno.EIO, str(exc)) from None
+            except CommandError as exc:
+                raise EngineIOError(exc.errno, f"source: {exc}") from None
             self.transferred_bytes += len(buffer)
             if job.demand:
                 self.demand_bytes += len(buffer)
@@ -719,6 +745,8 @@ class Engine:
             while not self.map.is_complete:
                 await slots.acquire()
                 await self._wait_demand_quiet()
+                if self._bucket is not None:
+                    await self._bucket.wait_for_credit()  # the bandwidth cap
                 if self._drain_hint is not None:
                     cursor, self._drain_hint = self._drain_hint, None
                 picked = None
@@ -748,6 +776,8 @@ class Engine:
                     continue
                 first, end = picked
                 cursor = end
+                if self._bucket is not None:
+                    self._bucket.take(self._job_bytes(first, end))
                 job = self._new_job(first, end, False)
                 nursery.start_soon(self._release_when_done, job, slots)
         self._check_complete()
@@ -806,23 +836,17 @@ class Engine:
         shift = self.map.chunk_shift
         start = first << shift
         stop = min(end << shift, self.size)
-        for _attempt in range(3):
-            try:
-                client = await link.get()
-            except SourceMismatch as exc:
-                self._fail(str(exc))
-                return
-            try:
-                async for extent in client.iter_extents(start, stop - start):
-                    if extent.flags & (EXTENT_HOLE | EXTENT_ZERO):
-                        self._mark_source_hole(extent.offset, extent.offset + extent.length)
-                return
-            except CommandError as exc:
-                log.info("postcopy: source block status failed (%s); copying everything", exc)
-                return
-            except (OSError, NBDError) as exc:
-                link.report_broken(client, exc)
-                await trio.lowlevel.checkpoint()
+        try:
+            extents = await link.extents(start, stop - start)
+        except SourceMismatch as exc:
+            self._fail(str(exc))
+            return
+        except CommandError as exc:
+            log.info("postcopy: source block status failed (%s); copying everything", exc)
+            return
+        for extent in extents:
+            if extent.flags & (EXTENT_HOLE | EXTENT_ZERO):
+                self._mark_source_hole(extent.offset, extent.offset + extent.length)
 
     def _mark_source_hole(self, hole_start: int, hole_end: int) -> None:
         chunk = self.map.chunk_size
@@ -957,6 +981,8 @@ class Engine:
             "present_rate_bytes_per_second": round(present_rate),
             "eta_seconds": eta,
             "reconnects": sum(max(0, link.connects - 1) for link in self._links_ever),
+            "stalls": sum(link.stalls for link in self._links_ever),
+            "bandwidth_bytes_per_second": self.config.bandwidth,
             "source_down_seconds": round(down, 3),
             "unreachable_timeout_seconds": self.config.unreachable_timeout,
             "error": self._failure or (errors[0] if errors and down > 0 else None),

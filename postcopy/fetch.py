@@ -2,10 +2,17 @@
 
 A `SourceLink` owns one NBD client connection to the source.  Its `run()` task connects (through
 an opener: `nbdsrv.open_client` in production, a fake in tests), publishes the client, and waits
-until a user reports it broken (`report_broken`); then it reconnects with exponential backoff
-(0.05 s doubling to 2 s).  Users call `await link.get()` for a connected client, so a fetch that
-failed on a dropped connection simply asks again and is re-sent on the new one.  The engine keeps
-two links: one for guest misses (so they never queue behind drain traffic) and one for the drain.
+until a user reports it broken (`report_broken`); then it drops the connection at once (no
+graceful NBD_CMD_DISC: the peer may be stalled) and reconnects with exponential backoff (0.05 s
+doubling to 1 s).  Users call `await link.get()` for a connected client, so a fetch that failed on
+a dropped connection simply asks again and is re-sent on the new one.  The engine keeps two
+links: one for guest misses (so they never queue behind drain traffic) and one for the drain.
+
+Stalls.  A source whose TCP connection is alive but that answers nothing is caught by deadlines:
+the connection and handshake must finish within `connect_timeout`, and every request made through
+`SourceLink.pread_into` / `SourceLink.extents` within `request_timeout`; a request past its
+deadline reports the connection broken (`stalls` counts them), which fails every other request
+pending on it, and all of them are re-sent on the next connection.
 
 A source whose size differs from the disk is a fatal mismatch (`SourceMismatch`): the link stops.
 """
@@ -21,12 +28,14 @@ from typing import Any, Protocol
 
 import trio
 
-from nbdsrv.errors import NBDError
+from nbdsrv.errors import CommandError, NBDError
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_SECONDS = 0.05
-BACKOFF_MAX_SECONDS = 2.0
+BACKOFF_MAX_SECONDS = 1.0
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
 class SourceClient(Protocol):
@@ -60,16 +69,36 @@ class SourceMismatch(Exception):
     """The source is not the disk this destination belongs to."""
 
 
+class SourceStalled(TimeoutError):
+    """The source accepted a request (or a connection) and did not answer in time."""
+
+
+class _LinkBroken(Exception):
+    """Leaves the client's context without a graceful disconnect (the peer may be stalled)."""
+
+
 class SourceLink:
     """One self-healing connection to the source."""
 
-    def __init__(self, name: str, opener: SourceOpener, expected_size: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        opener: SourceOpener,
+        expected_size: int,
+        *,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
         self.name = name
         self._opener = opener
         self._expected_size = expected_size
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.stalls = 0  # requests or connection attempts that hit their deadline
         self._client: Any = None
         self._connected = trio.Event()
         self._broken = trio.Event()
+        self._retry = trio.Event()
         self.connects = 0
         self.last_error: str | None = None
         self.fatal_error: str | None = None
@@ -87,6 +116,50 @@ class SourceLink:
             await self._connected.wait()
         return self._client
 
+    async def pread_into(self, buffer: memoryview | bytearray, offset: int) -> None:
+        """Read from the source, re-sent over reconnects until it succeeds (callers bound the
+        whole wait).  Each attempt has `request_timeout`; the server's own error reply
+        (CommandError) and a fatal mismatch (SourceMismatch) are raised."""
+        while True:
+            client = await self.get()
+            try:
+                with trio.fail_after(self.request_timeout):
+                    await client.pread_into(buffer, offset)
+                return
+            except trio.TooSlowError:
+                self.stalls += 1
+                self.report_broken(
+                    client, SourceStalled(f"no reply to a read in {self.request_timeout:g}s")
+                )
+            except CommandError:
+                raise
+            except (OSError, NBDError) as exc:
+                self.report_broken(client, exc)
+            await trio.lowlevel.checkpoint()
+
+    async def extents(self, offset: int, length: int) -> list[Any]:
+        """The source's block status for a range (one attempt per connection, like
+        `pread_into`); CommandError when the source cannot answer it."""
+        while True:
+            client = await self.get()
+            try:
+                with trio.fail_after(self.request_timeout):
+                    return [extent async for extent in client.iter_extents(offset, length)]
+            except trio.TooSlowError:
+                self.stalls += 1
+                self.report_broken(
+                    client, SourceStalled(f"no block status in {self.request_timeout:g}s")
+                )
+            except CommandError:
+                raise
+            except (OSError, NBDError) as exc:
+                self.report_broken(client, exc)
+            await trio.lowlevel.checkpoint()
+
+    def retry_now(self) -> None:
+        """Cut the current back-off wait short: someone needs the source now."""
+        self._retry.set()
+
     def report_broken(self, client: Any, error: BaseException) -> None:
         """A call on `client` failed because the connection is unusable: reconnect."""
         if client is self._client and client is not None:
@@ -103,31 +176,45 @@ class SourceLink:
         self.down_since = time.monotonic()
         while True:
             try:
-                async with self._opener() as client:
-                    if client.size != self._expected_size:
-                        self.fatal_error = (
-                            f"source size {client.size} differs from the disk size "
-                            f"{self._expected_size}"
-                        )
-                        self._connected.set()  # wake waiters so they see the fatal error
-                        return
-                    self._client = client
-                    self.connects += 1
-                    self.down_since = None
-                    backoff = BACKOFF_FIRST_SECONDS
-                    self._connected.set()
-                    try:
-                        await self._broken.wait()
-                    finally:
-                        if self._client is client:
-                            self._client = None
-                            self._connected = trio.Event()
-                            self.down_since = time.monotonic()
-                        self._broken = trio.Event()
+                # the deadline covers connecting and the handshake; it is lifted once connected
+                connect_deadline = trio.current_time() + self.connect_timeout
+                with trio.CancelScope(deadline=connect_deadline) as attempt:
+                    async with self._opener() as client:
+                        attempt.deadline = math.inf
+                        if client.size != self._expected_size:
+                            self.fatal_error = (
+                                f"source size {client.size} differs from the disk size "
+                                f"{self._expected_size}"
+                            )
+                            self._connected.set()  # wake waiters so they see the fatal error
+                            return
+                        self._client = client
+                        self.connects += 1
+                        self.down_since = None
+                        backoff = BACKOFF_FIRST_SECONDS
+                        self._connected.set()
+                        try:
+                            await self._broken.wait()
+                        finally:
+                            if self._client is client:
+                                self._client = None
+                                self._connected = trio.Event()
+                                self.down_since = time.monotonic()
+                            self._broken = trio.Event()
+                        raise _LinkBroken  # close at once: no NBD_CMD_DISC to a stalled peer
+                if attempt.cancelled_caught:
+                    self.stalls += 1
+                    self.last_error = (
+                        f"SourceStalled: no NBD handshake within {self.connect_timeout:g}s"
+                    )
+            except _LinkBroken:
+                pass
             except (OSError, NBDError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.debug("source link %s: %s", self.name, self.last_error)
-            await trio.sleep(backoff)
+            with trio.move_on_after(backoff):
+                await self._retry.wait()
+            self._retry = trio.Event()
             backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
 
     def seconds_down(self) -> float:

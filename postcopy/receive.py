@@ -52,6 +52,8 @@ class ReceiveConfig:
     export_name: str | None = None
     source_id: str | None = None
     unreachable_timeout: float | None = None
+    request_timeout: float | None = None
+    bandwidth: int | None = None  # drain cap in bytes/s
     domain: str | None = None
 
 
@@ -201,6 +203,10 @@ def nbdkit_command(config: ReceiveConfig) -> list[str]:
         parameters["source_id"] = config.source_id
     if config.unreachable_timeout is not None:
         parameters["unreachable_timeout"] = str(config.unreachable_timeout)
+    if config.request_timeout is not None:
+        parameters["request_timeout"] = str(config.request_timeout)
+    if config.bandwidth is not None:
+        parameters["bandwidth"] = str(config.bandwidth)
     command += [f"{key}={value}" for key, value in parameters.items()]
     return command
 

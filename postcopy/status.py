@@ -22,6 +22,8 @@ at least twice a second while anything changes, and every 5 s otherwise.  Reader
     present_rate_bytes_per_second    growth of present_bytes per second over the last ~5 s
     eta_seconds              missing_bytes / present rate; 0 when complete; null when unknown
     reconnects               successful reconnections to the source by this run
+    stalls                   source requests or handshakes dropped at their deadline (a stall)
+    bandwidth_bytes_per_second   the drain's cap (null: none)
     source_down_seconds      how long the source has been unreachable (0 when connected)
     unreachable_timeout_seconds  how long a guest read waits for an unreachable source
     error                    the last error (failure reason or connection error), or null
