@@ -40,7 +40,9 @@ def fio_command(uri: str, offset: int, size: int) -> list[str]:
     ]  # fmt: skip
 
 
-def read_missing_in_thread(uri: str, offset: int, length: int) -> tuple[threading.Thread, list[Any]]:
+def read_missing_in_thread(
+    uri: str, offset: int, length: int
+) -> tuple[threading.Thread, list[Any]]:
     """A guest read on its own connection and thread (it may wait for the source)."""
     result: list[Any] = []
 
