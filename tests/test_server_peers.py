@@ -432,7 +432,7 @@ def test_fio_random_writes_verify_at_iodepth_16(writable_image: Path) -> None:
                 "fio", "--name=verify", "--ioengine=nbd", f"--uri={serve.uri}",
                 "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                "--output-format=json",
+                "--verify_state_save=0", "--output-format=json",
             ],
             capture_output=True, text=True, timeout=120,
         )
