@@ -11,13 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.guest.build import GuestBootFiles, modinfo_depends
+from postcopy.guestkit.build import GuestBootFiles, modinfo_depends
+from postcopy.guestkit.qemu import GuestLayout, expected_preboot_bytes, run_qemu_guest
 from tests.guest.fixtures import (  # noqa: F401  (fixtures)
     guest_boot_files_fixture,
     guest_image_fixture,
     guest_layout_fixture,
 )
-from tests.guest.qemu import GuestLayout, expected_preboot_bytes, run_qemu_guest
 
 BOOT_TIMEOUT = 30
 

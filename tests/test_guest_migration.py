@@ -3,8 +3,8 @@
 Host A runs the guest on a local raw image and `postcopy serve` exports that image read-only;
 Host B runs `postcopy receive --wait-for-source` and a QEMU started with `-incoming defer` on the
 URI it printed; `postcopy qemu-migrate` moves the RAM and opens the gate at switchover (see
-tests/guest/scenario.py).  The guest checks its own disk every pass: the data written before boot,
-everything it wrote on A and on B, and a region that must stay zero.
+postcopy/guestkit/scenario.py).  The guest checks its own disk every pass: the data written
+before boot, everything it wrote on A and on B, and a region that must stay zero.
 
 The negative control feeds B a copy of A's disk taken a few passes too early: the guest's own
 re-reads must catch it, and the same checks that pass above must fail.
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.build import GuestBootFiles
-from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401  (fixture)
-from tests.guest.scenario import (
+from postcopy.guestkit.build import GuestBootFiles
+from postcopy.guestkit.scenario import (
     LINK_RATE,
     SCENARIO_LAYOUT,
     check_scenario,
     run_postcopy_scenario,
 )
+from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401  (fixture)
 
 
 def test_guest_keeps_passing_while_postcopy_moves_its_disk(

@@ -17,17 +17,23 @@ import pytest
 import trio
 
 from postcopy.errors import UserError
+from postcopy.guestkit.build import GuestBootFiles
+from postcopy.guestkit.qemu import (
+    GuestLayout,
+    QemuGuest,
+    kill_now,
+    run_qemu_guest,
+    wait_until_exited,
+)
 from postcopy.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
 from postcopy.qmp import open_qmp
 from postcopy.source_gate import is_source_frozen
-from tests.guest.build import GuestBootFiles
 from tests.guest.fixtures import (  # noqa: F401  (fixtures)
     guest_boot_files_fixture,
     guest_image_fixture,
     guest_layout_fixture,
     short_socket_dir_fixture,
 )
-from tests.guest.qemu import GuestLayout, QemuGuest, kill_now, run_qemu_guest, wait_until_exited
 
 BOOT_TIMEOUT = 30
 SLOW_BANDWIDTH = 1 << 20  # bytes/s: keeps a 128 MiB guest's migration busy for a while

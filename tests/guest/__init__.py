@@ -1,4 +1,5 @@
-"""The tiny test guest and the tools to run it: `build` (kernel + initramfs, cached),
-`workload.c` (the self-checking disk workload), `qemu` (start QEMU, read its console markers),
-`scenario` (the postcopy migration of a running guest), `fixtures` (pytest), `measure` (timings).
+"""pytest fixtures for the tests that boot the test guest (`fixtures`).
+
+The guest itself and the tools to run it live in the package: `postcopy.guestkit` (`build`,
+`qemu`, `scenario`); the timing measurements are `bench/bench_guest.py`.
 """

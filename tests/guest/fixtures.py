@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.build import GuestBootFiles, ensure_guest_boot_files
-from tests.guest.qemu import GuestLayout, prepare_disk_image
+from postcopy.guestkit.build import GuestBootFiles, ensure_guest_boot_files
+from postcopy.guestkit.qemu import GuestLayout, prepare_disk_image
 
 
 @pytest.fixture(scope="session", name="guest_boot_files")

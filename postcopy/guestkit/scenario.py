@@ -37,9 +37,8 @@ from typing import Any
 
 import trio
 
-from postcopy.qemu_migrate import MigrationConfig, MigrationReport, migrate_qemu_domain
-from tests.guest.build import GuestBootFiles
-from tests.guest.qemu import (
+from postcopy.guestkit.build import GuestBootFiles
+from postcopy.guestkit.qemu import (
     MIB,
     GuestLayout,
     Marker,
@@ -47,6 +46,7 @@ from tests.guest.qemu import (
     prepare_disk_image,
     run_qemu_guest,
 )
+from postcopy.qemu_migrate import MigrationConfig, MigrationReport, migrate_qemu_domain
 
 BOOT_TIMEOUT = 30.0
 URI_RE = re.compile(r"nbd(\+unix)?://\S+")
@@ -350,7 +350,7 @@ def measure_postcopy_run(
     layout: GuestLayout | None = None,
     link_rate: str | None = None,
 ) -> dict[str, float]:
-    """One scenario run for `tests.guest.measure --mode postcopy`."""
+    """One scenario run for `python -m bench guest --mode postcopy`."""
     result = run_postcopy_scenario(boot_files, workdir, layout, link_rate=link_rate)
     check_scenario(result)
     assert result.report is not None and result.drain_seconds is not None

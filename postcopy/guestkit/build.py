@@ -15,9 +15,11 @@ How it works:
    busybox-static, the modules and the workload, plus a `/dev/console` node (so the kernel gives
    init a console without needing root on the host to create device files).
 
-Everything lands in `<repo>/.cache/guest/` (or `$POSTCOPY_GUEST_CACHE`), keyed by the kernel
-package's version and content hashes of the other inputs, so later runs build nothing.  A file
-lock serialises concurrent builders.  Run `python -m tests.guest.build` to build by hand.
+Everything lands in the cache (`cache_root`): `<checkout>/.cache/guest/` when the package runs
+from a source checkout, else `$XDG_CACHE_HOME/postcopy/guest` (`~/.cache/postcopy/guest`);
+`$POSTCOPY_GUEST_CACHE` overrides both.  Entries are keyed by the kernel package's version and
+content hashes of the other inputs, so later runs build nothing.  A file lock serialises
+concurrent builders.  Run `python -m postcopy.guestkit.build` to build by hand.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-GUEST_DIR = Path(__file__).resolve().parent
-REPO_ROOT = GUEST_DIR.parents[1]
+GUEST_DIR = Path(__file__).resolve().parent  # init.sh and workload.c ship next to this module
+CHECKOUT_ROOT = GUEST_DIR.parents[1]  # the source tree's top, when the package runs from one
 BUILDER_VERSION = "1"  # bump to invalidate every cached initramfs
 # The modules the guest needs; their dependencies are found from .modinfo.
 WANTED_MODULES = ("virtio_pci", "virtio_blk")
@@ -64,7 +66,14 @@ class GuestBootFiles:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("POSTCOPY_GUEST_CACHE", REPO_ROOT / ".cache" / "guest"))
+    """Where the built guest is kept (see the module docs for the order of choices)."""
+    override = os.environ.get("POSTCOPY_GUEST_CACHE")
+    if override:
+        return Path(override)
+    if (CHECKOUT_ROOT / "pyproject.toml").is_file() and (CHECKOUT_ROOT / "postcopy").is_dir():
+        return CHECKOUT_ROOT / ".cache" / "guest"
+    user_cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(user_cache) / "postcopy" / "guest"
 
 
 def _sha256_file(path: Path) -> str:

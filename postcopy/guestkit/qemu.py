@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.guest.build import GuestBootFiles
+from postcopy.guestkit.build import GuestBootFiles
 
 MIB = 1 << 20
 MARKER_RE = re.compile(r"POSTCOPY-GUEST PASS (\d+) (OK|FAIL)(.*)")

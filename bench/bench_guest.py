@@ -1,6 +1,7 @@
 """Measure the test guest's boot and QEMU live migration over several runs.
 
-    python -m tests.guest.measure [--runs 10] [--mode shared|postcopy]
+    .venv/bin/python -m bench.bench_guest [--runs 10] [--mode shared|postcopy] [--no-link]
+    .venv/bin/python -m bench guest       (the defaults: 10 runs, shared storage)
 
 Each run boots a fresh guest on a fresh image, lets it pass twice, migrates it with
 `migrate_qemu_domain`, and waits for passes on the destination.  It prints one line per run and
@@ -21,9 +22,10 @@ from typing import Any
 
 import trio
 
+from postcopy.guestkit.build import GuestBootFiles, ensure_guest_boot_files
+from postcopy.guestkit.qemu import GuestLayout, prepare_disk_image, run_qemu_guest
+from postcopy.guestkit.scenario import LINK_RATE, SCENARIO_LAYOUT, measure_postcopy_run
 from postcopy.qemu_migrate import MigrationConfig, migrate_qemu_domain
-from tests.guest.build import GuestBootFiles, ensure_guest_boot_files
-from tests.guest.qemu import GuestLayout, prepare_disk_image, run_qemu_guest
 
 
 def measure_shared_storage_run(boot_files: GuestBootFiles, workdir: Path) -> dict[str, float]:
@@ -64,13 +66,15 @@ def summarise(runs: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run the measurements; `argv` defaults to the command line (names of other benchmarks
+    given to `python -m bench` are ignored)."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--mode", choices=["shared", "postcopy"], default="shared")
     parser.add_argument(
         "--no-link", action="store_true", help="postcopy mode: no rate-limited relay"
     )
-    args = parser.parse_args(argv)
+    args, _other_benchmarks = parser.parse_known_args(argv)
     boot_files = ensure_guest_boot_files()
     runs = []
     for number in range(1, args.runs + 1):
@@ -78,12 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "shared":
                 result = measure_shared_storage_run(boot_files, Path(directory))
             else:
-                from tests.guest.scenario import (
-                    LINK_RATE,
-                    SCENARIO_LAYOUT,
-                    measure_postcopy_run,
-                )
-
                 link = None if args.no_link else LINK_RATE
                 result = measure_postcopy_run(boot_files, Path(directory), SCENARIO_LAYOUT, link)
         runs.append(result)
