@@ -54,6 +54,7 @@ class TokenBucket:
             return
         started = trio.current_time()
         while self._tokens < 0:
-            await trio.sleep(-self._tokens / self.rate)
+            # (at least 1 ms: a float remainder of a byte would sleep for no time at all)
+            await trio.sleep(max(-self._tokens / self.rate, 0.001))
             self._refill()
         self.waited_seconds += trio.current_time() - started
