@@ -194,6 +194,9 @@ class BlockMap:
             self._present_count = self._guest_written_count = 0
         self._journal_fd = -1
         self._journal_bytes = 0
+        # tests: called with the name of each durability step as it completes ("captured",
+        # "data-synced", "journal-written" (records written, not yet fsync'd), "map-persisted")
+        self.durability_probe: Callable[[str], None] | None = None
 
     # ----- opening -------------------------------------------------------------------------
 
@@ -445,17 +448,29 @@ class BlockMap:
             if not captured and snapshot is None:
                 return
             try:
+                self._probe("captured")
                 # step 2: sync data
                 sync_data()
+                self._probe("data-synced")
                 # step 3: persist map
                 if snapshot is not None:
                     self._write_snapshot(snapshot)
                 else:
                     self._append_journal(captured)
+                self._probe("map-persisted")
             except BaseException:
                 with self.lock:
                     self._pending[:0] = captured
                 raise
+
+    def _probe(self, step: str) -> None:
+        if self.durability_probe is not None:
+            self.durability_probe(step)
+
+    @property
+    def journal_synced_bytes(self) -> int:
+        """Bytes of the journal file (header included) that the last fsync covered."""
+        return len(self.identity.encode(JOURNAL_MAGIC)) + _CRC.size + self._journal_bytes
 
     def _append_journal(self, changes: list[tuple[int, int, int]]) -> None:
         records = bytearray()
@@ -465,6 +480,7 @@ class BlockMap:
         view = memoryview(records)
         while view:
             view = view[os.write(self._journal_fd, view):]
+        self._probe("journal-written")
         os.fdatasync(self._journal_fd)
         self._journal_bytes += len(records)
 
