@@ -32,8 +32,10 @@ A PRESENT bit therefore never reaches disk before the chunk's data does.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import struct
 import threading
 import zlib
@@ -129,6 +131,26 @@ def _decode_identity(data: bytes, magic: bytes, what: str) -> tuple[MapIdentity,
     return MapIdentity(disk_size, chunk_size, source_size, name, source_id), end
 
 
+def _read_regular_file(path: Path, what: str) -> bytes:
+    """The bytes of a state file; StateError for anything but a readable regular file (a fifo
+    would block the open, a directory or device is not ours to read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateError(f"{what} is a symbolic link, not a regular file") from None
+        raise StateError(f"cannot read {what}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"{what} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise StateError(f"cannot read {what}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -210,7 +232,7 @@ class BlockMap:
         chunk_count = -(-identity.disk_size // identity.chunk_size)
         snapshot_path = state_dir / SNAPSHOT_FILENAME
         journal_path = state_dir / JOURNAL_FILENAME
-        fresh = not snapshot_path.exists()
+        fresh = not os.path.lexists(snapshot_path)
         if fresh:
             states = bytearray(chunk_count)  # calloc: no page is touched yet
         else:
@@ -222,10 +244,7 @@ class BlockMap:
     @staticmethod
     def _load_snapshot(path: Path, identity: MapIdentity, chunk_count: int) -> bytearray:
         what = f"state file {path}"
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise StateError(f"cannot read {what}: {exc.strerror}") from None
+        data = _read_regular_file(path, what)
         if len(data) < _CRC.size:
             raise StateError(f"{what} is truncated")
         (stored_crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
@@ -253,10 +272,7 @@ class BlockMap:
             _write_file_atomically(path, header)
             good_end = len(header)
         else:
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise StateError(f"cannot read {what}: {exc.strerror}") from None
+            data = _read_regular_file(path, what)
             found, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
             if len(data) < header_len + _CRC.size:
                 raise StateError(f"{what} is truncated")

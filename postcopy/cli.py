@@ -14,13 +14,21 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from postcopy import commands
 from postcopy.errors import UserError
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes print one line (`postcopy receive: error: ...`, no usage dump), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="postcopy",
         description="Post-copy live migration of VM disks over NBD.",
     )
