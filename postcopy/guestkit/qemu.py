@@ -9,8 +9,9 @@ short private directory (Unix socket paths are limited to 107 bytes).  `incoming
 kernel command line (`GuestLayout.kernel_args`).  On exit QEMU is terminated, then killed.
 
 `QemuGuest.wait_for_marker` polls the serial file for the workload's marker lines with a deadline
-and fails early, with the console's tail, if QEMU exits.  Every marker seen is kept with the
-monotonic time it was first noticed, for timing measurements.
+and fails early (`GuestError`, with the console's tail) if QEMU exits.  Every marker seen is kept
+with the monotonic time it was first noticed, for timing measurements.  QEMU runs in its own
+session, so a Ctrl-C on the terminal reaches only the caller, which stops QEMU on its way out.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ from postcopy.guestkit.build import GuestBootFiles
 MIB = 1 << 20
 MARKER_RE = re.compile(r"POSTCOPY-GUEST PASS (\d+) (OK|FAIL)(.*)")
 POLL_SECONDS = 0.02
+
+
+class GuestError(AssertionError):
+    """The guest or a process around it did not do what was expected in time: QEMU exited or
+    did not start, a marker did not come, a command of the scenario did not start.  An
+    AssertionError, so that a test using these helpers fails with the message and the logs."""
 
 
 @dataclass(frozen=True)
@@ -176,12 +183,12 @@ class QemuGuest:
                 ):
                     return marker
             if self.process.poll() is not None:
-                raise AssertionError(
+                raise GuestError(
                     f"{self.name}: QEMU exited ({self.process.returncode}) while waiting for a "
                     f"marker\n{self.console_tail()}"
                 )
             if time.monotonic() > deadline:
-                raise AssertionError(
+                raise GuestError(
                     f"{self.name}: no {'OK' if ok else 'FAIL' if ok is False else ''} marker "
                     f"(pass >= {min_pass}) within {timeout} s\n{self.console_tail()}"
                 )
@@ -196,7 +203,7 @@ class QemuGuest:
             if len(seen) >= count:
                 return seen
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
+                raise GuestError(
                     f"{self.name}: {len(seen)} of {count} markers within {timeout} s "
                     f"(QEMU {'exited' if self.process.poll() is not None else 'running'})\n"
                     f"{self.console_tail()}"
@@ -292,8 +299,9 @@ def run_qemu_guest(
     )
     with open(stderr_log, "wb") as stderr:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
-        )
+            command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+            start_new_session=True,
+        )  # fmt: skip
     guest = QemuGuest(
         name=name,
         process=process,
@@ -306,7 +314,7 @@ def run_qemu_guest(
         deadline = time.monotonic() + 10
         while not qmp_socket.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name}: QEMU did not start\n{guest.console_tail()}")
+                raise GuestError(f"{name}: QEMU did not start\n{guest.console_tail()}")
             time.sleep(POLL_SECONDS)
         yield guest
     finally:
@@ -325,7 +333,7 @@ def wait_until_exited(guest: QemuGuest, timeout: float) -> int:
     try:
         return guest.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{guest.name}: QEMU still running after {timeout} s") from exc
+        raise GuestError(f"{guest.name}: QEMU still running after {timeout} s") from exc
 
 
 def kill_now(guest: QemuGuest) -> None:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ import trio
 from postcopy.guestkit.build import GuestBootFiles
 from postcopy.guestkit.qemu import (
     MIB,
+    GuestError,
     GuestLayout,
     Marker,
     QemuGuest,
@@ -82,7 +83,8 @@ def _tail(path: Path, size: int = 2000) -> str:
         return ""
 
 
-def _same_bytes(first: Path, second: Path, start: int, length: int) -> bool:
+def same_bytes(first: Path, second: Path, start: int, length: int) -> bool:
+    """True when both files hold the same bytes at [start, start+length)."""
     block = 4 << 20
     with open(first, "rb") as a, open(second, "rb") as b:
         for offset in range(start, start + length, block):
@@ -92,6 +94,28 @@ def _same_bytes(first: Path, second: Path, start: int, length: int) -> bool:
     return True
 
 
+def untouched_regions_match(layout: GuestLayout, image_a: Path, image_b: Path) -> bool:
+    """B's file equals A's where the guest never writes: the pre-boot and the zero regions."""
+    preboot = layout.preboot_byte_range()
+    zero = (layout.zero_kib[0] * 1024, layout.zero_kib[1] * 1024)
+    return all(same_bytes(image_a, image_b, start, length) for start, length in (preboot, zero))
+
+
+def layout_for_disk_size(size: int) -> GuestLayout:
+    """A scenario layout for a disk of `size` bytes (a multiple of 1 MiB, at least 128 MiB):
+    5/8 of it pre-boot data from 1 MiB on, then the guest's 16 MiB of slots and 8 MiB of zeros,
+    holes elsewhere.  256 MiB gives `SCENARIO_LAYOUT`."""
+    if size < 128 * MIB or size % MIB:
+        raise ValueError("the guest's disk must be a multiple of 1 MiB, at least 128 MiB")
+    preboot_mib = size * 5 // 8 // MIB
+    return GuestLayout(
+        disk_size=size,
+        preboot_kib=(1024, preboot_mib * 1024),
+        work_kib=((1 + preboot_mib) * 1024, 16 * 1024),
+        zero_kib=((17 + preboot_mib) * 1024, 8 * 1024),
+    )
+
+
 @contextmanager
 def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str]:
     """`postcopy serve` exporting `image` read-only on `socket`; yields the NBD URI."""
@@ -99,13 +123,13 @@ def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "postcopy.cli", "serve", "--socket", str(socket), str(image)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 15
         while not socket.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"postcopy serve did not start:\n{_tail(log)}")
+                raise GuestError(f"postcopy serve did not start:\n{_tail(log)}")
             time.sleep(POLL_SECONDS)
         yield f"nbd+unix:///?socket={socket}"
     finally:
@@ -126,12 +150,14 @@ def run_rate_limited_link(
         f"socket={source_socket}", f"rate={rate}", "burstiness=0.2",
     ]  # fmt: skip
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 15
         while not link_socket.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nbdkit relay did not start:\n{_tail(log)}")
+                raise GuestError(f"nbdkit relay did not start:\n{_tail(log)}")
             time.sleep(POLL_SECONDS)
         yield f"nbd+unix:///?socket={link_socket}"
     finally:
@@ -155,17 +181,25 @@ class ReceiveProcess:
 
 @contextmanager
 def run_postcopy_receive(
-    source_uri: str, dest: Path, state_dir: Path, socket: Path, workdir: Path
+    source_uri: str,
+    dest: Path,
+    state_dir: Path,
+    socket: Path,
+    workdir: Path,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[ReceiveProcess]:
-    """`postcopy receive --wait-for-source`; yields it once it printed the NBD URI."""
+    """`postcopy receive --wait-for-source [extra_args]`; yields it once it printed the NBD
+    URI."""
     log = workdir / "receive.log"
     command = [
         sys.executable, "-m", "postcopy.cli", "receive", "--source", source_uri,
         "--dest", str(dest), "--state-dir", str(state_dir), "--socket", str(socket),
-        "--wait-for-source",
+        "--wait-for-source", *extra_args,
     ]  # fmt: skip
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -173,7 +207,7 @@ def run_postcopy_receive(
             if match:
                 break
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"postcopy receive printed no URI:\n{_tail(log)}")
+                raise GuestError(f"postcopy receive printed no URI:\n{_tail(log)}")
             time.sleep(POLL_SECONDS)
         yield ReceiveProcess(match.group(0), process, state_dir, log)
     finally:
@@ -305,18 +339,14 @@ def run_postcopy_scenario(
             final_status = receive.status()
             dest.poll_serial()
             source.poll_serial()
-    except AssertionError as exc:
+    except AssertionError as exc:  # GuestError included
         errors.append(str(exc))
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
     # Every process is gone: B's file must hold A's pre-boot data and zeros where A has them.
     copied_regions_match = False
     if final_status.get("state") == "complete":
-        preboot = layout.preboot_byte_range()
-        zero = (layout.zero_kib[0] * 1024, layout.zero_kib[1] * 1024)
-        copied_regions_match = all(
-            _same_bytes(image_a, image_b, start, length) for start, length in (preboot, zero)
-        )
+        copied_regions_match = untouched_regions_match(layout, image_a, image_b)
     logs = "\n".join(
         [
             source.console_tail() if source else "",
