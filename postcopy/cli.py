@@ -24,7 +24,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """Usage mistakes print one line (`postcopy receive: error: ...`, no usage dump), exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def one_line(text: str) -> str:
+    """Line breaks (from arguments echoed in a message) shown escaped: an error is one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UserError as exc:
-        print(f"postcopy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"postcopy {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
