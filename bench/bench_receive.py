@@ -271,14 +271,25 @@ async def read_first_block(uri: str) -> bytes:
         return bytes(buffer)
 
 
-def first_read(source_uri: str, workdir: Path, expected: bytes) -> tuple[float, float]:
-    """(seconds to the printed URI, seconds to the first 4 KiB read served), from the launch."""
+@dataclass
+class FirstRead:
+    engine_seconds: float  # launch -> the engine created inside nbdkit (status `started_at`)
+    uri_seconds: float  # launch -> URI printed
+    read_seconds: float  # launch -> first 4 KiB read returned to the guest
+
+
+def first_read(source_uri: str, workdir: Path, expected: bytes) -> FirstRead:
     with running_receive(source_uri, workdir, name="first") as receiving:
         got = trio.run(read_first_block, receiving.uri)
         seconds = time.time() - receiving.launched_at
         if got != expected:
             raise RuntimeError("the first read returned the wrong bytes")
-        return receiving.uri_seconds, seconds
+        record = receiving.wait_status(lambda record: "started_at" in record)
+        return FirstRead(
+            engine_seconds=record["started_at"] - receiving.launched_at,
+            uri_seconds=receiving.uri_seconds,
+            read_seconds=seconds,
+        )
 
 
 def precopy_seconds(source_uri: str, target: Path) -> float:
@@ -332,6 +343,45 @@ def link_rx_bytes(host: TestHost) -> int:
         check=True, capture_output=True, text=True, timeout=10,
     ).stdout  # fmt: skip
     return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
+
+
+TCP_SEND = """
+import socket, sys
+listener = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+connection, _ = listener.accept()
+block = memoryview(bytes(4 << 20))
+for _ in range(int(sys.argv[3]) // len(block)):
+    connection.sendall(block)
+connection.close()
+"""
+TCP_RECEIVE = """
+import socket, sys, time
+connection = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+buffer = bytearray(4 << 20)
+total, started = 0, time.perf_counter()
+while got := connection.recv_into(buffer):
+    total += got
+print(total, time.perf_counter() - started)
+"""
+
+
+def raw_tcp_rate(sender: TestHost, receiver: TestHost, size: int) -> float:
+    """Bytes per second of one plain TCP stream from `sender` to `receiver` (the link's best)."""
+    argv = [sender.address, str(LINK_PORT + 1)]
+    server = subprocess.Popen(
+        sender.command([PYTHON, "-c", TCP_SEND, *argv, str(size)]), stdout=subprocess.PIPE
+    )
+    try:
+        if read_line(server, START_TIMEOUT) != "ready":
+            raise RuntimeError("TCP sender did not start")
+        out = subprocess.run(
+            receiver.command([PYTHON, "-c", TCP_RECEIVE, *argv]),
+            check=True, capture_output=True, text=True, timeout=120,
+        ).stdout.split()  # fmt: skip
+    finally:
+        stop(server)
+    return int(out[0]) / float(out[1])
 
 
 # -- 3. guest miss latency: the probe (a separate process, possibly in Host B) -----------------
@@ -533,29 +583,32 @@ def main() -> int:
             running_serve(huge, workdir) as huge_uri,
         ):
             # 1. time to first guest read
-            uri_small, read_small, uri_huge, read_huge, precopy = [], [], [], [], []
+            firsts: dict[str, list[FirstRead]] = {"1GiB": [], "1TiB": []}
+            precopy = []
             for _ in range(REPEATS):
-                uri_s, read_s = first_read(small_uri, workdir, small_first)
-                uri_h, read_h = first_read(huge_uri, workdir, huge_first)
-                uri_small.append(uri_s)
-                read_small.append(read_s)
-                uri_huge.append(uri_h)
-                read_huge.append(read_h)
+                firsts["1GiB"].append(first_read(small_uri, workdir, small_first))
+                firsts["1TiB"].append(first_read(huge_uri, workdir, huge_first))
                 precopy.append(precopy_seconds(small_uri, workdir / "precopy.img"))
             fresh(workdir / "precopy.img", workdir / "first.img", workdir / "first.state")
             results["first_read"] = {
-                "client": "nbdsrv.open_client (in the bench process)",
-                "uri_seconds_1GiB": uri_small, "read_seconds_1GiB": read_small,
-                "uri_seconds_1TiB": uri_huge, "read_seconds_1TiB": read_huge,
+                "client": "nbdsrv.open_client (in the bench process), offset 0 (a missing chunk)",
+                **{size: [run.__dict__ for run in runs] for size, runs in firsts.items()},
                 "qemu_img_convert_seconds_1GiB": precopy,
-            }  # fmt: skip
-            m_small, m_huge, m_pre = median(read_small), median(read_huge), median(precopy)
+            }
+
+            def first(size: str, field: str) -> float:
+                return median([getattr(run, field) for run in firsts[size]])
+
+            m_small, m_huge = first("1GiB", "read_seconds"), first("1TiB", "read_seconds")
+            m_pre = median(precopy)
             table.add("first 4K read, 1 GiB source (s)", f"{m_small:.3f}",
                       f"qemu-img convert {m_pre:.3f}", ratio_text(m_small / m_pre, "< 1 s"))
             table.add("first 4K read, 1 TiB source (s)", f"{m_huge:.3f}", "",
                       ratio_text(m_huge / m_small, "< 1 s, <= 2x the 1 GiB one"))
-            table.add("  of which: URI printed, 1 GiB / 1 TiB (s)",
-                      f"{median(uri_small):.3f} / {median(uri_huge):.3f}", "", "")
+            for size in firsts:
+                table.add(f"  {size}: engine created / URI printed (s)",
+                          f"{first(size, 'engine_seconds'):.3f} / {first(size, 'uri_seconds'):.3f}",
+                          "", "")
 
             # 2. drain on loopback
             runs, copies = [], []
@@ -597,8 +650,9 @@ def main() -> int:
         with open_two_hosts(LINK_RATE_BITS) as hosts:
             host_a, host_b = hosts.host_a, hosts.host_b
             with running_serve(small.path, workdir, host=host_a) as link_uri:
-                runs, copies, wire = [], [], []
+                runs, copies, wire, tcp = [], [], [], []
                 for _ in range(REPEATS):
+                    tcp.append(raw_tcp_rate(host_a, host_b, 256 * MiB))
                     before = link_rx_bytes(host_b)
                     runs.append(drain(link_uri, workdir, small.data_bytes, host=host_b))
                     wire.append(link_rx_bytes(host_b) - before)
@@ -609,6 +663,7 @@ def main() -> int:
                 goodput = median([r.transferred_bytes / r.drain_seconds for r in runs]) / MiB
                 wire_rate = median([w / r.drain_seconds for w, r in zip(wire, runs, strict=True)])
                 copy_goodput = small.data_bytes / median(copies) / MiB
+                tcp_goodput = median(tcp) / MiB
                 results["drain_link"] = {
                     "link_bits_per_second": LINK_RATE_BITS,
                     "drain_seconds": [r.drain_seconds for r in runs],
@@ -616,10 +671,15 @@ def main() -> int:
                     "transferred_bytes": [r.transferred_bytes for r in runs],
                     "rx_wire_bytes": wire,
                     "nbdcopy_seconds": copies,
+                    "raw_tcp_bytes_per_second": tcp,
                 }
                 table.add("drain over 1 Gbit/s, data MiB/s (goodput)", f"{goodput:.1f}",
                           f"link {link_mib:.1f}, nbdcopy {copy_goodput:.1f}",
                           ratio_text(goodput / link_mib, ">= 0.90 of link"))
+                table.add("  vs one plain TCP stream on the link (MiB/s)", f"{goodput:.1f}",
+                          f"TCP {tcp_goodput:.1f}", ratio_text(goodput / tcp_goodput, "info"))
+                table.add("  vs nbdcopy on the link", f"{goodput:.1f}",
+                          f"nbdcopy {copy_goodput:.1f}", ratio_text(goodput / copy_goodput, "info"))
                 table.add("  bytes on the veth during the drain (MiB/s)",
                           f"{wire_rate / MiB:.1f}", "", ratio_text(wire_rate / MiB / link_mib,
                                                                   "info"))
