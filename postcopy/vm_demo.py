@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -188,7 +188,7 @@ class _Display:
         if self._live_wanted:
             console = Console(file=self._out)
             self._live = Live(
-                self._render(),
+                self._render(_read_record(state_dir)),
                 console=console,
                 auto_refresh=False,
                 transient=False,
@@ -293,23 +293,29 @@ def run_vm_demo(config: VmDemoConfig, out: TextIO = sys.stdout) -> VmDemoSummary
     except GuestBuildError as exc:
         raise UserError(f"cannot build the test guest: {exc}") from None
     display.say(f"the test guest: {boot_files.kernel_package} {boot_files.kernel_version}")
+    if live and rate and rate >= 500_000_000:
+        display.say("(a slower link makes a longer drain to watch, e.g. --rate 200M)")
     with _interrupts_unwind():
         base = Path(tempfile.mkdtemp(prefix="postcopy-vm-demo-", dir=config.workdir))
         socket_dir = Path(tempfile.mkdtemp(prefix="pcvm-"))  # short: Unix socket paths
+        interrupted = False
         try:
             try:
                 _run_hosts(base, socket_dir, layout, boot_files, config, display, summary)
             finally:
                 display.stop()
         except KeyboardInterrupt:
-            display.say("interrupted: every process of the demo is stopped, its files removed")
+            interrupted = True
             raise
-        finally:
+        finally:  # every process of the demo is stopped by now
             shutil.rmtree(socket_dir, ignore_errors=True)
             if config.keep:
                 display.say(f"files kept in {base}")
             else:
                 shutil.rmtree(base, ignore_errors=True)
+            if interrupted:
+                kept = "" if config.keep else ", its files removed"
+                display.say(f"interrupted: every process of the demo is stopped{kept}")
     for line in summary.lines():
         display.say(line)
     return summary
@@ -378,13 +384,15 @@ def _run_hosts(
             summary.faults = int(record.get("faults", 0))
             summary.transferred_bytes = int(record.get("transferred_bytes", 0))
             display.stop()
-            summary.ok_on_a = len([m for m in source.markers if m.ok])
-            summary.ok_on_b = len([m for m in dest.markers if m.ok])
             display.say("stopping QEMU on both hosts, receive, the link and serve ...")
     except (_StepFailed, GuestError) as exc:
+        display.stop()
+        display.say(f"the demo stopped early: {str(exc)[-4000:]}")  # with QEMU's console tail
         summary.problems.append(str(exc).splitlines()[0])
     finally:
         summary.fail_markers = list(watch.failures)
+        summary.ok_on_a = watch.ok_count(watch.source)
+        summary.ok_on_b = watch.ok_count(watch.dest)
     if summary.drain_completed:  # every process is gone: B's file is final
         summary.untouched_regions_match = untouched_regions_match(layout, image_a, image_b)
         if not summary.untouched_regions_match:
@@ -402,8 +410,8 @@ class _GuestWatch:
         self.note_for_dest = ""
 
     @staticmethod
-    def ok_count(guest: QemuGuest) -> int:
-        return len([m for m in guest.markers if m.ok])
+    def ok_count(guest: QemuGuest | None) -> int:
+        return 0 if guest is None else len([m for m in guest.markers if m.ok])
 
     def poll(self) -> None:
         for host, guest in (("A", self.source), ("B", self.dest)):
@@ -414,7 +422,13 @@ class _GuestWatch:
                 if not marker.ok:
                     self.failures.append(f"Host {host} pass {marker.pass_number}: {marker.detail}")
 
-    def until(self, condition: Any, timeout: float, failure: str, record_from: Any = None) -> None:
+    def until(
+        self,
+        condition: Callable[[], bool],
+        timeout: float,
+        failure: str,
+        record_from: Callable[[], None] | None = None,
+    ) -> None:
         """Poll (and show) until `condition()` holds; `_StepFailed(failure)` after `timeout` s
         or when a QEMU process exits."""
         deadline = time.monotonic() + timeout

@@ -190,3 +190,14 @@ def test_summary_fails_on_a_fail_marker_or_an_unfinished_drain() -> None:
     unfinished = VmDemoSummary(256 << 20, "direct", drain_completed=False)
     assert not unfinished.passed
     assert any("NOT complete" in line for line in unfinished.lines())
+
+
+def test_vm_demo_refuses_a_disk_too_small_for_the_guest(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "postcopy.cli", "demo", "--vm", "--size", "64M",
+         "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--size must be a multiple of 1M, at least 128M" in done.stderr
+    assert list(tmp_path.iterdir()) == []
