@@ -379,10 +379,7 @@ def _run_hosts(
             display.follow_disk(state_dir)
             switchover = _migrate(stack, source, dest, state_dir, watch, display, summary)
             _drain(receive, dest, switchover, config, watch, display, summary)
-            record = _read_record(state_dir)
-            display.refresh(record, force=True)
-            summary.faults = int(record.get("faults", 0))
-            summary.transferred_bytes = int(record.get("transferred_bytes", 0))
+            display.refresh(_read_record(state_dir), force=True)
             display.stop()
             display.say("stopping QEMU on both hosts, receive, the link and serve ...")
     except (_StepFailed, GuestError) as exc:
@@ -390,6 +387,9 @@ def _run_hosts(
         display.say(f"the demo stopped early: {str(exc)[-4000:]}")  # with QEMU's console tail
         summary.problems.append(str(exc).splitlines()[0])
     finally:
+        record = _read_record(state_dir)  # the last one written, also after a failed step
+        summary.faults = int(record.get("faults", 0))
+        summary.transferred_bytes = int(record.get("transferred_bytes", 0))
         summary.fail_markers = list(watch.failures)
         summary.ok_on_a = watch.ok_count(watch.source)
         summary.ok_on_b = watch.ok_count(watch.dest)

@@ -178,6 +178,30 @@ def test_vm_demo_interrupted_mid_drain_stops_every_process_and_removes_its_files
     assert_nothing_left(tmpdir, workdir)
 
 
+def test_vm_demo_fails_and_cleans_up_when_the_guest_dies_mid_drain(
+    guest_boot_files: GuestBootFiles, demo_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    tmpdir, workdir = demo_dirs
+    output = tmp_path / "demo.out"
+    demo = start_demo(tmpdir, workdir, output, "--rate", "100M")
+    wait_watching_processes(
+        demo, [tmpdir, workdir], RUN_TIMEOUT, until="(drain running)", output=output
+    )
+    dest_qemu = [
+        pid for pid, cmdline in processes_naming([workdir]).items()
+        if cmdline.startswith("qemu-system") and "hostB.serial.log" in cmdline
+    ]  # fmt: skip
+    assert len(dest_qemu) == 1, processes_naming([workdir])
+    os.kill(dest_qemu[0], signal.SIGKILL)
+    wait_watching_processes(demo, [tmpdir, workdir], RUN_TIMEOUT)
+    text = output.read_text()
+    assert demo.returncode == 1, text
+    assert "problem: the drain did not end: QEMU hostB exited" in text
+    assert "drain: - after switchover, NOT complete" in text
+    assert "result: FAILED" in text
+    assert_nothing_left(tmpdir, workdir)
+
+
 def test_summary_fails_on_a_fail_marker_or_an_unfinished_drain() -> None:
     good = VmDemoSummary(256 << 20, "direct", drain_completed=True, ok_on_a=2, ok_on_b=5)
     assert good.passed and "result: PASSED" in good.lines()
