@@ -784,11 +784,12 @@ async def _handshake(
         else:
             raise RemoteProtocolError("handshake did not finish")
     except trio.BrokenResourceError as exc:
-        if not handshake.tls_active:
-            raise
+        cause = exc.__cause__
+        if not handshake.tls_active:  # a reset: callers handle NBDError and OSError only
+            why = cause or exc
+            raise ConnectionClosedError(f"connection lost during the handshake: {why}") from exc
         # With TLS 1.3 a server that refuses our certificate says so after its side of the
         # TLS handshake: as an alert on the first read.
-        cause = exc.__cause__
         reason = getattr(cause, "reason", None) or cause or exc
         raise NegotiationError(f"TLS session failed during the handshake: {reason}") from exc
     return handshake.result, buffer, stream
