@@ -38,6 +38,7 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import nbdsrv
 from nbdsrv import constants as k
 from nbdsrv import server_core as core
 from nbdsrv import wire
@@ -719,3 +720,159 @@ def test_fuzz_server_shell(
     if not writable:
         assert "WRITE" not in stats.commands and "TRIM" not in stats.commands
         assert unchanged, "a read-only export was modified"
+
+
+# -- the client shell: a hostile server behind a real socket pair ---------------------------------
+
+
+def server_handshake_replies(structured: bool) -> bytes:
+    """What a well-behaved server sends for the client's STRUCTURED_REPLY, SET_META_CONTEXT and
+    GO (all at once: the client parses them in order)."""
+    flags = int(k.HandshakeFlag.FIXED_NEWSTYLE | k.HandshakeFlag.NO_ZEROES)
+    out = wire.build_server_greeting(flags)
+    if not structured:
+        out += wire.build_option_reply(k.Option.STRUCTURED_REPLY, k.OptionReply.ERR_UNSUP)
+    else:
+        out += wire.build_option_reply(k.Option.STRUCTURED_REPLY, k.OptionReply.ACK)
+        context = wire.build_meta_context_reply(wire.MetaContext(CONTEXT_ID, k.BASE_ALLOCATION))
+        out += wire.build_option_reply(k.Option.SET_META_CONTEXT, k.OptionReply.META_CONTEXT,
+                                       context)
+        out += wire.build_option_reply(k.Option.SET_META_CONTEXT, k.OptionReply.ACK)
+    transmission = int(k.TransmissionFlag.HAS_FLAGS | k.TransmissionFlag.READ_ONLY)
+    for item in (
+        wire.ExportInfo(SIZE, transmission),
+        wire.BlockSizeInfo(1, 4096, 1 << 20),
+    ):
+        out += wire.build_option_reply(k.Option.GO, k.OptionReply.INFO, wire.build_info(item))
+    return out + wire.build_option_reply(k.Option.GO, k.OptionReply.ACK)
+
+
+async def hostile_server(
+    stream: trio.SocketStream,
+    handshake: bytes,
+    structured: bool,
+    rng: random.Random,
+    damage: dict[int, list[Corruption]],
+    handshake_damaged: bool,
+) -> None:
+    """Send `handshake`, then answer each request (READ or BLOCK_STATUS) with a valid reply,
+    damaged for the request numbers in `damage`; ends at NBD_CMD_DISC or EOF, or right after
+    sending damaged bytes (a server that then stalls is a matter for deadlines, not parsing:
+    the client has none of its own during the handshake)."""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await _answer_requests(stream, handshake, structured, rng, damage, handshake_damaged)
+
+
+async def _answer_requests(
+    stream: trio.SocketStream,
+    handshake: bytes,
+    structured: bool,
+    rng: random.Random,
+    damage: dict[int, list[Corruption]],
+    handshake_damaged: bool,
+) -> None:
+    await stream.send_all(handshake)
+    if handshake_damaged:
+        return
+    buffer = b""
+    answered = 0
+    while True:
+        chunk = await stream.receive_some(1 << 16)
+        if not chunk:
+            return
+        buffer += chunk
+        # skip the handshake options the client sent: requests start with their magic
+        while len(buffer) >= wire.REQUEST_HEADER_SIZE:
+            magic = struct.unpack(">I", buffer[:4])[0]
+            if magic != k.REQUEST_MAGIC:
+                buffer = buffer[1:]
+                continue
+            request = wire.parse_request_header(buffer[: wire.REQUEST_HEADER_SIZE])
+            buffer = buffer[wire.REQUEST_HEADER_SIZE :]
+            if request.command == k.Command.DISC:
+                return
+            planned = PlannedRequest(request.command, request.offset, request.length)
+            reply = valid_reply(rng, request.cookie, planned, structured)
+            answered += 1
+            await stream.send_all(corrupt(reply, damage.get(answered, [])))
+            if answered in damage:
+                return
+
+
+@settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 8, 10))
+@given(
+    structured=st.booleans(),
+    handshake_damage=st.lists(corruptions, max_size=2) | st.just([]),
+    reply_damage=st.dictionaries(st.integers(1, 6), st.lists(corruptions, min_size=1, max_size=2),
+                                 max_size=2),
+    reads=st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 1 << 17)), min_size=1,
+                   max_size=6),
+    block_status=st.booleans(),
+    seed=st.integers(0, 1 << 32),
+)
+def test_fuzz_client_shell(
+    structured: bool,
+    handshake_damage: list[Corruption],
+    reply_damage: dict[int, list[Corruption]],
+    reads: list[tuple[int, int]],
+    block_status: bool,
+    seed: int,
+) -> None:
+    count_case("client shell")
+    handshake = corrupt(server_handshake_replies(structured), handshake_damage)
+    reads = [(offset, min(length, SIZE - offset)) for offset, length in reads]
+    corrupted = bool(handshake_damage or reply_damage)
+    outcome: dict[str, object] = {}
+
+    async def main() -> None:
+        client_socket, server_socket = trio.socket.socketpair()
+        client_stream = trio.SocketStream(client_socket)
+        server_stream = trio.SocketStream(server_socket)
+
+        async def connect() -> trio.abc.Stream:
+            return client_stream
+
+        with trio.fail_after(10):  # no hang, whatever the server sends
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hostile_server, server_stream, handshake, structured,
+                                   random.Random(seed), reply_damage, bool(handshake_damage))
+                try:
+                    async with nbdsrv.open_client("nbd://fuzz/", stream_factory=connect) as client:
+                        results: dict[int, bytes] = {}
+
+                        async def read(index: int, offset: int, length: int) -> None:
+                            results[index] = await client.pread(offset, length)
+
+                        async with trio.open_nursery() as readers:
+                            for index, (offset, length) in enumerate(reads):
+                                readers.start_soon(read, index, offset, length)
+                        if block_status and client.has_base_allocation:
+                            await client.block_status(0, 4096)
+                        outcome["results"] = results
+                except BaseExceptionGroup as group:
+                    outcome["errors"] = list(_leaves(group))
+                except Exception as exc:
+                    outcome["errors"] = [exc]
+                await server_stream.aclose()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    errors = outcome.get("errors", [])
+    assert isinstance(errors, list)
+    assert all(isinstance(error, nbdsrv.NBDError) for error in errors), errors
+    if errors:
+        return
+    results = outcome["results"]
+    assert isinstance(results, dict)
+    for index, (offset, length) in enumerate(reads):
+        if index in results and not corrupted:
+            assert results[index] == DISK[offset : offset + length]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
