@@ -841,7 +841,9 @@ async def open_client(
     nbds+unix:// URIs, else "off".  The server's certificate must chain to `tls_ca` (PEM; the
     system CAs when None) and name `tls_hostname` (default: the URI's host; a Unix socket has
     none, so without `tls_hostname` only the chain is checked).  `tls_cert`/`tls_key` are the
-    client certificate for servers that verify peers.  `ssl_context` replaces all of these."""
+    client certificate for servers that verify peers.  `ssl_context` replaces all of these.
+    Without any of them, a URI's `tls-certificates=DIR` (libnbd's convention) supplies
+    DIR/ca-cert.pem and, when present, DIR/client-cert.pem and DIR/client-key.pem."""
     address = parse_nbd_uri(uri_or_path)
     if export_name is not None:
         address = dataclasses.replace(address, export_name=export_name)
@@ -902,6 +904,13 @@ def _tls_settings(
         return _TLSSettings()
     if hostname is None and address.transport == "tcp":
         hostname = address.host
+    directory = address.tls_certificates
+    if directory is not None and context is None and not (ca or cert or key):
+        # libnbd's layout: the CA, and a client certificate when there is one
+        ca = os.path.join(directory, "ca-cert.pem")
+        if os.path.exists(os.path.join(directory, "client-cert.pem")):
+            cert = os.path.join(directory, "client-cert.pem")
+            key = os.path.join(directory, "client-key.pem")
     if context is None:
         context = client_ssl_context(
             ca_file=ca, cert_file=cert, key_file=key, check_hostname=hostname is not None

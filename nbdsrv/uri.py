@@ -3,6 +3,8 @@
     nbd://host[:port][/export]              TCP, port 10809 by default; IPv6 as [::1]
     nbd+unix:///export?socket=/path         a Unix socket (the host part must be empty)
     nbds://...  nbds+unix://...             the same over TLS (parsed and flagged: `tls=True`)
+    ...&tls-certificates=DIR                the PEM directory, as libnbd reads it (ca-cert.pem,
+                                            and client-cert.pem/client-key.pem when present)
     /path/to/socket  (anything without "://")   a bare Unix socket path, default export ""
 
 The export name is the URI path without its leading "/", percent-decoded (so "nbd://h/" and
@@ -13,7 +15,7 @@ that quotes the URI; callers facing an operator turn it into a UserError.
 from __future__ import annotations
 
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_PORT = 10809
 _SCHEMES = {
@@ -24,7 +26,7 @@ _SCHEMES = {
     "nbd+unix": ("unix", False),
     "nbds+unix": ("unix", True),
 }
-_IGNORED_QUERY_KEYS = frozenset({"tls-certificates", "tls-verify-peer", "tls-psk-file"})
+_IGNORED_QUERY_KEYS = frozenset({"tls-verify-peer", "tls-psk-file"})
 
 
 @dataclass(frozen=True)
@@ -37,16 +39,24 @@ class NBDAddress:
     port: int = DEFAULT_PORT
     socket_path: str | None = None
     tls: bool = False
+    # where the TLS PEM files are (libnbd's tls-certificates=): configuration, not identity
+    tls_certificates: str | None = field(default=None, compare=False)
 
     def uri(self) -> str:
         """The address as a URI that libnbd, qemu and nbdcopy accept."""
         scheme = ("nbds" if self.tls else "nbd") + ("+unix" if self.transport == "unix" else "")
         export = urllib.parse.quote(self.export_name, safe="")
+        certificates = ""
+        if self.tls_certificates is not None:
+            certificates = "tls-certificates=" + urllib.parse.quote(self.tls_certificates, safe="/")
         if self.transport == "unix":
             assert self.socket_path is not None
-            return f"{scheme}:///{export}?socket={urllib.parse.quote(self.socket_path, safe='/')}"
+            socket_query = f"socket={urllib.parse.quote(self.socket_path, safe='/')}"
+            query = "&".join(part for part in (socket_query, certificates) if part)
+            return f"{scheme}:///{export}?{query}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}/{export}"
+        query = f"?{certificates}" if certificates else ""
+        return f"{scheme}://{host}:{self.port}/{export}{query}"
 
 
 def parse_nbd_uri(text: str) -> NBDAddress:
@@ -72,22 +82,29 @@ def parse_nbd_uri(text: str) -> NBDAddress:
         key, _, value = item.partition("=")  # unquote, not unquote_plus: "+" may be in a path
         query.setdefault(urllib.parse.unquote(key), []).append(urllib.parse.unquote(value))
     for key in query:
-        if key != "socket" and key not in _IGNORED_QUERY_KEYS:
+        if key not in ("socket", "tls-certificates") and key not in _IGNORED_QUERY_KEYS:
             raise _invalid(text, f"unknown query parameter {key!r}")
+    certificates = query.get("tls-certificates", [])
+    if len(certificates) > 1 or certificates == [""]:
+        raise _invalid(text, "tls-certificates= names one directory")
+    tls_certificates = certificates[0] if certificates else None
     if transport == "unix":
         if parts.netloc:
             raise _invalid(text, "a unix URI has no host (write nbd+unix:///export?socket=...)")
         sockets = query.get("socket", [])
         if len(sockets) != 1 or not sockets[0]:
             raise _invalid(text, "a unix URI needs exactly one ?socket=/path")
-        return NBDAddress("unix", export_name, socket_path=sockets[0], tls=tls)
+        return NBDAddress(
+            "unix", export_name, socket_path=sockets[0], tls=tls, tls_certificates=tls_certificates
+        )
     if "socket" in query:
         raise _invalid(text, "?socket= belongs to nbd+unix:// URIs")
     host = parts.hostname
     if not host:
         raise _invalid(text, "no host")
     return NBDAddress(
-        "tcp", export_name, host=host, port=DEFAULT_PORT if port is None else port, tls=tls
+        "tcp", export_name, host=host, port=DEFAULT_PORT if port is None else port, tls=tls,
+        tls_certificates=tls_certificates,
     )
 
 
