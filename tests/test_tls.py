@@ -13,12 +13,14 @@ and (when present) client-cert.pem, client-key.pem.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
 import ssl
 import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +32,7 @@ import pytest
 import trio
 import trustme
 from peers import (
+    RunningServe,
     files_identical,
     running_nbdkit,
     running_serve,
@@ -685,3 +688,75 @@ async def test_server_accepts_tls_1_2_and_later_only(
                 assert header[:8] == struct.pack(">Q", k.OPTION_REPLY_MAGIC)
             finally:
                 await trio.aclose_forcefully(tls_stream)
+
+
+# -- TLS settings in the URI (libnbd's tls-certificates=DIR), end to end through receive ---------
+
+
+async def test_uri_tls_certificates_directory_gives_the_client_its_files(
+    pki: PKI, image: Path
+) -> None:
+    with running_nbdkit(["file", str(image)], nbdkit_args=nbdkit_tls_args(pki)) as uri:
+        secure = uri.replace("nbd+unix://", "nbds+unix://")
+        with trio.fail_after(30):
+            async with nbdsrv.open_client(
+                f"{secure}&tls-certificates={pki.client_dir}", tls_hostname="localhost"
+            ) as client:
+                assert await client.pread(IMAGE_SIZE - 4096, 4096) == image.read_bytes()[-4096:]
+            # the same directory without a client certificate: nbdkit refuses us
+            with pytest.raises(nbdsrv.NegotiationError):
+                async with nbdsrv.open_client(f"{secure}&tls-certificates={pki.no_cert_dir}"):
+                    pytest.fail("served without a client certificate")
+
+
+def test_receive_drains_a_tls_source_named_by_an_nbds_uri(
+    pki: PKI, tmp_path: Path
+) -> None:
+    image = tmp_path / "source.img"
+    sparse_test_image(image, 32 * 1024 * 1024, seed=9)
+    state_dir, dest = tmp_path / "state", tmp_path / "dest.img"
+    with running_serve(f"disk={image}", extra_args=pki.server_args()) as serve:
+        source = (
+            f"nbds+unix:///disk?socket={serve.socket_path}&tls-certificates={pki.client_dir}"
+        )
+        command = [
+            *serve_command(), "receive", "--source", source, "--dest", str(dest),
+            "--state-dir", str(state_dir), "--socket", str(tmp_path / "d.sock"),
+        ]
+        log_path = tmp_path / "receive.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline().decode().strip()
+            assert line.startswith("nbd+unix://"), log_path.read_text()
+            deadline = time.monotonic() + 60
+            state = ""
+            while state != "complete":
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, f"not complete: {state}"
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    state = json.loads((state_dir / "status.json").read_text())["state"]
+                time.sleep(0.05)
+            handle = nbd.NBD()
+            handle.connect_uri(line)
+            assert handle.pread(65536, 0) == image.read_bytes()[:65536]
+            handle.shutdown()
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+        assert served_requests_so_far(serve) > 0
+    assert files_identical(image, dest)
+
+
+def served_requests_so_far(serve: RunningServe) -> int:
+    serve.process.terminate()
+    assert serve.process.wait(10) == 0
+    return served_requests(serve.log())
