@@ -99,6 +99,9 @@ def make_server(config: ServeConfig, exports: Sequence[Export]) -> Server:
         )
     except TLSConfigError as exc:
         raise UserError(str(exc)) from None
+    if not config.tls_verify_peer:
+        log.warning("TLS without --tls-verify-peer: any client that can connect may read the "
+                    "exports (give --tls-ca and --tls-verify-peer to admit only your hosts)")
     return Server(exports, tls=mode, ssl_context=context)
 
 

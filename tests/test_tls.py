@@ -346,6 +346,7 @@ def test_optional_tls_serves_plaintext_and_tls_clients(pki: PKI, image: Path) ->
         secure = run_tool("nbdinfo", tls_uri(serve.socket_path, pki.no_cert_dir))
         assert secure.returncode == 0, secure.stderr
         assert "with TLS" in secure.stdout
+        assert "without --tls-verify-peer" in serve.log()  # the operator is warned
 
 
 @pytest.mark.parametrize("client", ["rogue_client_dir", "no_cert_dir"])
@@ -362,6 +363,7 @@ def test_client_without_a_certificate_from_our_ca_fails_the_tls_handshake(
         ok = run_tool("nbdinfo", tls_uri(serve.socket_path, pki.client_dir))
         assert ok.returncode == 0, ok.stderr
         assert serve.log().count("TLS handshake failed") == 2  # nbdinfo's and qemu's
+        assert "without --tls-verify-peer" not in serve.log()
 
 
 def test_qemu_refuses_our_server_when_it_does_not_trust_the_ca(pki: PKI, image: Path) -> None:
