@@ -100,6 +100,8 @@ class ServerStatistics:
     bytes_sent: int = 0  # every byte written to clients, handshake included
     read_data_bytes: int = 0  # READ payload bytes sent as data
     read_hole_bytes: int = 0  # READ bytes described by OFFSET_HOLE chunks (not sent)
+    sendfile_bytes: int = 0  # READ data sent with os.sendfile (plaintext connections only)
+    tls_connections: int = 0  # connections that completed a TLS handshake
     commands: dict[str, int] = field(default_factory=dict)
 
 
@@ -218,6 +220,7 @@ class _Connection:
                     if sent == 0:  # the file is shorter than the export: the reply is broken
                         raise trio.BrokenResourceError("export file shrank during a read")
                     stats.bytes_sent += sent
+                    stats.sendfile_bytes += sent
                     offset += sent
                     length -= sent
         finally:
@@ -397,6 +400,7 @@ class Server:
             cause = exc.__cause__
             reason = getattr(cause, "reason", None) or cause or "connection lost"
             raise RemoteProtocolError(f"TLS handshake failed: {reason}") from exc
+        self.stats.tls_connections += 1
         return tls_stream
 
     async def _transmission(self, connection: _Connection, opened: core.ExportOpened) -> None:

@@ -544,7 +544,12 @@ async def test_nbdkit_verifying_peers_refuses_our_client_without_a_good_certific
 
 @contextlib.asynccontextmanager
 async def serving_in_process(
-    pki: PKI, image: Path, socket_path: Path, *, writable: bool = False
+    pki: PKI,
+    image: Path,
+    socket_path: Path,
+    *,
+    writable: bool = False,
+    mode: core.TLSMode = core.TLSMode.REQUIRED,
 ) -> AsyncIterator[Server]:
     context = server_ssl_context(
         pki.server_dir / "server-cert.pem", pki.server_dir / "server-key.pem",
@@ -552,8 +557,7 @@ async def serving_in_process(
     )
     backend = FileBackend(image, writable=writable)
     server = Server(
-        [Export("", backend)], handshake_timeout=1.0, tls=core.TLSMode.REQUIRED,
-        ssl_context=context,
+        [Export("", backend)], handshake_timeout=1.0, tls=mode, ssl_context=context,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -762,3 +766,25 @@ def served_requests_so_far(serve: RunningServe) -> int:
     serve.process.terminate()
     assert serve.process.wait(10) == 0
     return served_requests(serve.log())
+
+
+async def test_plaintext_reads_keep_sendfile_and_tls_reads_go_through_the_ssl_stream(
+    pki: PKI, image: Path, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "s.sock"
+    data = image.read_bytes()  # and the page cache now holds the image: sendfile applies
+    async with serving_in_process(pki, image, socket_path, mode=core.TLSMode.OPTIONAL) as server:
+        stats = server.statistics()
+        with trio.fail_after(30):
+            async with nbdsrv.open_client(f"nbd+unix:///?socket={socket_path}") as plain:
+                assert await read_all(plain, IMAGE_SIZE) == data
+            plaintext_sendfile = stats.sendfile_bytes
+            assert plaintext_sendfile > 0  # the fast path still serves plaintext clients
+            assert stats.tls_connections == 0
+            async with nbdsrv.open_client(
+                f"nbds+unix:///?socket={socket_path}", tls_hostname="localhost",
+                **client_files(pki.client_dir),
+            ) as secure:
+                assert await read_all(secure, IMAGE_SIZE) == data
+            assert stats.tls_connections == 1
+            assert stats.sendfile_bytes == plaintext_sendfile  # nothing bypassed TLS
