@@ -452,6 +452,8 @@ class BlockMap:
         3. persist map: append the captured changes to the journal and fsync it, or write the
            captured copy as a new snapshot and start an empty journal.
 
+        The data is synced even when no map change is pending: a guest flush after overwriting
+        chunks that were already PRESENT and guest-written changes no bit, yet must be durable.
         On failure the captured changes are put back, so the next call retries them.
         """
         with self._sync_lock:
@@ -461,13 +463,13 @@ class BlockMap:
                 captured = self._pending
                 self._pending = []
                 snapshot = bytes(self._states) if compact else None
-            if not captured and snapshot is None:
-                return
             try:
                 self._probe("captured")
-                # step 2: sync data
+                # step 2: sync data (also when no bit changed: see above)
                 sync_data()
                 self._probe("data-synced")
+                if not captured and snapshot is None:
+                    return
                 # step 3: persist map
                 if snapshot is not None:
                     self._write_snapshot(snapshot)
