@@ -19,6 +19,11 @@ Persistence (in the state directory) is a snapshot plus an append-only journal:
     blockmap.journal  header (magic, version, identity, crc32) + 24-byte records
                       (first chunk, chunk count, bits to set, crc32 of the record)
 
+A journal started by a snapshot opens with a marker record (chunk 2**64-1, count 0), so a state
+directory whose snapshot is gone, or whose journal is gone, is refused instead of silently
+forgetting PRESENT and GUEST_WRITTEN bits (which would serve the source's stale data over the
+guest's writes).
+
 Because bits are only ever set, replaying journal records is idempotent and order-free, so a crash
 between writing a new snapshot and resetting the journal is harmless.  A torn last record is
 dropped (its chunks are fetched again).  The identity (disk size, chunk size, source export size,
@@ -66,6 +71,8 @@ _RECORD_BODY = struct.Struct("<QQBxxx")
 _IDENTITY_FIXED = struct.Struct("<8sIQIQHH")  # magic, version, disk size, chunk size,
 #                                                source size, len(export name), len(source id)
 _CRC = struct.Struct("<I")
+# (first, count, bits) of the record that opens a journal started by a snapshot
+_SNAPSHOT_MARKER = (2**64 - 1, 0, 0)
 
 # A byte whose PRESENT bit is clear (values 0, 2, 4, 6): runs of them are missing chunks.
 _MISSING_BYTE = re.compile(b"[\x00\x02\x04\x06]")
@@ -216,6 +223,7 @@ class BlockMap:
             self._present_count = self._guest_written_count = 0
         self._journal_fd = -1
         self._journal_bytes = 0
+        self._follows_snapshot = False  # the journal began with the snapshot marker
         # tests: called with the name of each durability step as it completes ("captured",
         # "data-synced", "journal-written" (records written, not yet fsync'd), "map-persisted")
         self.durability_probe: Callable[[str], None] | None = None
@@ -238,7 +246,18 @@ class BlockMap:
         else:
             states = cls._load_snapshot(snapshot_path, identity, chunk_count)
         block_map = cls(state_dir, identity, states, fresh=fresh)
+        if not fresh and not os.path.lexists(journal_path):
+            raise StateError(
+                f"journal {journal_path} is missing: the changes made since the snapshot are "
+                "lost (use a new state directory)"
+            )
         block_map._open_journal(journal_path)
+        if fresh and block_map._follows_snapshot:
+            block_map.close()
+            raise StateError(
+                f"state file {snapshot_path} is missing but its journal continues it "
+                "(use a new state directory)"
+            )
         return block_map
 
     @staticmethod
@@ -299,6 +318,10 @@ class BlockMap:
                 if position + _RECORD.size == len(data):
                     break  # a torn last record: its chunks will be fetched again
                 raise StateError(f"{what} is corrupt (record checksum mismatch)")
+            if (first, count, bits) == _SNAPSHOT_MARKER and position == start:
+                self._follows_snapshot = True
+                position += _RECORD.size
+                continue
             if first + count > self.chunk_count or bits & ~0x07 or count == 0:
                 raise StateError(f"{what} is corrupt (record out of range)")
             self._set_bits(first, first + count, bits)
@@ -507,13 +530,16 @@ class BlockMap:
         data += zlib.compress(states, 1)
         data += _CRC.pack(zlib.crc32(data))
         _write_file_atomically(self.state_dir / SNAPSHOT_FILENAME, bytes(data))
-        # the snapshot holds everything: start an empty journal (atomically replaced)
+        # the snapshot holds everything: start an empty journal (atomically replaced) whose
+        # first record says that it continues a snapshot (so a lost snapshot is noticed)
         header = self.identity.encode(JOURNAL_MAGIC)
         header += _CRC.pack(zlib.crc32(header))
+        marker = _RECORD_BODY.pack(*_SNAPSHOT_MARKER)
+        header += marker + _CRC.pack(zlib.crc32(marker))
         journal_path = self.state_dir / JOURNAL_FILENAME
         _write_file_atomically(journal_path, header)
         new_fd = os.open(journal_path, os.O_WRONLY | os.O_APPEND)
         old_fd, self._journal_fd = self._journal_fd, new_fd
         if old_fd >= 0:
             os.close(old_fd)
-        self._journal_bytes = 0
+        self._journal_bytes = _RECORD.size  # the marker

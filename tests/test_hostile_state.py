@@ -112,6 +112,14 @@ def snapshot_is_a_fifo(state: Path) -> None:
     os.mkfifo(state / SNAPSHOT_FILENAME)
 
 
+def snapshot_deleted(state: Path) -> None:
+    (state / SNAPSHOT_FILENAME).unlink()
+
+
+def journal_deleted(state: Path) -> None:
+    (state / JOURNAL_FILENAME).unlink()
+
+
 DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated-snapshot": (truncate_snapshot, "corrupt"),
     "garbage-journal": (garbage_journal, "not a postcopy block map"),
@@ -120,6 +128,9 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "snapshot-directory": (snapshot_is_a_directory, "not a regular file"),
     "journal-fifo": (journal_is_a_fifo, "not a regular file"),
     "snapshot-fifo": (snapshot_is_a_fifo, "not a regular file"),
+    # either would silently forget PRESENT/GUEST_WRITTEN bits: stale source data over writes
+    "snapshot-deleted": (snapshot_deleted, "missing"),
+    "journal-deleted": (journal_deleted, "missing"),
 }
 
 
