@@ -10,6 +10,8 @@ alternation (the machine is shared and noisy); medians are reported.  The source
    0, a MISSING chunk, so a demand fetch) served through the printed URI by our client, for a
    1 GiB sample disk (half data) and a 1 TiB disk (truncate + a few MiB of data).  Peer: a
    pre-copy, `qemu-img convert` of the same 1 GiB source from its NBD URI before first use.
+   Both again over the 1 Gbit/s link (receive and qemu-img in Host B), where a pre-copy costs
+   what it would cost between two hosts.
 2. Drain: a 1 GiB source, half data.  Loopback (Unix sockets): from the engine's start (status
    `started_at`) to the moment the local file holds every data byte (its allocation, polled every
    5 ms: the status record is only written every 0.25 s), against `nbdcopy SOURCE_URI file`.
@@ -23,7 +25,11 @@ alternation (the machine is shared and noisy); medians are reported.  The source
    and every sample stays a real miss; the probe stops early when the drain is nearly done.
    Each miss is interleaved with the same 4 KiB read straight from the source (same load), and
    an idle baseline (before receive starts) is measured on the same offsets.  The engine's fault
-   counter proves how many reads were misses.
+   counter proves how many reads were misses.  Over the link this is measured twice: with the
+   drain unlimited, and with `receive --bandwidth 100M` (below the link rate, so the drain does
+   not fill the shaper's queue that the guest's reply must wait in).  A diagnostic row runs the
+   same probe against nbdkit + the plugin with `drain_requests=0` (no drain at all): the cost of
+   a miss itself, without the drain's interference.
 4. Served reads of PRESENT data (after `complete`): fio `--ioengine=nbd` 4 KiB random reads at
    iodepth 16 (IOPS) and 1 MiB sequential reads at iodepth 4 (MiB/s) through `postcopy receive
    --threads N` for several N, against `nbdkit file` on the same local file.
@@ -55,6 +61,7 @@ import trio
 
 import nbdsrv
 from postcopy.netns import TestHost, open_two_hosts
+from postcopy.receive import ReceiveConfig, nbd_uri, nbdkit_command, plugin_environment
 from postcopy.sample_disk import make_sample_disk
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +76,7 @@ CHUNK = 64 * KiB  # receive's default chunk size
 READ = 4 * KiB
 LINK_RATE_BITS = 1_000_000_000
 LINK_PORT = 10809
+LINK_CAP = "100M"  # receive --bandwidth for the capped latency run: 84% of the link
 LATENCY_SAMPLES = 200
 LATENCY_STOP_FRACTION = 0.85  # the probe stops once the drain has this share of the data
 FIO_SECONDS = 2
@@ -153,8 +161,10 @@ class Receiving:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def wait_status(self, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        deadline = time.monotonic() + DRAIN_TIMEOUT
+    def wait_status(
+        self, condition: Callable[[dict[str, Any]], bool], timeout: float = DRAIN_TIMEOUT
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
         while True:
             record = self.status()
             if record and condition(record):
@@ -209,6 +219,41 @@ def running_receive(
         if not line.startswith("nbd+unix://"):
             raise RuntimeError(f"receive printed no URI: {line!r}")
         yield Receiving(process, line, dest, state_dir, launched_at, uri_seconds)
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def running_plugin_without_drain(source_uri: str, workdir: Path, size: int) -> Iterator[Receiving]:
+    """Diagnostics only: nbdkit with the postcopy plugin as `receive` starts it, plus the
+    plugin's `drain_requests=0` (no background drain), to separate the cost of a miss from the
+    drain's interference."""
+    name = "nodrain"
+    dest, state_dir = workdir / f"{name}.img", workdir / f"{name}.state"
+    fresh(dest, state_dir)
+    state_dir.mkdir()
+    with open(dest, "wb") as file:
+        file.truncate(size)
+    config = ReceiveConfig(
+        source=source_uri, dest=dest, state_dir=state_dir, socket_path=workdir / f"{name}.sock"
+    )
+    assert config.socket_path is not None
+    fresh(config.socket_path)
+    launched_at = time.time()
+    started = time.perf_counter()
+    with open(workdir / f"{name}-nbdkit.log", "ab") as log:
+        process = subprocess.Popen(
+            [*nbdkit_command(config), "drain_requests=0"],
+            stdout=log, stderr=log, env=plugin_environment(),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not config.socket_path.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nbdkit with the postcopy plugin did not start")
+            time.sleep(0.01)
+        uri = nbd_uri(config)
+        yield Receiving(process, uri, dest, state_dir, launched_at, time.perf_counter() - started)
     finally:
         stop(process)
 
@@ -278,8 +323,10 @@ class FirstRead:
     read_seconds: float  # launch -> first 4 KiB read returned to the guest
 
 
-def first_read(source_uri: str, workdir: Path, expected: bytes) -> FirstRead:
-    with running_receive(source_uri, workdir, name="first") as receiving:
+def first_read(
+    source_uri: str, workdir: Path, expected: bytes, host: TestHost | None = None
+) -> FirstRead:
+    with running_receive(source_uri, workdir, host=host, name="first") as receiving:
         got = trio.run(read_first_block, receiving.uri)
         seconds = time.time() - receiving.launched_at
         if got != expected:
@@ -292,11 +339,11 @@ def first_read(source_uri: str, workdir: Path, expected: bytes) -> FirstRead:
         )
 
 
-def precopy_seconds(source_uri: str, target: Path) -> float:
+def precopy_seconds(source_uri: str, target: Path, host: TestHost | None = None) -> float:
     fresh(target)
     started = time.perf_counter()
     subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "raw", source_uri, str(target)],
+        wrap(host, ["qemu-img", "convert", "-f", "raw", "-O", "raw", source_uri, str(target)]),
         check=True, timeout=300,
     )  # fmt: skip
     return time.perf_counter() - started
@@ -453,15 +500,17 @@ def miss_latency(
     data_bytes: int,
     seed: int,
     host: TestHost | None = None,
+    extra: Sequence[str] = (),
+    without_drain: bool = False,
 ) -> LatencyRun:
     rng = random.Random(seed)
     chunks = sorted(rng.sample(list(candidates), LATENCY_SAMPLES), reverse=True)
     offsets = [chunk + rng.randrange(CHUNK // READ) * READ for chunk in chunks]
-    dest = workdir / "latency.img"
+    dest = workdir / ("nodrain.img" if without_drain else "latency.img")
     config_path = workdir / "probe.json"
     config_path.write_text(json.dumps({
         "source": source_uri, "offsets": offsets, "dest": str(dest),
-        "stop_allocated": int(data_bytes * LATENCY_STOP_FRACTION),
+        "stop_allocated": 1 << 62 if without_drain else int(data_bytes * LATENCY_STOP_FRACTION),
     }))  # fmt: skip
     probe = subprocess.Popen(
         wrap(host, [PYTHON, "-m", "bench.bench_receive", "probe", str(config_path)]),
@@ -470,14 +519,21 @@ def miss_latency(
     try:
         if read_line(probe, START_TIMEOUT) != "ready":
             raise RuntimeError("latency probe did not start")
-        with running_receive(source_uri, workdir, host=host, name="latency") as receiving:
+        if without_drain:
+            assert host is None
+            receiver = running_plugin_without_drain(source_uri, workdir, SMALL_SIZE)
+        else:
+            receiver = running_receive(source_uri, workdir, *extra, host=host, name="latency")
+        with receiver as receiving:
             assert probe.stdin is not None
             probe.stdin.write(receiving.uri.encode() + b"\n")
             probe.stdin.flush()
             result = json.loads(read_line(probe, DRAIN_TIMEOUT))
-            record = receiving.wait_complete()
-            time.sleep(0.6)  # let the status record catch up with the last fault
-            record = receiving.status() or record
+            reads = len(result["miss_us"])
+            try:  # the status record is written every 0.25 s
+                record = receiving.wait_status(lambda record: record["faults"] >= reads, 2.0)
+            except TimeoutError:  # some reads were not misses: the table shows how many
+                record = receiving.status()
     finally:
         stop(probe)
     return LatencyRun(
@@ -641,7 +697,15 @@ def main() -> int:
                 for seed in range(REPEATS)
             ]
             report_latency(table, results, "miss_latency_loopback", "Unix", latency_runs)
+            latency_runs = [
+                miss_latency(small_uri, workdir, candidates, small.data_bytes, seed,
+                             without_drain=True)
+                for seed in range(REPEATS)
+            ]
+            report_latency(table, results, "miss_latency_loopback_no_drain",
+                           "Unix, NO drain", latency_runs)
             fresh(workdir / "latency.img", workdir / "latency.state")
+            fresh(workdir / "nodrain.img", workdir / "nodrain.state")
 
             # 4. served reads of present data (drain.img is complete from step 2)
             served_reads(table, results, workdir, small_uri)
@@ -650,6 +714,21 @@ def main() -> int:
         with open_two_hosts(LINK_RATE_BITS) as hosts:
             host_a, host_b = hosts.host_a, hosts.host_b
             with running_serve(small.path, workdir, host=host_a) as link_uri:
+                link_firsts, link_precopy = [], []
+                for _ in range(REPEATS):
+                    link_firsts.append(first_read(link_uri, workdir, small_first, host=host_b))
+                    link_precopy.append(precopy_seconds(link_uri, workdir / "precopy.img",
+                                                        host=host_b))
+                fresh(workdir / "precopy.img", workdir / "first.img", workdir / "first.state")
+                results["first_read_link"] = {
+                    "1GiB": [run.__dict__ for run in link_firsts],
+                    "qemu_img_convert_seconds_1GiB": link_precopy,
+                }
+                m_link = median([run.read_seconds for run in link_firsts])
+                m_link_pre = median(link_precopy)
+                table.add("first 4K read, 1 GiB over 1 Gbit/s (s)", f"{m_link:.3f}",
+                          f"qemu-img convert {m_link_pre:.3f}",
+                          ratio_text(m_link / m_link_pre, "< 1 s"))
                 runs, copies, wire, tcp = [], [], [], []
                 for _ in range(REPEATS):
                     tcp.append(raw_tcp_rate(host_a, host_b, 256 * MiB))
@@ -689,6 +768,13 @@ def main() -> int:
                     for seed in range(REPEATS)
                 ]
                 report_latency(table, results, "miss_latency_link", "1 Gbit/s", latency_runs)
+                latency_runs = [
+                    miss_latency(link_uri, workdir, candidates, small.data_bytes, seed,
+                                 host=host_b, extra=["--bandwidth", LINK_CAP])
+                    for seed in range(REPEATS)
+                ]
+                report_latency(table, results, "miss_latency_link_capped",
+                               f"1G link, cap {LINK_CAP}", latency_runs)
     results["table"] = table.rows
     results["bench_seconds"] = time.monotonic() - began
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
