@@ -129,7 +129,9 @@ class SourceLink:
             except trio.TooSlowError:
                 self.stalls += 1
                 self.report_broken(
-                    client, SourceStalled(f"no reply to a read in {self.request_timeout:g}s")
+                    client,
+                    SourceStalled(f"no reply to a read in {self.request_timeout:g}s"),
+                    silent_for=self.request_timeout,
                 )
             except CommandError:
                 raise
@@ -148,7 +150,9 @@ class SourceLink:
             except trio.TooSlowError:
                 self.stalls += 1
                 self.report_broken(
-                    client, SourceStalled(f"no block status in {self.request_timeout:g}s")
+                    client,
+                    SourceStalled(f"no block status in {self.request_timeout:g}s"),
+                    silent_for=self.request_timeout,
                 )
             except CommandError:
                 raise
@@ -160,13 +164,16 @@ class SourceLink:
         """Cut the current back-off wait short: someone needs the source now."""
         self._retry.set()
 
-    def report_broken(self, client: Any, error: BaseException) -> None:
-        """A call on `client` failed because the connection is unusable: reconnect."""
+    def report_broken(
+        self, client: Any, error: BaseException, *, silent_for: float = 0.0
+    ) -> None:
+        """A call on `client` failed because the connection is unusable: reconnect.
+        `silent_for`: how long the source has already been answering nothing (a stall)."""
         if client is self._client and client is not None:
             self.last_error = f"{type(error).__name__}: {error}"
             self._client = None  # get() waits for the reconnection from now on
             self._connected = trio.Event()
-            self.down_since = time.monotonic()
+            self.down_since = time.monotonic() - silent_for
             self._broken.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import nbd
 
+from postcopy.engine import Engine, EngineConfig
+from tests.fakes import FakeSource
 from tests.peers import require_tools, running_serve, sparse_test_image
 from tests.test_receive import (
     CHUNK,
@@ -196,6 +198,8 @@ def test_stalled_source_is_detected_by_the_request_deadline_and_recovered(
         record = receiver.wait_status(lambda r: r["stalls"] >= 1, timeout=10)
         detected = time.monotonic() - stopped_at
         record = receiver.wait_status(lambda r: r["state"] == "source-unreachable", timeout=10)
+        # down since the stall began (the request deadline ago), not since it was noticed
+        assert record["source_down_seconds"] >= 1.0, record
         assert handle.pread(CHUNK, 0) == read_range(image, 0, CHUNK)  # present data served
         time.sleep(0.5)
         assert reader.is_alive()  # the guest read waits for the source, it is not lost
@@ -211,3 +215,53 @@ def test_stalled_source_is_detected_by_the_request_deadline_and_recovered(
         assert detected < 4.0
         assert record["reconnects"] >= 1
     assert_equal_outside(receiver.dest, image, [])
+
+
+def test_fetch_pending_on_a_stalled_connection_is_resent_on_the_next_one(tmp_path: Path) -> None:
+    """In-process: the source accepts a read and never answers; the request deadline drops the
+    connection, the fetch is sent again on a new one, and the guest's read completes once the
+    source answers again.  Present data is served meanwhile."""
+    data = bytes(range(256)) * (16 * MiB // 256)
+    source = FakeSource(data)
+    dest = tmp_path / "disk.img"
+    dest.write_bytes(b"")
+    with open(dest, "r+b") as f:
+        f.truncate(len(data))
+    (tmp_path / "state").mkdir()
+    config = EngineConfig(
+        source_uri="nbd://fake/", dest_path=dest, state_dir=tmp_path / "state", chunk_size=CHUNK,
+        drain=False, request_timeout=0.3, status_interval=0.05,
+    )  # fmt: skip
+    engine = Engine(config, source_opener=source.open_client)
+    engine.start()
+    try:
+        first = bytearray(CHUNK)
+        engine.pread_into(memoryview(first), 0)
+        source.pause()  # from now on reads are accepted and not answered
+        result: list[Any] = []
+
+        def guest_read() -> None:
+            buf = bytearray(4096)
+            engine.pread_into(memoryview(buf), 5 * MiB)
+            result.append(bytes(buf))
+
+        reader = threading.Thread(target=guest_read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 5
+        while engine.statistics()["stalls"] < 2:  # dropped, re-sent, dropped again
+            assert time.monotonic() < deadline, engine.statistics()
+            present = bytearray(CHUNK)
+            engine.pread_into(memoryview(present), 0)
+            assert present == first
+            time.sleep(0.02)
+        assert reader.is_alive()
+        source.resume()
+        reader.join(5)
+        assert result == [data[5 * MiB:5 * MiB + 4096]]
+        sent = [request for request in source.read_requests if request[0] == 5 * MiB]
+        assert len(sent) >= 3  # the same fetch, sent on three connections
+        record = engine.statistics()
+        assert record["reconnects"] >= 2 and record["state"] == "fetching"
+    finally:
+        source.resume()
+        engine.stop()
