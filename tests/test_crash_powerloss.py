@@ -110,12 +110,12 @@ class Guest:
             first, count = rng.randrange(0, SIZE // CHUNK) * (CHUNK // BLOCK), CHUNK // BLOCK
         else:
             first, count = rng.randrange(0, SIZE // BLOCK - 4), rng.randint(1, 4)
-        if kind < 0.5:
+        if kind < 0.3:
+            self.note(first, count, ZERO)  # a whole-chunk trim punches a hole: zeros here
+            engine.trim(first * BLOCK, count * BLOCK)
+        elif kind < 0.5:
             self.note(first, count, ZERO)
             engine.zero(first * BLOCK, count * BLOCK, may_trim=rng.random() < 0.5)
-        elif kind < 0.55 and count == CHUNK // BLOCK:
-            self.note(first, count, ZERO)  # a whole-chunk trim reads back as zeros here
-            engine.trim(first * BLOCK, count * BLOCK)
         else:
             value = self.next_value
             self.next_value += 1
