@@ -34,8 +34,15 @@ Completion.  When every chunk is PRESENT the state becomes `complete`, the map i
 source connections close, and everything is served by the fast path.
 
 Failures.  A dropped source connection is re-established with backoff and pending fetches are
-re-sent.  A guest read waits for a missing chunk at most `unreachable_timeout` seconds, then fails
-with EIO.  PRESENT data keeps being served throughout.
+re-sent; a stalled one (no answer within `request_timeout`, or no handshake) is dropped and
+treated the same (`postcopy.fetch.SourceLink`).  A guest read waits for a missing chunk at most
+`unreachable_timeout` seconds, then fails with EIO; once the source has been down for longer than
+that, reads of missing data wait only `UNREACHABLE_GRACE_SECONDS` (the link retries at once), so
+they fail fast during a long outage and succeed as soon as the source is back.  PRESENT data and
+guest writes that need no fetch keep working throughout.
+
+Bandwidth.  With `bandwidth` set, the drain takes its bytes from a token bucket
+(`postcopy.ratelimit`) before each request; guest misses take theirs without waiting.
 """
 
 from __future__ import annotations
