@@ -102,6 +102,9 @@ def make_server(config: ServeConfig, exports: Sequence[Export]) -> Server:
     if not config.tls_verify_peer:
         log.warning("TLS without --tls-verify-peer: any client that can connect may read the "
                     "exports (give --tls-ca and --tls-verify-peer to admit only your hosts)")
+    elif mode is TLSMode.OPTIONAL:
+        log.warning("--tls=on admits plaintext clients, whose certificates are never checked: "
+                    "use --tls=require so that only your hosts can read the exports")
     return Server(exports, tls=mode, ssl_context=context)
 
 

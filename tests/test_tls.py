@@ -347,6 +347,10 @@ def test_optional_tls_serves_plaintext_and_tls_clients(pki: PKI, image: Path) ->
         assert secure.returncode == 0, secure.stderr
         assert "with TLS" in secure.stdout
         assert "without --tls-verify-peer" in serve.log()  # the operator is warned
+    with running_serve(image, extra_args=pki.server_args("on", verify_peer=True)) as serve:
+        plain = run_tool("nbdinfo", serve.uri)
+        assert plain.returncode == 0, plain.stderr  # optional TLS: plaintext still reads...
+        assert "use --tls=require" in serve.log()  # ...so the operator is told
 
 
 @pytest.mark.parametrize("client", ["rogue_client_dir", "no_cert_dir"])
