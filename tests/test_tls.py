@@ -792,3 +792,50 @@ async def test_plaintext_reads_keep_sendfile_and_tls_reads_go_through_the_ssl_st
                 assert await read_all(secure, IMAGE_SIZE) == data
             assert stats.tls_connections == 1
             assert stats.sendfile_bytes == plaintext_sendfile  # nothing bypassed TLS
+
+
+async def test_structured_replies_negotiated_in_plaintext_are_forgotten_after_starttls(
+    pki: PKI, image: Path, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "s.sock"
+    context = ssl.create_default_context(cafile=pki.client_dir / "ca-cert.pem")
+    context.load_cert_chain(pki.client_dir / "client-cert.pem", pki.client_dir / "client-key.pem")
+    async with serving_in_process(pki, image, socket_path, mode=core.TLSMode.OPTIONAL):
+        with trio.fail_after(10):
+            raw = await trio.open_unix_socket(str(socket_path))
+            received = bytearray()
+
+            async def take(stream: trio.abc.Stream, count: int) -> bytes:
+                while len(received) < count:
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, "server closed"
+                    received.extend(chunk)
+                out = bytes(received[:count])
+                del received[:count]
+                return out
+
+            await take(raw, wire.SERVER_GREETING_SIZE)
+            await raw.send_all(
+                wire.build_client_flags(CLIENT_FLAGS)
+                + wire.build_option(k.Option.STRUCTURED_REPLY)
+            )
+            header = wire.parse_option_reply_header(await take(raw, wire.OPTION_REPLY_HEADER_SIZE))
+            assert header.reply_type == k.OptionReply.ACK  # structured replies, in plaintext
+            await raw.send_all(wire.build_option(k.Option.STARTTLS))
+            header = wire.parse_option_reply_header(await take(raw, wire.OPTION_REPLY_HEADER_SIZE))
+            assert header.reply_type == k.OptionReply.ACK and not received
+            tls_stream = trio.SSLStream(raw, context, server_hostname="localhost")
+            await tls_stream.send_all(go_option())  # no STRUCTURED_REPLY over TLS
+            while True:
+                header = wire.parse_option_reply_header(
+                    await take(tls_stream, wire.OPTION_REPLY_HEADER_SIZE)
+                )
+                await take(tls_stream, header.length)
+                if header.reply_type == k.OptionReply.ACK:
+                    break
+            request = wire.Request(0, k.Command.READ, 42, 0, 4096)
+            await tls_stream.send_all(wire.build_request_header(request))
+            reply = wire.parse_simple_reply(await take(tls_stream, wire.SIMPLE_REPLY_SIZE))
+            assert (reply.cookie, reply.error) == (42, 0)  # a simple reply: not structured
+            assert await take(tls_stream, 4096) == image.read_bytes()[:4096]
+            await trio.aclose_forcefully(tls_stream)
