@@ -135,7 +135,7 @@ class SourceLink:
                 )
             except CommandError:
                 raise
-            except (OSError, NBDError) as exc:
+            except (OSError, NBDError, trio.BrokenResourceError) as exc:
                 self.report_broken(client, exc)
             await trio.lowlevel.checkpoint()
 
@@ -156,7 +156,7 @@ class SourceLink:
                 )
             except CommandError:
                 raise
-            except (OSError, NBDError) as exc:
+            except (OSError, NBDError, trio.BrokenResourceError) as exc:
                 self.report_broken(client, exc)
             await trio.lowlevel.checkpoint()
 
@@ -216,7 +216,7 @@ class SourceLink:
                     )
             except _LinkBroken:
                 pass
-            except (OSError, NBDError) as exc:
+            except (OSError, NBDError, trio.BrokenResourceError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.debug("source link %s: %s", self.name, self.last_error)
             with trio.move_on_after(backoff):
