@@ -478,10 +478,12 @@ def test_cli_plan_lists_the_commands_of_a_migration(capsys: pytest.CaptureFixtur
         "web1-xvda=/srv/xen/web1-root.img web1-data=/srv/xen/web1-data.img",
         "postcopy receive --domain web1 --source nbd://host-a.example:10809/web1-xvda "
         "--dest /srv/xen/web1-root.img --state-dir /var/lib/postcopy/web1/xvda "
-        "--socket /run/postcopy/web1-xvda.sock --chunk-size 262144 --wait-for-source",
+        "--socket /run/postcopy/web1-xvda.sock --chunk-size 262144 --bandwidth 209715200 "
+        "--source-id web1/xvda --wait-for-source",
         "postcopy receive --domain web1 --source nbd://host-a.example:10809/web1-data "
         "--dest /srv/xen/incoming/web1-data.img --state-dir /var/lib/postcopy/web1/xvdb "
-        "--socket /run/postcopy/web1-xvdb.sock --chunk-size 262144 --wait-for-source",
+        "--socket /run/postcopy/web1-xvdb.sock --chunk-size 262144 --bandwidth 209715200 "
+        "--source-id web1/xvdb --wait-for-source",
         "postcopy source-frozen --state-dir /var/lib/postcopy/web1/xvda",
         "postcopy source-frozen --state-dir /var/lib/postcopy/web1/xvdb",
     ]
@@ -495,11 +497,13 @@ def test_cli_plan_json_for_scripts(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan["serve"][:4] == ["postcopy", "serve", "--socket", "/run/postcopy/tunnel-a.sock"]
     wal = plan["disks"][1]
     assert wal["dest_uri"] == "nbd://127.0.0.1:10811/db-primary-vdb"
-    assert wal["receive"][-5:] == [
+    assert wal["receive"][-7:] == [
         "--listen",
         "127.0.0.1:10811",
         "--chunk-size",
         "65536",
+        "--source-id",
+        "db-primary/vdb",
         "--wait-for-source",
     ]
     assert main(["config", "--config", str(POLICY), "--domain", "build", "--plan", "--json"]) == 0

@@ -125,7 +125,11 @@ def migration_plan(domain: DomainPolicy) -> dict[str, object]:
             receive += ["--socket", str(dest.socket)]
         else:
             receive += ["--listen", f"{dest.host}:{dest.port}"]
-        receive += ["--chunk-size", str(domain.chunk_size), "--wait-for-source"]
+        receive += ["--chunk-size", str(domain.chunk_size)]
+        if domain.bandwidth:
+            receive += ["--bandwidth", str(domain.bandwidth)]
+        # a stable identity: the map stays valid if A's address changes between restarts
+        receive += ["--source-id", f"{domain.name}/{disk.device}", "--wait-for-source"]
         disks.append(
             {
                 "device": disk.device,
