@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postcopy.errors import StateError
+from postcopy.fsutil import write_file_atomically
 
 PRESENT = 0x01
 SOURCE_HOLE = 0x02
@@ -158,29 +159,6 @@ def _read_regular_file(path: Path, what: str) -> bytes:
         os.close(fd)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file_atomically(path: Path, data: bytes) -> None:
-    """temp file, write, fsync, rename over `path`, fsync the directory."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, path)
-    _fsync_directory(path.parent)
-
-
 def check_chunk_size(chunk_size: int) -> None:
     if (
         chunk_size < MIN_CHUNK_SIZE
@@ -288,7 +266,7 @@ class BlockMap:
         header = self.identity.encode(JOURNAL_MAGIC)
         header += _CRC.pack(zlib.crc32(header))
         if not path.exists():
-            _write_file_atomically(path, header)
+            write_file_atomically(path, header)
             good_end = len(header)
         else:
             data = _read_regular_file(path, what)
@@ -529,7 +507,7 @@ class BlockMap:
         data = bytearray(self.identity.encode(SNAPSHOT_MAGIC))
         data += zlib.compress(states, 1)
         data += _CRC.pack(zlib.crc32(data))
-        _write_file_atomically(self.state_dir / SNAPSHOT_FILENAME, bytes(data))
+        write_file_atomically(self.state_dir / SNAPSHOT_FILENAME, bytes(data))
         # the snapshot holds everything: start an empty journal (atomically replaced) whose
         # first record says that it continues a snapshot (so a lost snapshot is noticed)
         header = self.identity.encode(JOURNAL_MAGIC)
@@ -537,7 +515,7 @@ class BlockMap:
         marker = _RECORD_BODY.pack(*_SNAPSHOT_MARKER)
         header += marker + _CRC.pack(zlib.crc32(marker))
         journal_path = self.state_dir / JOURNAL_FILENAME
-        _write_file_atomically(journal_path, header)
+        write_file_atomically(journal_path, header)
         new_fd = os.open(journal_path, os.O_WRONLY | os.O_APPEND)
         old_fd, self._journal_fd = self._journal_fd, new_fd
         if old_fd >= 0:

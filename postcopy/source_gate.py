@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from postcopy.errors import UserError
+from postcopy.fsutil import write_file_atomically
 
 SOURCE_FROZEN_FILENAME = "source-frozen"
 
@@ -20,15 +21,6 @@ SOURCE_FROZEN_FILENAME = "source-frozen"
 def source_frozen_path(state_dir: Path) -> Path:
     """Where the gate file of `state_dir` lives."""
     return Path(state_dir) / SOURCE_FROZEN_FILENAME
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or a new name inside `directory` durable."""
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def declare_source_frozen(state_dir: Path) -> None:
@@ -39,16 +31,7 @@ def declare_source_frozen(state_dir: Path) -> None:
     state_dir = Path(state_dir)
     if not state_dir.is_dir():
         raise UserError(f"state directory {state_dir} does not exist")
-    final_path = source_frozen_path(state_dir)
-    temp_path = state_dir / f".{SOURCE_FROZEN_FILENAME}.{os.getpid()}.tmp"
-    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, b"frozen\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp_path, final_path)
-    fsync_directory(state_dir)
+    write_file_atomically(source_frozen_path(state_dir), b"frozen\n")
 
 
 def is_source_frozen(state_dir: Path) -> bool:

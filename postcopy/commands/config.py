@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from postcopy.config import DomainPolicy, add_config_argument, load_config
 from postcopy.errors import UserError
+from postcopy.fsutil import write_file_atomically
 from postcopy.integrations import Rewrite, libvirt, qemu, xl
 
 BACKUP_SUFFIX = ".postcopy-bak"
@@ -82,25 +81,8 @@ def _read(path: str) -> str:
 
 
 def write_atomically(path: Path, data: str, mode: int | None = None) -> None:
-    """Replace `path` with `data` via a temporary file in the same directory, fsync and rename."""
-    directory = path.parent
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+    """Replace `path` with `data` durably, keeping `mode` (default 0644)."""
+    write_file_atomically(path, data.encode("utf-8"), 0o644 if mode is None else mode)
 
 
 def migration_plan(domain: DomainPolicy) -> dict[str, object]:
