@@ -38,7 +38,8 @@ def fio_command(uri: str, offset: int, size: int) -> list[str]:
     return [
         "fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", "--rw=randrw", "--bs=4k",
         "--iodepth=8", f"--offset={offset}", f"--size={size}", "--verify=crc32c",
-        "--verify_fatal=1", "--do_verify=1", "--randrepeat=0", "--output-format=json",
+        "--verify_fatal=1", "--verify_state_save=0", "--do_verify=1", "--randrepeat=0",
+        "--output-format=json",
     ]  # fmt: skip
 
 

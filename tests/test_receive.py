@@ -162,7 +162,7 @@ def test_fio_randrw_verifies_while_draining_and_untouched_regions_match(
                 "fio", "--name=guest", "--ioengine=nbd", f"--uri={receiver.uri}",
                 "--rw=randrw", "--bs=4k", "--iodepth=8", f"--offset={fio_offset}",
                 f"--size={fio_size}", "--verify=crc32c", "--verify_fatal=1",
-                "--do_verify=1", "--randrepeat=0", "--output-format=json",
+                "--do_verify=1", "--verify_state_save=0", "--randrepeat=0", "--output-format=json",
             ],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
