@@ -132,8 +132,9 @@ class EngineConfig:
     drain_request_bytes: int = 1024 * 1024
     drain_requests_in_flight: int = 4
     # after a guest miss the drain keeps at most this many requests in flight for a while,
-    # so that the source and this process answer the guest first
-    drain_requests_during_faults: int = 1
+    # so that the source and this process answer the guest first (0: the drain yields
+    # completely during a burst of misses, but never for more than a second at a time)
+    drain_requests_during_faults: int = 0
     fault_quiet_seconds: float = 0.05
     block_status_window_bytes: int = 1024 * 1024 * 1024
     unreachable_timeout: float = 180.0  # how long a guest read waits for the source
