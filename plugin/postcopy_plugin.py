@@ -36,6 +36,7 @@ def config(key, value):
     known = _REQUIRED + (
         "chunk_size", "wait_for_source", "export_name", "source_id", "unreachable_timeout",
         "drain_requests", "drain_request_size", "request_timeout", "bandwidth",
+        "drain_requests_during_faults", "blocking_misses",
     )
     if key not in known:
         raise ValueError(f"unknown parameter {key!r} (known: {', '.join(known)})")
@@ -65,6 +66,10 @@ def config_complete():
         engine_config.bandwidth = int(_settings["bandwidth"]) or None
     if "drain_requests" in _settings:
         engine_config.drain_requests_in_flight = int(_settings["drain_requests"])
+    if "drain_requests_during_faults" in _settings:
+        engine_config.drain_requests_during_faults = int(_settings["drain_requests_during_faults"])
+    if "blocking_misses" in _settings:
+        engine_config.blocking_misses = _settings["blocking_misses"] in ("1", "true", "yes")
     if "drain_request_size" in _settings:
         engine_config.drain_request_bytes = nbdkit.parse_size(_settings["drain_request_size"])
     _engine = Engine(engine_config)

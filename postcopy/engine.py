@@ -6,15 +6,25 @@ the worker thread: it checks the block map (lock-free: bits are only ever set) a
 straight into nbdkit's buffer.  Only work that needs the source hops to the engine's trio loop,
 which runs `trio.run` in a daemon thread, via `trio.from_thread.run` and a token captured at start.
 
-Fetching.  Each missing chunk has at most one fetch in flight (`_in_flight`: chunk -> FetchJob);
-a second miss on it waits for the same job.  Guest misses use their own source connection and are
-never queued behind the drain; while one is in flight (and for `fault_quiet_seconds` after) the
-drain keeps at most `drain_requests_during_faults` requests going, and drain commits (MiB-sized
-writes) run in a worker thread, so the trio thread answers misses first.  The drain (one task,
-`drain_requests_in_flight` requests of up to `drain_request_bytes`) walks the map from a cursor,
-first asking the source's block status for a window so that holes become PRESENT holes without
-any transfer (the local file stays sparse), then fetching coalesced missing runs.  After a guest
-miss the cursor jumps to the chunk after it (guests read sequentially more often than not).
+Fetching. Each missing chunk has at most one fetch in flight (`_in_flight`: chunk -> FetchJob,
+changed only under `_flight_lock`, since worker threads register fetches too); a second miss on it
+waits for the same job. Guest misses use their own source connections and are never queued behind
+the drain. A miss whose chunks no fetch covers yet is served on the worker thread itself: it
+registers a job, reads the chunks over that thread's blocking connection
+(`postcopy.fetch.BlockingSource`, keyed by `threading.get_ident()`), commits them under the commit
+lock, and tells the trio side (`run_sync_soon`, no waiting) that the job is done, so misses on the
+same chunks that went to the trio side meanwhile share it. That saves the worker -> trio -> worker
+hand-off (two cross-thread wake-ups). Anything else (a chunk already in flight, a long or split
+read, the gate closed, any error of the blocking connection, an outage) takes the trio path, which
+owns reconnects, stall deadlines and the unreachable window; a failed blocking attempt only counts
+against that window. While a miss is in flight (and for `fault_quiet_seconds` after) the drain
+keeps at most `drain_requests_during_faults` requests going (default 0: it yields completely, but
+never for more than a second at a time), and drain commits (MiB-sized writes) run in a worker
+thread, so the trio thread answers misses first. The drain (one task, `drain_requests_in_flight`
+requests of up to `drain_request_bytes`) walks the map from a cursor, first asking the source's
+block status for a window so that holes become PRESENT holes without any transfer (the local file
+stays sparse), then fetching coalesced missing runs. After a guest miss the cursor jumps to the
+chunk after it (guests read sequentially more often than not).
 
 The race rule.  A fetched chunk is written only if it is still MISSING, checked and written under
 `_commit_lock`.  Guest writes, zeroes and trims that make a MISSING chunk PRESENT take the same
@@ -64,6 +74,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from nbdsrv.errors import CommandError
+from nbdsrv.uri import NBDAddress, parse_nbd_uri
 from postcopy import source_gate, status
 from postcopy.blockmap import (
     DEFAULT_CHUNK_SIZE,
@@ -75,6 +86,7 @@ from postcopy.blockmap import (
 )
 from postcopy.errors import UserError
 from postcopy.fetch import (
+    BlockingSource,
     SourceLink,
     SourceMismatch,
     SourceOpener,
@@ -92,6 +104,10 @@ EXTENT_ZERO = 2
 # once the source has been unreachable for the whole window, a guest read of missing data waits
 # only this long (for a reconnection attempt made at once) before it fails with EIO
 UNREACHABLE_GRACE_SECONDS = 1.0
+# after a blocking connection failed, misses take the trio path for this long
+BLOCKING_RETRY_SECONDS = 1.0
+# at most this many blocking source connections (one per nbdkit worker thread that missed)
+MAX_BLOCKING_SOURCES = 16
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -144,6 +160,9 @@ class EngineConfig:
     status_interval: float = 0.25
     gate_poll_interval: float = 0.1
     drain: bool = True
+    # serve guest misses on nbdkit's worker threads over blocking connections (plain nbd://
+    # and nbd+unix:// sources opened by the default opener; the trio path otherwise)
+    blocking_misses: bool = True
 
 
 @dataclass
@@ -207,6 +226,25 @@ class Engine:
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._in_flight: dict[int, FetchJob] = {}
+        self._flight_lock = threading.Lock()  # `_in_flight`, `_thread_jobs_in_flight`, byte counts
+        self._thread_jobs_in_flight = 0
+        self._blocking_address: NBDAddress | None = None
+        self._blocking_export = ""
+        if config.blocking_misses and source_opener is None:
+            try:
+                address = parse_nbd_uri(config.source_uri)
+            except ValueError:
+                address = None
+            if address is not None and not address.tls:
+                self._blocking_address = address
+                self._blocking_export = (
+                    address.export_name if config.export_name is None else config.export_name
+                )
+        self._blocking_sources: dict[int, BlockingSource] = {}
+        self._blocking_sources_lock = threading.Lock()
+        self._blocking_closed = False
+        self._blocking_retry_at = 0.0
+        self.blocking_misses = 0  # misses served on a worker thread (statistics for tests)
         self._demand_jobs_in_flight = 0
         self._drain_jobs_in_flight = 0
         self._last_fault_at = -1e9
@@ -249,6 +287,7 @@ class Engine:
         if self._stopped:
             return
         self._stopped = True
+        self._close_blocking_sources()
         if self._thread is not None and self._thread.is_alive() and self._token is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(self._cancel_main, trio_token=self._token)
@@ -322,6 +361,7 @@ class Engine:
         self._nursery = None
         # complete: every chunk is present; the connections are closed by now
         self._links = []
+        await trio.to_thread.run_sync(self._close_blocking_sources)
         await trio.to_thread.run_sync(self._make_durable_compact)
         log.info("postcopy: complete, source closed")
 
@@ -352,7 +392,21 @@ class Engine:
         first, end = self.map.chunk_range(offset, length)
         if not self.map.all_present(first, end):
             started = time.monotonic()
-            filled = self._call_trio(self._prepare_read, buf, offset, first, end)
+            served, notify_trio = self._blocking_miss(first, end)
+            if served:
+                try:
+                    self._read_local(buf, offset)
+                finally:
+                    # only now: the trio thread waking up would contend for the GIL meanwhile
+                    if notify_trio is not None:
+                        notify_trio()
+                    self._fault_latencies.append(time.monotonic() - started)
+                    self.faults += 1
+                return
+            if notify_trio is not None:
+                notify_trio()
+            waited = time.monotonic() - started
+            filled = self._call_trio(self._prepare_read, buf, offset, first, end, waited)
             self._fault_latencies.append(time.monotonic() - started)
             self.faults += 1
             if filled:
@@ -551,16 +605,18 @@ class Engine:
     # ===== the trio side: reads, fetches =========================================================
 
     async def _prepare_read(
-        self, buf: memoryview | bytearray, offset: int, first: int, end: int
+        self, buf: memoryview | bytearray, offset: int, first: int, end: int, waited: float = 0.0
     ) -> bool:
-        """Make the read servable.  Returns True when it filled `buf` itself (pass-through)."""
+        """Make the read servable.  Returns True when it filled `buf` itself (pass-through).
+        `waited`: seconds the read already spent on a failed blocking attempt (counted against
+        the unreachable window)."""
         if not self._frozen and source_gate.is_source_frozen(self.config.state_dir):
             self._open_gate()
         if not self._frozen:
             await self._read_passthrough(buf, offset)
             return True
         self._drain_hint = end
-        await self._ensure_present(first, end, True)
+        await self._ensure_present(first, end, True, waited)
         return False
 
     async def _ensure_present_frozen(self, first: int, end: int) -> None:
@@ -598,8 +654,9 @@ class Engine:
                 whole = bytearray(min(run_end << shift, self.size) - run_start)
                 await self._source_read(link, memoryview(whole), run_start)
                 part[:] = memoryview(whole)[start_byte - run_start:stop_byte - run_start]
-                self.passthrough_reads += 1
-                self.transferred_bytes += len(whole)
+                with self._flight_lock:
+                    self.passthrough_reads += 1
+                    self.transferred_bytes += len(whole)
             position = run_end
 
     async def _source_read(self, link: SourceLink, part: memoryview, offset: int) -> None:
@@ -614,7 +671,7 @@ class Engine:
             return
         raise EngineIOError(errno.EIO, "source unreachable")
 
-    def _guest_deadline(self, link: SourceLink | None) -> float:
+    def _guest_deadline(self, link: SourceLink | None, waited: float = 0.0) -> float:
         """When a guest request that needs the source gives up (trio clock): the unreachable
         window from now, but once the source has been down for longer than the window, only a
         short grace (`UNREACHABLE_GRACE_SECONDS`, in which the link retries at once), so that
@@ -622,18 +679,21 @@ class Engine:
         source is back."""
         window = self.config.unreachable_timeout
         now = trio.current_time()
+        grace = min(window, UNREACHABLE_GRACE_SECONDS)
         if link is None or link.down_since is None:
-            return now + window
+            return now + max(window - waited, grace)
         link.retry_now()
-        remaining = window - link.seconds_down()
-        return now + max(remaining, min(window, UNREACHABLE_GRACE_SECONDS))
+        remaining = window - max(link.seconds_down(), waited)
+        return now + max(remaining, grace)
 
-    async def _ensure_present(self, first: int, end: int, demand: bool) -> None:
+    async def _ensure_present(
+        self, first: int, end: int, demand: bool, waited: float = 0.0
+    ) -> None:
         """Wait until chunks `[first, end)` are PRESENT, starting fetches for uncovered ones."""
         if self._failure is not None:
             raise EngineIOError(errno.EIO, self._failure)
         link = self._demand_link if demand else self._drain_link
-        with trio.move_on_at(self._guest_deadline(link)) as timeout_scope:
+        with trio.move_on_at(self._guest_deadline(link, waited)) as timeout_scope:
             while not self.map.all_present(first, end):
                 jobs = self._start_fetches(first, end, demand)
                 for job in jobs:
@@ -652,6 +712,13 @@ class Engine:
         assert self._nursery is not None
         jobs: list[FetchJob] = []
         max_chunks = max(1, self.config.demand_fetch_bytes >> self.map.chunk_shift)
+        with self._flight_lock:
+            self._start_fetches_locked(first, end, demand, jobs, max_chunks)
+        return jobs
+
+    def _start_fetches_locked(
+        self, first: int, end: int, demand: bool, jobs: list[FetchJob], max_chunks: int
+    ) -> None:
         for run_first, run_end in self.map.missing_ranges(first, end):
             chunk = run_first
             while chunk < run_end:
@@ -667,9 +734,9 @@ class Engine:
                 job = self._new_job(chunk, stop, demand)
                 jobs.append(job)
                 chunk = stop
-        return jobs
 
     def _new_job(self, first: int, end: int, demand: bool) -> FetchJob:
+        """Register and start a fetch of chunks `[first, end)` (hold `_flight_lock`)."""
         assert self._nursery is not None
         job = FetchJob(first, end, demand)
         for chunk in range(first, end):
@@ -705,11 +772,7 @@ class Engine:
                 raise EngineIOError(errno.EIO, str(exc)) from None
             except CommandError as exc:
                 raise EngineIOError(exc.errno, f"source: {exc}") from None
-            self.transferred_bytes += len(buffer)
-            if job.demand:
-                self.demand_bytes += len(buffer)
-            else:
-                self.drain_bytes += len(buffer)
+            self._count_fetched(len(buffer), job.demand)
             if job.demand:
                 self._commit_fetched(job.first, job.end, buffer, start)
             else:
@@ -722,15 +785,158 @@ class Engine:
         except Exception as exc:
             job.error = exc
         finally:
-            for chunk in range(job.first, job.end):
-                if self._in_flight.get(chunk) is job:
-                    del self._in_flight[chunk]
+            with self._flight_lock:
+                for chunk in range(job.first, job.end):
+                    if self._in_flight.get(chunk) is job:
+                        del self._in_flight[chunk]
             if job.demand:
                 self._demand_jobs_in_flight -= 1
             else:
                 self._drain_jobs_in_flight -= 1
             job.done.set()
             self._signal_job_finished()
+
+    def _count_fetched(self, length: int, demand: bool) -> None:
+        with self._flight_lock:
+            self.transferred_bytes += length
+            if demand:
+                self.demand_bytes += length
+            else:
+                self.drain_bytes += length
+
+    # ===== guest misses served on the worker thread ==============================================
+
+    def _blocking_miss(self, first: int, end: int) -> tuple[bool, Callable[[], None] | None]:
+        """Serve a miss on the calling worker thread.  (True, notify): chunks `[first, end)` are
+        PRESENT now.  (False, notify): take the trio path (nothing was left half done).  The
+        caller must call `notify` (when not None) soon, and before waiting for the trio side: it
+        wakes the misses that shared this fetch and the drain."""
+        link = self._demand_link
+        if (
+            self._blocking_address is None
+            or not self._frozen
+            or self._failure is not None
+            or self._stopped
+            or self._blocking_closed
+            or self._token is None
+            or link is None
+            or time.monotonic() < self._blocking_retry_at
+        ):
+            return False, None
+        if link.down_since is not None and (
+            link.connects > 0 or link.seconds_down() > BLOCKING_RETRY_SECONDS
+        ):
+            return False, None
+        missing = list(self.map.missing_ranges(first, end))
+        if not missing:
+            return True, None
+        if len(missing) != 1:
+            return False, None
+        run_first, run_end = missing[0]
+        shift = self.map.chunk_shift
+        if (run_end - run_first) << shift > max(self.config.demand_fetch_bytes, 1 << shift):
+            return False, None
+        with self._flight_lock:
+            if any(chunk in self._in_flight for chunk in range(run_first, run_end)):
+                return False, None  # a fetch is on its way: the trio path waits for it
+            job = FetchJob(run_first, run_end, True)
+            for chunk in range(run_first, run_end):
+                self._in_flight[chunk] = job
+            self._thread_jobs_in_flight += 1
+        self._drain_hint = end
+        start = run_first << shift
+        length = min(run_end << shift, self.size) - start
+        token = self._token
+        served = False
+
+        def notify_trio() -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._blocking_job_finished, job, length if served else 0)
+
+        failed = True
+        try:
+            buffer = self._blocking_read(length, start)
+            if buffer is not None:
+                self._count_fetched(length, True)
+                # a local write error here reaches the guest (as on the trio path)
+                self._commit_fetched(run_first, run_end, buffer, start)
+                served = True
+            failed = False
+        finally:
+            with self._flight_lock:
+                for chunk in range(run_first, run_end):
+                    if self._in_flight.get(chunk) is job:
+                        del self._in_flight[chunk]
+                self._thread_jobs_in_flight -= 1
+                if served:
+                    self.demand_fetches += 1
+                    self.blocking_misses += 1
+            if failed:
+                notify_trio()  # the error goes to the guest: wake the sharers now
+        return served, notify_trio
+
+    def _blocking_read(self, length: int, offset: int) -> bytearray | None:
+        """Read from the source over this thread's blocking connection; None on any failure
+        (the connection is dropped and the trio path is used for a while)."""
+        try:
+            source = self._blocking_source()
+            if source is None:
+                return None
+            with source.lock:
+                return None if source.closed else source.pread(length, offset)
+        except Exception as exc:
+            log.info("postcopy: blocking source read failed (%s); using the trio path", exc)
+            self._blocking_retry_at = time.monotonic() + BLOCKING_RETRY_SECONDS
+            self._drop_blocking_source()
+            return None
+
+    def _blocking_job_finished(self, job: FetchJob, fetched: int) -> None:
+        """(trio thread) Wake the misses that shared a worker thread's fetch, and the drain."""
+        job.done.set()
+        self._last_fault_at = trio.current_time()
+        if fetched and self._bucket is not None:
+            self._bucket.take(fetched)  # counted, never waited for
+        self._check_complete()
+        self._signal_job_finished()
+
+    def _blocking_source(self) -> BlockingSource | None:
+        """This worker thread's blocking connection (connected on first use), or None."""
+        key = threading.get_ident()
+        with self._blocking_sources_lock:
+            source = self._blocking_sources.get(key)
+            if source is not None or len(self._blocking_sources) >= MAX_BLOCKING_SOURCES:
+                return source
+        assert self._blocking_address is not None
+        timeout = min(self.config.request_timeout, self.config.unreachable_timeout)
+        source = BlockingSource(
+            self._blocking_address,
+            self._blocking_export,
+            self.size,
+            connect_timeout=timeout,
+            request_timeout=timeout,
+        )
+        with self._blocking_sources_lock:
+            if self._blocking_closed:
+                source.close()
+                return None
+            self._blocking_sources[key] = source
+        return source
+
+    def _drop_blocking_source(self) -> None:
+        with self._blocking_sources_lock:
+            source = self._blocking_sources.pop(threading.get_ident(), None)
+        if source is not None:
+            source.close()
+
+    def _close_blocking_sources(self) -> None:
+        """Close every blocking connection (at completion and stop; waits for reads in use)."""
+        with self._blocking_sources_lock:
+            self._blocking_closed = True
+            sources = list(self._blocking_sources.values())
+            self._blocking_sources.clear()
+        for source in sources:
+            with source.lock:
+                source.close()
 
     def _commit_fetched(self, first: int, end: int, buffer: bytearray, start: int) -> None:
         """Write the fetched chunks that are still MISSING; a guest write that came first wins."""
@@ -744,7 +950,7 @@ class Engine:
                 self._write_local(view[run_start - start:run_stop - start], run_start)
                 self.map.mark(run_first, run_end, PRESENT)
                 committed += run_stop - run_start
-        self.discarded_fetch_bytes += len(buffer) - committed
+            self.discarded_fetch_bytes += len(buffer) - committed
 
     def _check_complete(self) -> None:
         if self.map.is_complete and self._complete_event is not None:
@@ -819,9 +1025,18 @@ class Engine:
                     continue
                 first, end = picked
                 cursor = end
+                with self._flight_lock:  # a worker thread may have taken some chunks since
+                    while first < end and first in self._in_flight:
+                        first += 1
+                    stop = first
+                    while stop < end and stop not in self._in_flight:
+                        stop += 1
+                    job = self._new_job(first, stop, False) if first < stop else None
+                if job is None:
+                    slots.release()
+                    continue
                 if self._bucket is not None:
-                    self._bucket.take(self._job_bytes(first, end))
-                job = self._new_job(first, end, False)
+                    self._bucket.take(self._job_bytes(first, stop))
                 nursery.start_soon(self._release_when_done, job, slots)
         self._check_complete()
 
@@ -833,7 +1048,7 @@ class Engine:
         while trio.current_time() < deadline:
             if self._drain_jobs_in_flight < self.config.drain_requests_during_faults:
                 return
-            if self._demand_jobs_in_flight:
+            if self._demand_jobs_in_flight or self._thread_jobs_in_flight:
                 wait_until = deadline
             elif trio.current_time() - self._last_fault_at < self.config.fault_quiet_seconds:
                 wait_until = self._last_fault_at + self.config.fault_quiet_seconds

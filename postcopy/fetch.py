@@ -15,12 +15,17 @@ deadline reports the connection broken (`stalls` counts them), which fails every
 pending on it, and all of them are re-sent on the next connection.
 
 A source whose size differs from the disk is a fatal mismatch (`SourceMismatch`): the link stops.
+
+`BlockingSource` is the other kind: a plain blocking connection (libnbd) that an nbdkit worker
+thread uses to serve a guest miss itself, without the hop to the trio thread; it never reconnects
+(on any error the engine drops it and falls back to its demand `SourceLink`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -29,6 +34,7 @@ from typing import Any, Protocol
 import trio
 
 from nbdsrv.errors import CommandError, NBDError
+from nbdsrv.uri import NBDAddress
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +242,76 @@ def percentile(sorted_values: list[float], fraction: float) -> float | None:
         return None
     rank = max(1, math.ceil(fraction * len(sorted_values)))
     return sorted_values[rank - 1]
+
+
+class BlockingSource:
+    """A blocking connection to the source, for one nbdkit worker thread at a time.
+
+    Guest misses are served on the worker thread itself with it (no hop to the trio thread and
+    back).  It is libnbd (python3-libnbd): its C client releases the GIL while it waits, so a
+    worker thread blocked on the source does not hold up the trio thread.  Every wait is bounded:
+    the handshake by `connect_timeout`, each read by `request_timeout` (`SourceStalled`).  It has
+    no reconnect logic: on any error the caller drops it and uses a `SourceLink` instead.
+    `lock` is held while the connection is in use, so that it can be closed from another thread.
+    """
+
+    def __init__(
+        self,
+        address: NBDAddress,
+        export_name: str,
+        size: int,
+        *,
+        connect_timeout: float,
+        request_timeout: float,
+    ) -> None:
+        import nbd  # python3-libnbd (a Debian package); imported only when used
+
+        self._nbd = nbd
+        self.request_timeout = request_timeout
+        self.lock = threading.Lock()
+        self.closed = False
+        handle = nbd.NBD()
+        handle.set_export_name(export_name)
+        if address.transport == "unix":
+            handle.aio_connect_unix(address.socket_path)
+        else:
+            handle.aio_connect_tcp(address.host, str(address.port))
+        self._handle: Any = handle
+        try:
+            self._wait(handle.aio_is_connecting, connect_timeout, "handshake", invert=True)
+            if not handle.aio_is_ready():
+                raise ConnectionError("source handshake failed")
+            if handle.get_size() != size:
+                raise SourceMismatch(f"the source's size is {handle.get_size()}, not {size}")
+        except BaseException:
+            self.close()
+            raise
+
+    def pread(self, length: int, offset: int) -> bytearray:
+        """`length` bytes of the source at `offset` (raises on an error or past the deadline)."""
+        handle = self._handle
+        if handle is None:
+            raise ConnectionError("source connection closed")
+        buffer = self._nbd.Buffer(length)
+        cookie = handle.aio_pread(buffer, offset)
+        self._wait(lambda: handle.aio_command_completed(cookie), self.request_timeout, "read")
+        result: bytearray = buffer.to_bytearray()
+        return result
+
+    def _wait(
+        self, condition: Callable[[], Any], timeout: float, what: str, invert: bool = False
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        for _ in range(1_000_000):  # bounded; each round waits for the socket or the deadline
+            if bool(condition()) != invert:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._handle.poll(max(1, math.ceil(remaining * 1000)))
+        raise SourceStalled(f"source {what}: no answer within {timeout:g} s")
+
+    def close(self) -> None:
+        """Drop the connection at once (no NBD_CMD_DISC: the peer may be stalled)."""
+        self.closed = True
+        self._handle = None  # libnbd closes the socket when the handle is freed
