@@ -248,6 +248,8 @@ class Engine:
         self._demand_jobs_in_flight = 0
         self._drain_jobs_in_flight = 0
         self._last_fault_at = -1e9
+        self._last_miss_end: int | None = None  # chunk after the last guest miss
+        self._sequential_misses = False  # the last miss started where the one before ended
         self._drain_hint: int | None = None
         self._failure: str | None = None
         # statistics (ints updated under the GIL from the trio thread; see statistics())
@@ -392,6 +394,7 @@ class Engine:
         first, end = self.map.chunk_range(offset, length)
         if not self.map.all_present(first, end):
             started = time.monotonic()
+            self._note_miss(first, end)
             served, notify_trio = self._blocking_miss(first, end)
             if served:
                 try:
@@ -412,6 +415,16 @@ class Engine:
             if filled:
                 return
         self._read_local(buf, offset)
+
+    def _note_miss(self, first: int, end: int) -> None:
+        """Is the guest reading missing data sequentially?  (Then the drain's read-ahead
+        after the miss goes on during the miss burst; see `_wait_demand_quiet`.)"""
+        last_end = self._last_miss_end
+        request_chunks = max(1, self.config.drain_request_bytes >> self.map.chunk_shift)
+        self._sequential_misses = last_end is not None and (
+            last_end <= first <= last_end + request_chunks
+        )
+        self._last_miss_end = end
 
     def _read_local(self, buf: memoryview | bytearray, offset: int) -> None:
         view = memoryview(buf).cast("B")
@@ -1043,10 +1056,15 @@ class Engine:
     async def _wait_demand_quiet(self) -> None:
         """Guest misses have priority: while one is being fetched, and for
         `fault_quiet_seconds` after one (guests miss in bursts), the drain keeps at most
-        `drain_requests_during_faults` requests in flight."""
+        `drain_requests_during_faults` requests in flight; at least one while the guest misses
+        sequentially (its read-ahead, from the chunk after the last miss, is what turns the
+        guest's next reads into hits)."""
         deadline = trio.current_time() + 1.0  # never starve the drain completely
         while trio.current_time() < deadline:
-            if self._drain_jobs_in_flight < self.config.drain_requests_during_faults:
+            limit = self.config.drain_requests_during_faults
+            if self._sequential_misses:
+                limit = max(limit, 1)
+            if self._drain_jobs_in_flight < limit:
                 return
             if self._demand_jobs_in_flight or self._thread_jobs_in_flight:
                 wait_until = deadline

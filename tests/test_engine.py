@@ -7,6 +7,7 @@ threads themselves.  `FakeSource.pause()` holds fetches in flight so races happe
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import threading
@@ -133,7 +134,9 @@ def test_concurrent_misses_on_one_chunk_share_one_fetch(make_engine: EngineFacto
     source = FakeSource(random_bytes(SIZE))
     engine = make_engine(source)
     source.pause()
-    readers = [in_thread(lambda i=i: read(engine, 7 * CHUNK + i * 512, 512)) for i in range(6)]
+    readers = [
+        in_thread(functools.partial(read, engine, 7 * CHUNK + i * 512, 512)) for i in range(6)
+    ]
     source.wait_reads_in_flight(1)
     time.sleep(0.1)  # let every reader reach the engine while the fetch is held
     source.resume()
@@ -311,7 +314,7 @@ def test_restart_resumes_and_transfers_only_missing(
     read(first, 0, 10 * CHUNK)
     first.pwrite(b"z" * CHUNK, 20 * CHUNK)
     first.stop()
-    again_source = FakeSource(source.data)
+    again_source = FakeSource(bytes(source.data))
     second = make_engine(again_source, drain=True)
     wait_until(lambda: second.state() == "complete")
     assert again_source.bytes_read() == SIZE - 11 * CHUNK
@@ -381,3 +384,30 @@ def test_fetch_in_flight_does_not_stall_present_reads(make_engine: EngineFactory
     assert time.monotonic() - started < 1
     source.resume()
     reader.join(5)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_drain_yields_to_random_misses_but_reads_ahead_of_sequential_ones(
+    make_engine: EngineFactory, sequential: bool
+) -> None:
+    """During a burst of misses the drain starts nothing new (drain_requests_during_faults=0),
+    except its read-ahead after misses that follow each other: that makes the next reads hits."""
+    size = 64 * 1024 * 1024
+    source = FakeSource(random_bytes(size))
+    source.read_delay = 0.05
+    engine = make_engine(
+        source, drain=True, drain_request_bytes=4 * CHUNK, fault_quiet_seconds=5.0
+    )
+    wait_until(lambda: engine.drain_bytes > 0)  # the drain runs from chunk 0
+    chunks = [600, 601, 602] if sequential else [900, 500, 700]
+    for chunk in chunks:
+        assert read(engine, chunk * CHUNK, 4096) == bytes(source.data[chunk * CHUNK:][:4096])
+    requests_before = len(source.read_requests)
+    time.sleep(0.3)  # within the drain's never-starve second
+    started = source.read_requests[requests_before:]
+    if sequential:
+        assert requests_touching(source, 603) == 1  # read ahead (once) right after the misses
+        assert started, "no read-ahead during the miss burst"
+        assert all(offset >= 603 * CHUNK for offset, _ in started), started
+    else:
+        assert started == []

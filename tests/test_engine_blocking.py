@@ -10,6 +10,7 @@ reconnects).  nbdkit's delay filter holds reads so that the races happen for sur
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import subprocess
@@ -123,9 +124,7 @@ def test_concurrent_misses_on_one_chunk_share_one_fetch(
     with running_nbdkit(["--filter=delay", "file", str(path), "rdelay=300ms"]) as uri:
         engine = make_engine(uri)
         offsets = [3 * CHUNK + i * 4096 for i in range(4)]
-        results = run_threads(
-            [lambda offset=offset: read(engine, offset, 4096) for offset in offsets]  # type: ignore[misc]
-        )
+        results = run_threads([functools.partial(read, engine, offset, 4096) for offset in offsets])
         for offset, result in zip(offsets, results, strict=True):
             assert result == data[offset:offset + 4096]
         assert engine.demand_fetches == 1
