@@ -35,7 +35,8 @@ venv: system-deps $(VENV)/.installed
 
 setup: venv
 
-test: venv
+# The suite starts with the style checks: ruff and mypy must stay clean.
+test: lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
