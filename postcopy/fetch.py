@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -126,38 +126,35 @@ class SourceLink:
         """Read from the source, re-sent over reconnects until it succeeds (callers bound the
         whole wait).  Each attempt has `request_timeout`; the server's own error reply
         (CommandError) and a fatal mismatch (SourceMismatch) are raised."""
-        while True:
-            client = await self.get()
-            try:
-                with trio.fail_after(self.request_timeout):
-                    await client.pread_into(buffer, offset)
-                return
-            except trio.TooSlowError:
-                self.stalls += 1
-                self.report_broken(
-                    client,
-                    SourceStalled(f"no reply to a read in {self.request_timeout:g}s"),
-                    silent_for=self.request_timeout,
-                )
-            except CommandError:
-                raise
-            except (OSError, NBDError, trio.BrokenResourceError) as exc:
-                self.report_broken(client, exc)
-            await trio.lowlevel.checkpoint()
+
+        async def read(client: Any) -> None:
+            await client.pread_into(buffer, offset)
+
+        await self._retrying("reply to a read", read)
 
     async def extents(self, offset: int, length: int) -> list[Any]:
-        """The source's block status for a range (one attempt per connection, like
-        `pread_into`); CommandError when the source cannot answer it."""
+        """The source's block status for a range, retried like `pread_into`; CommandError when
+        the source cannot answer it."""
+
+        async def block_status(client: Any) -> list[Any]:
+            return [extent async for extent in client.iter_extents(offset, length)]
+
+        result: list[Any] = await self._retrying("block status", block_status)
+        return result
+
+    async def _retrying(self, what: str, request: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run `request(client)` until it succeeds: a stalled or broken connection is reported
+        and the request is sent again on the next one."""
         while True:
             client = await self.get()
             try:
                 with trio.fail_after(self.request_timeout):
-                    return [extent async for extent in client.iter_extents(offset, length)]
+                    return await request(client)
             except trio.TooSlowError:
                 self.stalls += 1
                 self.report_broken(
                     client,
-                    SourceStalled(f"no block status in {self.request_timeout:g}s"),
+                    SourceStalled(f"no {what} in {self.request_timeout:g}s"),
                     silent_for=self.request_timeout,
                 )
             except CommandError:
