@@ -8,7 +8,7 @@ VPY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := nbdkit nbdkit-plugin-python qemu-utils libnbd-bin python3-libnbd fio nbd-server \
 	python3-venv iproute2 qemu-system-x86 busybox-static cpio gcc libc6-dev \
-	libvirt-clients libxml2-utils
+	libvirt-clients libxml2-utils nbdkit-plugin-dev
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps venv test lint typecheck demo bench clean
@@ -31,7 +31,13 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
-venv: system-deps $(VENV)/.installed
+# The nbdkit filter that serves reads of present data in C (plugin/fastpath.c); postcopy receive
+# finds it here and runs without it when it is missing.
+FASTPATH := $(VENV)/lib/postcopy-fastpath.so
+$(FASTPATH): plugin/fastpath.c $(VENV)/.installed
+	gcc -O2 -fPIC -shared -Wall -o $@ plugin/fastpath.c
+
+venv: system-deps $(VENV)/.installed $(FASTPATH)
 
 setup: venv
 

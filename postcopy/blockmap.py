@@ -13,6 +13,15 @@ A chunk is MISSING when PRESENT is clear.  Range questions ("is every chunk of t
 "where is the next missing run?") are answered by a compiled regular expression searching the
 bytearray in C, so no Python loop runs per chunk.
 
+The engine opens its map with `live_mirror=True`: then the bytes live in a MAP_SHARED `mmap` of
+`live.map` in the state directory instead of the bytearray, so that the nbdkit filter
+`plugin/fastpath.c` (same process, its own read-only mapping) serves reads of PRESENT chunks in C.
+The file is NOT durable state: it is rewritten from the snapshot and journal at every open (a new
+file renamed into place) and never read back.  It is safe to share because a PRESENT bit is set
+only after the chunk's data was written to the local file and bits are never cleared; on x86 the
+map store cannot pass the older data write (stores are not reordered with older stores), so a
+reader that sees the bit reads complete data.
+
 Persistence (in the state directory) is a snapshot plus an append-only journal:
 
     blockmap          header (magic, version, identity) + zlib(map bytes) + crc32 of all of it
@@ -37,7 +46,9 @@ A PRESENT bit therefore never reaches disk before the chunk's data does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import os
 import re
 import stat
@@ -60,6 +71,7 @@ MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
 SNAPSHOT_FILENAME = "blockmap"
+LIVE_MAP_FILENAME = "live.map"
 JOURNAL_FILENAME = "blockmap.journal"
 SNAPSHOT_MAGIC = b"PCOPYMAP"
 JOURNAL_MAGIC = b"PCOPYJNL"
@@ -188,7 +200,7 @@ class BlockMap:
         self.chunk_size = identity.chunk_size
         self.chunk_shift = identity.chunk_size.bit_length() - 1
         self.chunk_count = len(states)
-        self._states = states
+        self._states: bytearray | mmap.mmap = states
         self.lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._pending: list[tuple[int, int, int]] = []
@@ -209,8 +221,13 @@ class BlockMap:
     # ----- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: Path, identity: MapIdentity) -> BlockMap:
-        """Load the map of `state_dir` (or start an empty one there); refuse a mismatch."""
+    def open(
+        cls, state_dir: Path, identity: MapIdentity, *, live_mirror: bool = False
+    ) -> BlockMap:
+        """Load the map of `state_dir` (or start an empty one there); refuse a mismatch.
+
+        With `live_mirror`, the map's bytes are then kept in a shared mapping of `live.map`
+        (see the module docstring): only the engine asks for it."""
         check_chunk_size(identity.chunk_size)
         state_dir = Path(state_dir)
         if not state_dir.is_dir():
@@ -236,7 +253,44 @@ class BlockMap:
                 f"state file {snapshot_path} is missing but its journal continues it "
                 "(use a new state directory)"
             )
+        if live_mirror:
+            try:
+                block_map._publish_live_map()
+            except BaseException:
+                block_map.close()
+                raise
         return block_map
+
+    def _publish_live_map(self) -> None:
+        """Move the map's bytes into a fresh shared mapping of `live.map` (written under a
+        temporary name and renamed into place, so a planted symlink is replaced, not followed)."""
+        if not self.chunk_count:
+            return  # an empty disk: mmap cannot map zero bytes, and there is nothing to serve
+        final_path = self.state_dir / LIVE_MAP_FILENAME
+        temporary_path = self.state_dir / (LIVE_MAP_FILENAME + ".tmp")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary_path)
+            fd = os.open(
+                temporary_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+            try:
+                os.ftruncate(fd, self.chunk_count)  # sparse: a fresh map touches nothing
+                states = self._states
+                assert isinstance(states, bytearray)  # published once, at open
+                if states.count(0) != self.chunk_count:
+                    view = memoryview(states)
+                    written = 0
+                    while written < len(view):
+                        written += os.pwrite(fd, view[written:], written)
+                live = mmap.mmap(fd, self.chunk_count, mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+            os.replace(temporary_path, final_path)
+        except OSError as exc:
+            raise StateError(f"cannot create {final_path}: {exc.strerror}") from None
+        with self.lock:
+            self._states = live
 
     @staticmethod
     def _load_snapshot(path: Path, identity: MapIdentity, chunk_count: int) -> bytearray:

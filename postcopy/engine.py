@@ -213,7 +213,7 @@ class Engine:
             source_id=config.source_id or config.source_uri,
         )
         try:
-            self.map = BlockMap.open(config.state_dir, identity)
+            self.map = BlockMap.open(config.state_dir, identity, live_mirror=True)
         except BaseException:
             os.close(self._fd)
             raise

@@ -8,6 +8,12 @@ and the engine's settings as `key=value` parameters.  The embedded Python sees n
 the project, so PYTHONPATH carries both.  Once the socket (or port) accepts a connection it prints
 the NBD URI a domain's disk config should use as the first line on stdout, then waits in the
 foreground; SIGINT/SIGTERM are forwarded to nbdkit (whose plugin makes the map durable on exit).
+
+When `make` has built the C filter `plugin/fastpath.c` (into the venv's lib directory), nbdkit
+runs it in front of the plugin: it serves reads of chunks that are PRESENT in the engine's live
+map (`live.map` in the state directory) straight from the destination file, without entering
+Python; everything else goes on to the plugin.  Without the built filter, receive logs one line
+and runs the plugin alone.
 """
 
 from __future__ import annotations
@@ -27,11 +33,20 @@ from typing import TextIO
 import trio
 
 import postcopy
-from postcopy.blockmap import DEFAULT_CHUNK_SIZE, BlockMap, MapIdentity, check_chunk_size
+from postcopy.blockmap import (
+    DEFAULT_CHUNK_SIZE,
+    LIVE_MAP_FILENAME,
+    BlockMap,
+    MapIdentity,
+    check_chunk_size,
+)
 from postcopy.errors import StateError, UserError
 
 PROJECT_ROOT = Path(postcopy.__file__).resolve().parent.parent
 PLUGIN_PATH = PROJECT_ROOT / "plugin" / "postcopy_plugin.py"
+FASTPATH_FILTER_NAME = "postcopy-fastpath.so"
+# where the fast path filter's hit and miss counts land when nbdkit exits (tests read them)
+FASTPATH_STATS_FILENAME = "fastpath.stats"
 # nbdkit worker threads: the fast path holds the GIL only briefly, so few threads win; more
 # than one, so that a read waiting for the source never stalls reads of present data.
 DEFAULT_THREADS = 4
@@ -181,8 +196,26 @@ def remove_stale_socket(path: Path) -> None:
     raise UserError(f"socket {path} is in use by another server")
 
 
+def fastpath_filter_path() -> Path | None:
+    """The built fast path filter: in this interpreter's venv, else the project's `.venv`."""
+    for lib_dir in (Path(sys.prefix) / "lib", PROJECT_ROOT / ".venv" / "lib"):
+        candidate = lib_dir / FASTPATH_FILTER_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def nbdkit_command(config: ReceiveConfig) -> list[str]:
     command = ["nbdkit", "-f", "--exit-with-parent", "-t", str(config.threads)]
+    fastpath = fastpath_filter_path()
+    if fastpath is None:
+        print(
+            f"postcopy receive: {FASTPATH_FILTER_NAME} is not built (run make): "
+            "every read goes through the python plugin",
+            file=sys.stderr,
+        )
+    else:
+        command.append(f"--filter={fastpath}")
     if config.socket_path is not None:
         command += ["-U", str(config.socket_path)]
     else:
@@ -207,6 +240,11 @@ def nbdkit_command(config: ReceiveConfig) -> list[str]:
         parameters["request_timeout"] = str(config.request_timeout)
     if config.bandwidth is not None:
         parameters["bandwidth"] = str(config.bandwidth)
+    if fastpath is not None:
+        parameters["fastpath-map"] = str(config.state_dir / LIVE_MAP_FILENAME)
+        parameters["fastpath-file"] = str(config.dest)
+        parameters["fastpath-shift"] = str(config.chunk_size.bit_length() - 1)
+        parameters["fastpath-stats"] = str(config.state_dir / FASTPATH_STATS_FILENAME)
     command += [f"{key}={value}" for key, value in parameters.items()]
     return command
 
