@@ -29,7 +29,7 @@ import pytest
 from postcopy.blockmap import JOURNAL_FILENAME, SNAPSHOT_FILENAME
 from postcopy.engine import Engine, EngineConfig
 from tests.fakes import FakeSource
-from tests.test_crash_loop import SOURCE, ZERO, block_bytes
+from tests.test_crash_loop import SOURCE, ZERO, GuestModel, block_bytes
 
 CHUNK = 64 * 1024
 BLOCK = 4096
@@ -70,32 +70,12 @@ class UnsyncedDataTracker:
         return image
 
 
-class Guest:
-    """The guest's writes and what each 4 KiB block may hold (see tests.test_crash_loop)."""
+class Guest(GuestModel):
+    """The crash loop's model of what each 4 KiB block may hold, driving an engine in-process."""
 
     def __init__(self, source: bytes, rng: random.Random) -> None:
-        self.source = source
+        super().__init__(source)
         self.rng = rng
-        self.candidates: dict[int, list[int]] = {}
-        self.unflushed: set[int] = set()
-        self.next_value = 1
-
-    def expected(self, value: int, block: int) -> bytes:
-        if value == SOURCE:
-            return self.source[block * BLOCK:(block + 1) * BLOCK]
-        if value == ZERO:
-            return bytes(BLOCK)
-        return block_bytes(value, block)
-
-    def note(self, first: int, count: int, value: int) -> None:
-        for block in range(first, first + count):
-            self.candidates.setdefault(block, [SOURCE]).append(value)
-            self.unflushed.add(block)
-
-    def flushed(self, blocks: set[int]) -> None:
-        for block in blocks:
-            self.candidates[block] = self.candidates[block][-1:]
-        self.unflushed -= blocks
 
     def step(self, engine: Engine) -> None:
         """One random guest operation (not a flush)."""
@@ -111,15 +91,15 @@ class Guest:
         else:
             first, count = rng.randrange(0, SIZE // BLOCK - 4), rng.randint(1, 4)
         if kind < 0.3:
-            self.note(first, count, ZERO)  # a whole-chunk trim punches a hole: zeros here
+            self.before_write(first, count, ZERO)  # a whole-chunk trim punches a hole: zeros here
             engine.trim(first * BLOCK, count * BLOCK)
         elif kind < 0.5:
-            self.note(first, count, ZERO)
+            self.before_write(first, count, ZERO)
             engine.zero(first * BLOCK, count * BLOCK, may_trim=rng.random() < 0.5)
         else:
             value = self.next_value
             self.next_value += 1
-            self.note(first, count, value)
+            self.before_write(first, count, value)
             data = b"".join(block_bytes(value, b) for b in range(first, first + count))
             engine.pwrite(data, first * BLOCK)
 
@@ -190,12 +170,12 @@ def run_until_power_loss(tmp_path: Path, seed: int, step: str) -> dict[str, int]
             for _ in range(rng.randint(1, 12)):
                 guest.step(engine)
             flushes += 1
-            pending = set(guest.unflushed)
+            pending = set(guest.written_since_flush)
             try:
                 engine.flush()
             except SimulatedPowerLoss:
                 break
-            guest.flushed(pending)
+            guest.after_flush(pending)
     finally:
         engine.map.durability_probe = None
         engine.stop()

@@ -12,17 +12,18 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from postcopy.blockmap import BlockMap
-from postcopy.engine import EXTENT_HOLE, EXTENT_ZERO, Engine, EngineConfig, EngineIOError
+from postcopy.engine import EXTENT_HOLE, EXTENT_ZERO, Engine, EngineIOError
 from postcopy.errors import UserError
 from postcopy.source_gate import declare_source_frozen
 from postcopy.status import read_status
+from tests.conftest import EngineFactory
 from tests.fakes import FakeSource
 
 CHUNK = 64 * 1024
@@ -48,39 +49,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-EngineFactory = Callable[..., Engine]
-
-
-@pytest.fixture
-def make_engine(tmp_path: Path) -> Iterator[EngineFactory]:
-    engines: list[Engine] = []
-
-    def factory(
-        source: FakeSource, *, state: str = "state", disk_size: int | None = None, **settings: Any
-    ) -> Engine:
-        dest = tmp_path / "disk.img"
-        if not dest.exists():
-            with open(dest, "wb") as f:
-                f.truncate(len(source.data) if disk_size is None else disk_size)
-        state_dir = tmp_path / state
-        state_dir.mkdir(exist_ok=True)
-        settings.setdefault("drain", False)
-        settings.setdefault("sync_interval", 0.05)
-        settings.setdefault("status_interval", 0.05)
-        config = EngineConfig(
-            source_uri="nbd://fake/", dest_path=dest, state_dir=state_dir, chunk_size=CHUNK,
-            **settings,
-        )
-        engine = Engine(config, source_opener=source.open_client)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    try:
-        yield factory
-    finally:
-        for engine in engines:
-            engine.stop()
 
 
 def read(engine: Engine, offset: int, length: int) -> bytes:

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from postcopy.engine import Engine, EngineConfig
+from tests.conftest import EngineFactory
 from tests.peers import require_tools, running_nbdkit
+from tests.test_engine import read
 
 CHUNK = 64 * 1024
 SIZE = 2 * 1024 * 1024
@@ -36,42 +37,6 @@ def source_image(tmp_path: Path) -> tuple[Path, bytes]:
     path = tmp_path / "source.img"
     path.write_bytes(data)
     return path, data
-
-
-EngineFactory = Callable[..., Engine]
-
-
-@pytest.fixture
-def make_engine(tmp_path: Path) -> Iterator[EngineFactory]:
-    engines: list[Engine] = []
-
-    def factory(source_uri: str, **settings: Any) -> Engine:
-        dest = tmp_path / "disk.img"
-        with open(dest, "wb") as file:
-            file.truncate(SIZE)
-        state_dir = tmp_path / "state"
-        state_dir.mkdir(exist_ok=True)
-        settings.setdefault("drain", False)
-        config = EngineConfig(
-            source_uri=source_uri, dest_path=dest, state_dir=state_dir, chunk_size=CHUNK,
-            **settings,
-        )  # fmt: skip
-        engine = Engine(config)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    try:
-        yield factory
-    finally:
-        for engine in engines:
-            engine.stop()
-
-
-def read(engine: Engine, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    engine.pread_into(memoryview(buf), offset)
-    return bytes(buf)
 
 
 def run_threads(functions: list[Callable[[], Any]], timeout: float = 20.0) -> list[Any]:
@@ -97,7 +62,7 @@ def test_miss_is_served_on_the_worker_thread(
 ) -> None:
     path, data = source_image
     with running_nbdkit(["file", str(path)]) as uri:
-        engine = make_engine(uri)
+        engine = make_engine(uri, disk_size=SIZE)
         assert read(engine, 5 * CHUNK + 100, 4096) == data[5 * CHUNK + 100:5 * CHUNK + 4196]
         assert engine.blocking_misses == 1
         assert engine.demand_fetches == 1
@@ -122,7 +87,7 @@ def test_concurrent_misses_on_one_chunk_share_one_fetch(
 ) -> None:
     path, data = source_image
     with running_nbdkit(["--filter=delay", "file", str(path), "rdelay=300ms"]) as uri:
-        engine = make_engine(uri)
+        engine = make_engine(uri, disk_size=SIZE)
         offsets = [3 * CHUNK + i * 4096 for i in range(4)]
         results = run_threads([functools.partial(read, engine, offset, 4096) for offset in offsets])
         for offset, result in zip(offsets, results, strict=True):
@@ -138,7 +103,7 @@ def test_guest_write_during_blocking_fetch_wins(
 ) -> None:
     path, data = source_image
     with running_nbdkit(["--filter=delay", "file", str(path), "rdelay=400ms"]) as uri:
-        engine = make_engine(uri)
+        engine = make_engine(uri, disk_size=SIZE)
         guest = random.Random(9).randbytes(CHUNK)
         reader = threading.Thread(target=lambda: read(engine, 2 * CHUNK, 4096), daemon=True)
         reader.start()
@@ -181,7 +146,7 @@ def test_broken_blocking_connection_falls_back_to_the_trio_path(
     socket_path = tmp_path / "source.sock"
     uri = f"nbd+unix:///?socket={socket_path}"
     with killable_nbdkit(path, socket_path):
-        engine = make_engine(uri, unreachable_timeout=20.0)
+        engine = make_engine(uri, disk_size=SIZE, unreachable_timeout=20.0)
         assert read(engine, 0, 4096) == data[:4096]
         assert engine.blocking_misses == 1
     # the source is killed and restarted: this thread's blocking connection is dead; the miss
@@ -199,7 +164,7 @@ def test_disabled_or_gated_misses_take_the_trio_path(
 ) -> None:
     path, data = source_image
     with running_nbdkit(["file", str(path)]) as uri:
-        engine = make_engine(uri, blocking_misses=False)
+        engine = make_engine(uri, disk_size=SIZE, blocking_misses=False)
         assert read(engine, CHUNK, 4096) == data[CHUNK:CHUNK + 4096]
         assert engine.blocking_misses == 0 and engine.demand_fetches == 1
         engine.stop()
