@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import random
-import select
 import shutil
 import signal
 import statistics
@@ -61,6 +60,7 @@ import trio
 
 import nbdsrv
 from postcopy.netns import TestHost, open_two_hosts
+from postcopy.processes import read_line
 from postcopy.receive import ReceiveConfig, nbd_uri, nbdkit_command, plugin_environment
 from postcopy.sample_disk import make_sample_disk
 
@@ -86,25 +86,6 @@ DRAIN_TIMEOUT = 120.0
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-def read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-    """One line of the process's stdout, waiting at most `timeout` seconds."""
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no line in {timeout} s (got {data!r})")
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            byte = os.read(fd, 1)
-            if not byte:
-                break
-            data += byte
-    return data.decode(errors="replace").strip()
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

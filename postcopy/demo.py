@@ -35,6 +35,7 @@ import trio
 
 from postcopy import netns
 from postcopy.errors import UserError
+from postcopy.processes import read_line
 from postcopy.sample_disk import allocated_bytes, make_sample_disk
 from postcopy.status import read_status
 from postcopy.units import format_size
@@ -111,20 +112,10 @@ def _postcopy_command(*arguments: str) -> list[str]:
 
 def _read_line(process: subprocess.Popen[str], timeout: float, what: str) -> str:
     """The next stdout line of `process`, or UserError if it exits or stays silent."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    import selectors
-
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if selector.select(timeout=0.2):
-                line = process.stdout.readline()
-                if line:
-                    return line.strip()
-                break
-            if process.poll() is not None:
-                break
+    with contextlib.suppress(TimeoutError):
+        line = read_line(process, timeout)
+        if line:
+            return line
     process.kill()
     error = process.stderr.read().strip() if process.stderr else ""
     raise UserError(f"{what} did not start: {error.splitlines()[-1] if error else 'no output'}")

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from postcopy.processes import read_line
 
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -183,29 +184,11 @@ def running_serve(
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, env=env)
         stack.callback(_stop, process)
         assert process.stdout is not None
-        line = _read_line(process, READY_TIMEOUT)
+        line = read_line(process, READY_TIMEOUT)
         if not line.startswith("ready "):
             _stop(process)
             raise RuntimeError(f"postcopy serve did not start: {line!r}: {log_path.read_text()}")
         yield RunningServe(process, line.split()[1:], socket_path, log_path)
-
-
-def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no ready line in {timeout} s (got {data!r})")
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            chunk = os.read(fd, 1)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode(errors="replace").strip()
 
 
 @contextlib.contextmanager
