@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from postcopy.demo import DemoConfig, run_demo
 from postcopy.errors import UserError
@@ -39,27 +40,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if size < 1024 * 1024 or size % (64 * 1024):
         raise UserError("--size must be at least 1M and a multiple of 64K")
+    common: dict[str, Any] = {
+        "rate_bits_per_second": rate,
+        "chunk_size": chunk_size,
+        "workdir": args.workdir,
+        "keep": args.keep,
+        "live": False if args.no_live else None,
+        "timeout": args.timeout,
+    }
     if args.vm:
         from postcopy.vm_demo import VmDemoConfig, run_vm_demo
 
-        vm_config = VmDemoConfig(
-            disk_size=size,
-            rate_bits_per_second=rate,
-            chunk_size=chunk_size,
-            workdir=args.workdir,
-            keep=args.keep,
-            live=False if args.no_live else None,
-            timeout=args.timeout,
-        )
-        return 0 if run_vm_demo(vm_config).passed else 1
-    config = DemoConfig(
-        size=size,
-        rate_bits_per_second=rate,
-        chunk_size=chunk_size,
-        workdir=args.workdir,
-        keep=args.keep,
-        live=False if args.no_live else None,
-        timeout=args.timeout,
-    )
+        return 0 if run_vm_demo(VmDemoConfig(disk_size=size, **common)).passed else 1
+    config = DemoConfig(size=size, **common)
     summary = run_demo(config)
     return 0 if summary.passed else 1
