@@ -1,0 +1,1 @@
+"""Per-domain policy: which domains and disks migrate post-copy, and their settings (`config`)."""

@@ -1,0 +1,1 @@
+"""The postcopy test suite; shared helpers are `tests.fakes`, `tests.peers`, `tests.guest`."""

@@ -1,0 +1,1 @@
+"""The command line: parser fuzzing and fetch-progress."""

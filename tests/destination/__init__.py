@@ -1,0 +1,1 @@
+"""Host B: engine, block map, gate, status, receive and the plugin."""

@@ -1,0 +1,1 @@
+"""Toolstack integrations (xl, libvirt, QEMU args), QMP and qemu-migrate."""

@@ -1,0 +1,1 @@
+"""The test and demo kit: demos, workloads, network namespaces, the test guest."""

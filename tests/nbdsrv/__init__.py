@@ -1,0 +1,1 @@
+"""NBD protocol library tests: wire, cores, server and client against real peers."""

@@ -1,0 +1,1 @@
+"""The per-domain policy file."""

@@ -1,0 +1,1 @@
+"""Host A: `postcopy serve` from the outside."""
