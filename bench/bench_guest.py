@@ -22,10 +22,10 @@ from typing import Any
 
 import trio
 
-from postcopy.guestkit.build import GuestBootFiles, ensure_guest_boot_files
-from postcopy.guestkit.qemu import GuestLayout, prepare_disk_image, run_qemu_guest
-from postcopy.guestkit.scenario import LINK_RATE, SCENARIO_LAYOUT, measure_postcopy_run
-from postcopy.qemu_migrate import MigrationConfig, migrate_qemu_domain
+from postcopy.integrations.qemu_migrate import MigrationConfig, migrate_qemu_domain
+from postcopy.kit.guestkit.build import GuestBootFiles, ensure_guest_boot_files
+from postcopy.kit.guestkit.qemu import GuestLayout, prepare_disk_image, run_qemu_guest
+from postcopy.kit.guestkit.scenario import LINK_RATE, SCENARIO_LAYOUT, measure_postcopy_run
 
 
 def measure_shared_storage_run(boot_files: GuestBootFiles, workdir: Path) -> dict[str, float]:

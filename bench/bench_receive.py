@@ -15,7 +15,7 @@ alternation (the machine is shared and noisy); medians are reported.  The source
 2. Drain: a 1 GiB source, half data.  Loopback (Unix sockets): from the engine's start (status
    `started_at`) to the moment the local file holds every data byte (its allocation, polled every
    5 ms: the status record is only written every 0.25 s), against `nbdcopy SOURCE_URI file`.
-   Over a 1 Gbit/s link (network namespaces, tbf, `postcopy.netns`): serve in Host A on TCP,
+   Over a 1 Gbit/s link (network namespaces, tbf, `postcopy.kit.netns`): serve in Host A on TCP,
    receive in Host B; goodput = data bytes transferred / time, against the link rate, with
    nbdcopy over the same link and the bytes the veth really carried.
 3. Guest miss latency: 4 KiB reads of MISSING chunks while the drain runs, queue depth 1, from a
@@ -59,10 +59,10 @@ from typing import Any
 import trio
 
 import nbdsrv
-from postcopy.netns import TestHost, open_two_hosts
-from postcopy.processes import read_line
-from postcopy.receive import ReceiveConfig, nbd_uri, nbdkit_command, plugin_environment
-from postcopy.sample_disk import make_sample_disk
+from postcopy.destination.receive import ReceiveConfig, nbd_uri, nbdkit_command, plugin_environment
+from postcopy.kit.netns import TestHost, open_two_hosts
+from postcopy.kit.processes import read_line
+from postcopy.kit.sample_disk import make_sample_disk
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"

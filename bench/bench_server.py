@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from peers import running_nbdkit, running_qemu_nbd, running_serve  # noqa: E402
+from tests.peers import running_nbdkit, running_qemu_nbd, running_serve
 
 IMAGE_SIZE = 1 << 30
 RUN = 4 << 20

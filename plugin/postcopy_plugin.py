@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbdkit
 
-from postcopy.engine import Engine, EngineConfig
+from postcopy.destination.engine import Engine, EngineConfig
 
 API_VERSION = 2
 

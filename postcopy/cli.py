@@ -5,6 +5,10 @@ Each subcommand lives in its own module under `postcopy.commands` and offers two
 `func`, and `run(args) -> int`, which turns the parsed arguments into a config object and calls one
 service function.  Modules are discovered, so adding a command touches no shared file.  Errors that
 an operator can fix (`postcopy.errors.UserError`) print as one line and exit 2.
+
+One command lives outside `postcopy.commands`: `postcopy demo` belongs to the test and demo kit
+(`postcopy.kit`, which product code never imports), so it is loaded by name from `KIT_COMMANDS`.
+This table is the one door from the product into the kit (see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import NoReturn
 
 from postcopy import commands
 from postcopy.errors import UserError
+
+# Subcommands that live in the kit, loaded by module name (the only product-to-kit reference).
+KIT_COMMANDS = ("postcopy.kit.demo_command",)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -38,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-copy live migration of VM disks over NBD.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if module_info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
-        module.register(subparsers)
+    names = [
+        f"{commands.__name__}.{module_info.name}"
+        for module_info in pkgutil.iter_modules(commands.__path__)
+        if not module_info.name.startswith("_")
+    ]
+    for name in sorted([*names, *KIT_COMMANDS], key=lambda name: name.rpartition(".")[2]):
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -1,14 +1,14 @@
 """What `fetch-progress` draws: status records of destination disks as one rich table.
 
-How it works.  The command reads each disk's record (`postcopy.status.read_status`) and checks
-whether the process that wrote it still runs; it hands the results here as `DiskView`s.  This
+How it works.  The command reads each disk's record (`postcopy.destination.status.read_status`) and
+checks whether the process that wrote it still runs; it hands the results here as `DiskView`s.  This
 module does no I/O: `render_progress(views, now)` turns them into a `rich.table.Table`, grouped by
-domain (a bold domain line, its disks, then its total row), followed by one line of detail per
-disk that needs attention.  A disk row has a `rich.progress_bar.ProgressBar` (rich draws it), the
-percentage present (rounded down: 100.0% means every byte), bytes present/total in binary units,
-the source transfer rate, the ETA, guest faults, their p50/p99 latency, reconnects and a short
-state.  A disk whose record could not be read is an error row; its reason is the detail line.
-Disks named only by a state directory have no domain line and are labelled by their path.
+domain (a bold domain line, its disks, then its total row), followed by one line of detail per disk
+that needs attention.  A disk row has a `rich.progress_bar.ProgressBar` (rich draws it), the
+percentage present (rounded down: 100.0% means every byte), bytes present/total in binary units, the
+source transfer rate, the ETA, guest faults, their p50/p99 latency, reconnects and a short state.  A
+disk whose record could not be read is an error row; its reason is the detail line.  Disks named
+only by a state directory have no domain line and are labelled by their path.
 
 Short states in the rows (`display_state`), and what the detail line adds (`disk_note`):
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from postcopy.processes import read_line
+from postcopy.kit.processes import read_line
 
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0

@@ -5,18 +5,17 @@ Which disks.  With no argument, every disk of every postcopy domain in the polic
 `<state_root>/<domain>/<device>`.  `--domain NAME` (repeatable) shows that domain's disks;
 `--state-dir DIR` (repeatable) adds a disk by its state directory, without reading the policy.
 
-What is shown.  Each disk's status record (`postcopy.status`, written by the engine) is read and
-its writer's pid checked; `postcopy.progress_display` draws them as one rich table (bars, bytes,
-rates, ETA, faults and latency, reconnects, state; a total row per domain).  A disk whose record
-cannot be read is an error row, not a crash.  `--watch` redraws the table in place
-(`rich.live.Live`, every `--interval` seconds, 0.25 by default) until every shown disk is
-complete, then exits 0 (a failed or stopped disk keeps it going: receive may be restarted, and
-the display says so); Ctrl-C exits 130 and SIGTERM 143, without a traceback and with the
-cursor shown again (when stdout is not a terminal, only the last table is printed).  `--json`
-prints the records for tools: for exactly one `--state-dir`, the record itself (one line);
-otherwise a list of
-`{"domain", "disk", "state_dir", "writer_running", "record"}` objects, with `"error"` in place of
-`"record"` for an unreadable disk.  With `--watch`, `--json` prints one such line per interval.
+What is shown.  Each disk's status record (`postcopy.destination.status`, written by the engine) is
+read and its writer's pid checked; `postcopy.progress_display` draws them as one rich table (bars,
+bytes, rates, ETA, faults and latency, reconnects, state; a total row per domain).  A disk whose
+record cannot be read is an error row, not a crash.  `--watch` redraws the table in place
+(`rich.live.Live`, every `--interval` seconds, 0.25 by default) until every shown disk is complete,
+then exits 0 (a failed or stopped disk keeps it going: receive may be restarted, and the display
+says so); Ctrl-C exits 130 and SIGTERM 143, without a traceback and with the cursor shown again
+(when stdout is not a terminal, only the last table is printed).  `--json` prints the records for
+tools: for exactly one `--state-dir`, the record itself (one line); otherwise a list of `{"domain",
+"disk", "state_dir", "writer_running", "record"}` objects, with `"error"` in place of `"record"` for
+an unreadable disk.  With `--watch`, `--json` prints one such line per interval.
 
 One `--state-dir`, as before: an unusable directory is a one-line error (exit 2); a readable record
 exits 0 whatever its state (the state is in the output), and when stdout is not a terminal the
@@ -45,10 +44,10 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from postcopy.config import add_config_argument, load_config
+from postcopy.destination.status import process_alive, read_status, status_path
 from postcopy.errors import UserError
+from postcopy.policy.config import add_config_argument, load_config
 from postcopy.progress_display import DiskView, render_progress
-from postcopy.status import process_alive, read_status, status_path
 
 DEFAULT_INTERVAL = 0.25
 PLAIN_WIDTH = 120  # the table's width when stdout is not a terminal (unless $COLUMNS)

@@ -20,8 +20,8 @@ from pathlib import Path
 import trio
 
 from postcopy.errors import UserError
-from postcopy.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
-from postcopy.qmp import QMPError
+from postcopy.integrations.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
+from postcopy.integrations.qmp import QMPError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

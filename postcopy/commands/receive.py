@@ -16,9 +16,9 @@ import math
 from pathlib import Path
 
 from nbdsrv.uri import parse_nbd_uri
-from postcopy.blockmap import check_chunk_size
+from postcopy.destination.blockmap import check_chunk_size
+from postcopy.destination.receive import DEFAULT_THREADS, ReceiveConfig, run_receive
 from postcopy.errors import UserError
-from postcopy.receive import DEFAULT_THREADS, ReceiveConfig, run_receive
 from postcopy.units import UnitError, parse_rate, parse_size
 
 DEFAULT_SOURCE_TIMEOUT = 180.0

@@ -18,7 +18,7 @@ import socket
 import trio
 
 from postcopy.errors import UserError
-from postcopy.serve import (
+from postcopy.source.serve import (
     ServeConfig,
     parse_export,
     parse_listen,

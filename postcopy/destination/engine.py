@@ -75,8 +75,9 @@ import trio
 
 from nbdsrv.errors import CommandError
 from nbdsrv.uri import NBDAddress, parse_nbd_uri
-from postcopy import source_gate, status
-from postcopy.blockmap import (
+from postcopy.destination import gate as source_gate
+from postcopy.destination import status
+from postcopy.destination.blockmap import (
     DEFAULT_CHUNK_SIZE,
     GUEST_WRITTEN,
     PRESENT,
@@ -84,8 +85,7 @@ from postcopy.blockmap import (
     BlockMap,
     MapIdentity,
 )
-from postcopy.errors import UserError
-from postcopy.fetch import (
+from postcopy.destination.links import (
     BlockingSource,
     SourceLink,
     SourceMismatch,
@@ -93,7 +93,8 @@ from postcopy.fetch import (
     nbd_source_opener,
     percentile,
 )
-from postcopy.ratelimit import TokenBucket
+from postcopy.destination.ratelimit import TokenBucket
+from postcopy.errors import UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

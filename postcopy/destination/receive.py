@@ -33,7 +33,7 @@ from typing import TextIO
 import trio
 
 import postcopy
-from postcopy.blockmap import (
+from postcopy.destination.blockmap import (
     DEFAULT_CHUNK_SIZE,
     LIVE_MAP_FILENAME,
     BlockMap,

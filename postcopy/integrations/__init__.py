@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from postcopy.config import DiskPolicy, DomainPolicy
 from postcopy.errors import UserError
+from postcopy.policy.config import DiskPolicy, DomainPolicy
 
 __all__ = ["DiskMatcher", "Rewrite", "not_postcopy_note"]
 

@@ -28,9 +28,9 @@ import xml.parsers.expat
 from dataclasses import dataclass, field
 from xml.sax.saxutils import quoteattr
 
-from postcopy.config import DomainPolicy, NbdEndpoint
 from postcopy.errors import UserError
 from postcopy.integrations import DiskMatcher, Rewrite, not_postcopy_note
+from postcopy.policy.config import DomainPolicy, NbdEndpoint
 
 __all__ = ["domain_name", "rewrite_libvirt"]
 

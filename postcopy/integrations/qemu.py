@@ -26,9 +26,9 @@ import json
 import shlex
 from typing import Any
 
-from postcopy.config import DomainPolicy, NbdEndpoint
 from postcopy.errors import UserError
 from postcopy.integrations import DiskMatcher, Rewrite, not_postcopy_note
+from postcopy.policy.config import DomainPolicy, NbdEndpoint
 
 __all__ = [
     "domain_name",

@@ -33,9 +33,9 @@ from typing import Any
 
 import trio
 
+from postcopy.destination.gate import declare_source_frozen
 from postcopy.errors import PostcopyError, UserError
-from postcopy.qmp import QMPClient, QMPError, open_qmp
-from postcopy.source_gate import declare_source_frozen
+from postcopy.integrations.qmp import QMPClient, QMPError, open_qmp
 
 MIGRATION_DONE_STATES = {"completed", "failed", "cancelled"}
 DEST_WAITING_STATES = {"inmigrate", "prelaunch"}

@@ -24,9 +24,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from postcopy.config import DomainPolicy
 from postcopy.errors import UserError
 from postcopy.integrations import DiskMatcher, Rewrite, not_postcopy_note
+from postcopy.policy.config import DomainPolicy
 
 __all__ = [
     "XlDiskSpec",

@@ -1,7 +1,7 @@
 """`postcopy demo`: a real two-host post-copy migration of a sample disk on this one machine.
 
 With root, Host A and Host B are two network namespaces joined by a veth pair shaped to `rate`
-(`postcopy.netns`); without root the hosts share loopback (said so on screen).  The demo:
+(`postcopy.kit.netns`); without root the hosts share loopback (said so on screen).  The demo:
 
 1. creates a sample domain disk on A (a filesystem-like mix of data and holes),
 2. runs `postcopy serve` on A (read-only), and `postcopy receive` on B towards it,
@@ -33,13 +33,13 @@ from typing import Any, TextIO
 
 import trio
 
-from postcopy import netns
+from postcopy.destination.status import read_status
 from postcopy.errors import UserError
-from postcopy.processes import read_line
-from postcopy.sample_disk import allocated_bytes, make_sample_disk
-from postcopy.status import read_status
+from postcopy.kit import netns
+from postcopy.kit.processes import read_line
+from postcopy.kit.sample_disk import allocated_bytes, make_sample_disk
+from postcopy.kit.workload import VerifyingWorkload
 from postcopy.units import format_size
-from postcopy.workload import VerifyingWorkload
 
 SOURCE_PORT = 10809
 EXTRA_GUEST_SECONDS = 1.0  # the workload goes on this long after the drain completes

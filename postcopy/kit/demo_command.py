@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from postcopy.demo import DemoConfig, run_demo
 from postcopy.errors import UserError
+from postcopy.kit.demo import DemoConfig, run_demo
 from postcopy.units import UnitError, parse_bit_rate, parse_size
 
 
@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
     parser.add_argument(
         "--vm", action="store_true",
-        help="migrate a real QEMU guest (TCG) with its disk, Unix sockets only (postcopy.vm_demo)",
+        help="migrate a real QEMU guest (TCG) with its disk, Unix sockets only "
+             "(postcopy.kit.vm_demo)",
     )  # fmt: skip
     parser.set_defaults(func=run)
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         "timeout": args.timeout,
     }
     if args.vm:
-        from postcopy.vm_demo import VmDemoConfig, run_vm_demo
+        from postcopy.kit.vm_demo import VmDemoConfig, run_vm_demo
 
         return 0 if run_vm_demo(VmDemoConfig(disk_size=size, **common)).passed else 1
     config = DemoConfig(size=size, **common)

@@ -1,7 +1,7 @@
 """`postcopy demo --vm`: watch a real QEMU guest live-migrate while postcopy moves its disk.
 
 Everything runs on this machine, QEMU without KVM (`-accel tcg`), every connection on a Unix
-socket.  The guest is the project's tiny test guest (`postcopy.guestkit`: Debian's kernel and an
+socket.  The guest is the project's tiny test guest (`postcopy.kit.guestkit`: Debian's kernel and an
 initramfs whose init runs a self-checking disk workload that prints one marker per pass, OK or
 FAIL, on the serial console), built on first use and then taken from the cache.
 
@@ -49,14 +49,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from postcopy.destination.gate import is_source_frozen
+from postcopy.destination.status import process_alive, read_status
 from postcopy.errors import UserError
-from postcopy.guestkit.build import (
+from postcopy.kit.guestkit.build import (
     GuestBootFiles,
     GuestBuildError,
     cache_root,
     ensure_guest_boot_files,
 )
-from postcopy.guestkit.qemu import (
+from postcopy.kit.guestkit.qemu import (
     MIB,
     GuestError,
     GuestLayout,
@@ -65,7 +67,7 @@ from postcopy.guestkit.qemu import (
     prepare_disk_image,
     run_qemu_guest,
 )
-from postcopy.guestkit.scenario import (
+from postcopy.kit.guestkit.scenario import (
     ReceiveProcess,
     layout_for_disk_size,
     run_postcopy_receive,
@@ -74,8 +76,6 @@ from postcopy.guestkit.scenario import (
     untouched_regions_match,
 )
 from postcopy.progress_display import DiskView, render_progress
-from postcopy.source_gate import is_source_frozen
-from postcopy.status import process_alive, read_status
 from postcopy.units import format_size
 
 PASSES_ON_A_BEFORE_MIGRATION = 2

@@ -46,7 +46,7 @@ from nbdsrv.server_core import TLSMode
 from nbdsrv.tls import TLSConfigError, server_ssl_context
 from postcopy.errors import UserError
 
-log = logging.getLogger("postcopy.serve")
+log = logging.getLogger("postcopy.source.serve")
 READ_DELAY_VARIABLE = "POSTCOPY_SERVE_READ_DELAY"
 SHUTDOWN_GRACE = 5.0  # seconds the requests in flight get to finish after a signal
 TLS_MODES = {"off": TLSMode.OFF, "on": TLSMode.OPTIONAL, "require": TLSMode.REQUIRED}

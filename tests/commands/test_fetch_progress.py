@@ -27,6 +27,7 @@ import pytest
 from rich.console import Console
 
 from postcopy.cli import main as cli_main
+from postcopy.destination.status import write_status
 from postcopy.progress_display import (
     BAR_WIDTH,
     DiskView,
@@ -34,7 +35,6 @@ from postcopy.progress_display import (
     percent_present,
     render_progress,
 )
-from postcopy.status import write_status
 
 MiB = 1 << 20
 NOW = 1_800_000_000.0
@@ -42,7 +42,8 @@ FETCH_PROGRESS = Path(sys.executable).with_name("fetch-progress")
 
 
 def make_record(**changes: Any) -> dict[str, Any]:
-    """A complete status record (every field of `postcopy.status`), fetching 20 of 64 MiB."""
+    """A complete status record (every field of `postcopy.destination.status`), fetching 20 of
+    64 MiB."""
     record: dict[str, Any] = {
         "state": "fetching",
         "size_bytes": 64 * MiB,

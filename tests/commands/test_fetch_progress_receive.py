@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import require_tools, running_serve, sparse_test_image
-from test_fetch_progress import (
+
+from postcopy.destination.status import read_status
+from postcopy.progress_display import BAR_WIDTH
+from tests.commands.test_fetch_progress import (
     FETCH_PROGRESS,
     bar_and_percent,
     frames_of,
@@ -32,9 +34,7 @@ from test_fetch_progress import (
     read_pty,
     terminal_env,
 )
-
-from postcopy.progress_display import BAR_WIDTH
-from postcopy.status import read_status
+from tests.peers import require_tools, running_serve, sparse_test_image
 
 MiB = 1 << 20
 IMAGE_SIZE = 48 * MiB

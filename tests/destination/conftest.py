@@ -1,20 +1,16 @@
-"""Shared test set-up: make `tests/peers.py` importable as `peers` from every test module, and the
-`make_engine` fixture of the engine tests (an in-process Engine over a FakeSource or a real NBD
-server's URI, stopped at the end of the test)."""
+"""The `make_engine` fixture of the engine tests (an in-process Engine over a FakeSource or a real
+NBD server's URI, stopped at the end of the test)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from postcopy.engine import Engine, EngineConfig  # noqa: E402
-from tests.fakes import FakeSource  # noqa: E402
+from postcopy.destination.engine import Engine, EngineConfig
+from tests.fakes import FakeSource
 
 EngineFactory = Callable[..., Engine]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from postcopy.engine import Engine, EngineConfig
-from postcopy.ratelimit import TokenBucket
+from postcopy.destination.engine import Engine, EngineConfig
+from postcopy.destination.ratelimit import TokenBucket
+from tests.destination.test_receive import MiB, running_receive
 from tests.fakes import FakeSource
 from tests.peers import running_serve, sparse_test_image
-from tests.test_receive import MiB, running_receive
 
 CHUNK = 64 * 1024
 

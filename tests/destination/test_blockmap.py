@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.blockmap import (
+from postcopy.destination.blockmap import (
     JOURNAL_FILENAME,
     SNAPSHOT_FILENAME,
     BlockMap,

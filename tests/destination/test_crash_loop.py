@@ -26,8 +26,8 @@ from pathlib import Path
 import nbd
 import pytest
 
+from tests.destination.test_receive import MiB, assert_equal_outside, connect, running_receive
 from tests.peers import running_serve, sparse_test_image
-from tests.test_receive import MiB, assert_equal_outside, connect, running_receive
 
 BLOCK = 4096
 SIZE = 32 * MiB

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.blockmap import JOURNAL_FILENAME, SNAPSHOT_FILENAME
-from postcopy.engine import Engine, EngineConfig
+from postcopy.destination.blockmap import JOURNAL_FILENAME, SNAPSHOT_FILENAME
+from postcopy.destination.engine import Engine, EngineConfig
+from tests.destination.test_crash_loop import SOURCE, ZERO, GuestModel, block_bytes
 from tests.fakes import FakeSource
-from tests.test_crash_loop import SOURCE, ZERO, GuestModel, block_bytes
 
 CHUNK = 64 * 1024
 BLOCK = 4096

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from postcopy.blockmap import BlockMap
-from postcopy.engine import EXTENT_HOLE, EXTENT_ZERO, Engine, EngineIOError
+from postcopy.destination.blockmap import BlockMap
+from postcopy.destination.engine import EXTENT_HOLE, EXTENT_ZERO, Engine, EngineIOError
+from postcopy.destination.gate import declare_source_frozen
+from postcopy.destination.status import read_status
 from postcopy.errors import UserError
-from postcopy.source_gate import declare_source_frozen
-from postcopy.status import read_status
-from tests.conftest import EngineFactory
+from tests.destination.conftest import EngineFactory
 from tests.fakes import FakeSource
 
 CHUNK = 64 * 1024

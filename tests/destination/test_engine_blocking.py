@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EngineFactory
+from tests.destination.conftest import EngineFactory
+from tests.destination.test_engine import read
 from tests.peers import require_tools, running_nbdkit
-from tests.test_engine import read
 
 CHUNK = 64 * 1024
 SIZE = 2 * 1024 * 1024

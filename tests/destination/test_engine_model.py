@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.engine import Engine, EngineConfig
+from postcopy.destination.engine import Engine, EngineConfig
 from tests.fakes import FakeSource
 
 CHUNK = 4096 * 4  # small chunks: many chunk boundaries in a small disk

@@ -18,10 +18,10 @@ from pathlib import Path
 import nbd
 import pytest
 
-from postcopy import receive
-from postcopy.blockmap import LIVE_MAP_FILENAME, PRESENT, BlockMap, MapIdentity
+from postcopy.destination import receive
+from postcopy.destination.blockmap import LIVE_MAP_FILENAME, PRESENT, BlockMap, MapIdentity
+from tests.destination.test_receive import connect, read_range, running_receive
 from tests.peers import running_serve, sparse_test_image
-from tests.test_receive import connect, read_range, running_receive
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from postcopy.destination.gate import declare_source_frozen, is_source_frozen, source_frozen_path
 from postcopy.errors import UserError
-from postcopy.source_gate import declare_source_frozen, is_source_frozen, source_frozen_path
 
 
 def test_declare_source_frozen_creates_gate_file(tmp_path: Path) -> None:

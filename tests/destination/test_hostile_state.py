@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.blockmap import (
+from postcopy.cli import main
+from postcopy.destination.blockmap import (
     JOURNAL_FILENAME,
     PRESENT,
     SNAPSHOT_FILENAME,
     BlockMap,
     MapIdentity,
 )
-from postcopy.cli import main
-from postcopy.engine import Engine, EngineConfig
-from postcopy.status import read_status
+from postcopy.destination.engine import Engine, EngineConfig
+from postcopy.destination.status import read_status
 from tests.fakes import FakeSource
 from tests.peers import RunningServe, running_serve, sparse_test_image
 

@@ -21,10 +21,8 @@ from typing import Any
 
 import nbd
 
-from postcopy.engine import Engine, EngineConfig
-from tests.fakes import FakeSource
-from tests.peers import require_tools, running_serve, sparse_test_image
-from tests.test_receive import (
+from postcopy.destination.engine import Engine, EngineConfig
+from tests.destination.test_receive import (
     CHUNK,
     MiB,
     assert_equal_outside,
@@ -32,6 +30,8 @@ from tests.test_receive import (
     read_range,
     running_receive,
 )
+from tests.fakes import FakeSource
+from tests.peers import require_tools, running_serve, sparse_test_image
 
 
 def fio_command(uri: str, offset: int, size: int) -> list[str]:

@@ -11,8 +11,15 @@ from pathlib import Path
 
 import nbd
 
+from tests.destination.test_receive import (
+    CHUNK,
+    MiB,
+    allocated_bytes,
+    connect,
+    read_range,
+    running_receive,
+)
 from tests.peers import file_extents, require_tools, running_serve, sparse_test_image
-from tests.test_receive import CHUNK, MiB, allocated_bytes, connect, read_range, running_receive
 
 
 def nbdinfo_map(uri: str) -> list[tuple[int, int, bool]]:

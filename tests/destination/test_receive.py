@@ -25,7 +25,7 @@ from typing import Any
 import nbd
 import pytest
 
-from postcopy.blockmap import BlockMap, MapIdentity
+from postcopy.destination.blockmap import BlockMap, MapIdentity
 from tests.peers import require_tools, running_serve, sparse_test_image
 
 MiB = 1024 * 1024

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from postcopy.destination.status import process_alive, read_status, status_path, write_status
 from postcopy.errors import UserError
-from postcopy.status import process_alive, read_status, status_path, write_status
 
 
 def test_write_then_read_round_trips_and_leaves_no_temp_file(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.guestkit.build import GuestBootFiles, ensure_guest_boot_files
-from postcopy.guestkit.qemu import GuestLayout, prepare_disk_image
+from postcopy.kit.guestkit.build import GuestBootFiles, ensure_guest_boot_files
+from postcopy.kit.guestkit.qemu import GuestLayout, prepare_disk_image
 
 
 @pytest.fixture(scope="session", name="guest_boot_files")

@@ -16,18 +16,18 @@ from pathlib import Path
 import pytest
 import trio
 
+from postcopy.destination.gate import is_source_frozen
 from postcopy.errors import UserError
-from postcopy.guestkit.build import GuestBootFiles
-from postcopy.guestkit.qemu import (
+from postcopy.integrations.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
+from postcopy.integrations.qmp import open_qmp
+from postcopy.kit.guestkit.build import GuestBootFiles
+from postcopy.kit.guestkit.qemu import (
     GuestLayout,
     QemuGuest,
     kill_now,
     run_qemu_guest,
     wait_until_exited,
 )
-from postcopy.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
-from postcopy.qmp import open_qmp
-from postcopy.source_gate import is_source_frozen
 from tests.guest.fixtures import (  # noqa: F401  (fixtures)
     guest_boot_files_fixture,
     guest_image_fixture,

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from postcopy.qmp import (
+from postcopy.integrations.qmp import (
     QMPCommandError,
     QMPConnectionError,
     QMPLineParser,

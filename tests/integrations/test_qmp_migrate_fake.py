@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import trio
 
-from postcopy.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
-from postcopy.qmp import QMPLineParser
-from postcopy.source_gate import is_source_frozen
+from postcopy.destination.gate import is_source_frozen
+from postcopy.integrations.qemu_migrate import MigrationConfig, MigrationFailed, migrate_qemu_domain
+from postcopy.integrations.qmp import QMPLineParser
 
 
 class FakeQemu:

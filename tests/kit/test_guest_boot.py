@@ -11,8 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from postcopy.guestkit.build import GuestBootFiles, modinfo_depends
-from postcopy.guestkit.qemu import GuestLayout, expected_preboot_bytes, run_qemu_guest
+from postcopy.kit.guestkit.build import GuestBootFiles, modinfo_depends
+from postcopy.kit.guestkit.qemu import GuestLayout, expected_preboot_bytes, run_qemu_guest
 from tests.guest.fixtures import (  # noqa: F401  (fixtures)
     guest_boot_files_fixture,
     guest_image_fixture,

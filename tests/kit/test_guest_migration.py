@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.guestkit.build import GuestBootFiles
-from postcopy.guestkit.scenario import (
+from postcopy.kit.guestkit.build import GuestBootFiles
+from postcopy.kit.guestkit.scenario import (
     LINK_RATE,
     SCENARIO_LAYOUT,
     check_scenario,

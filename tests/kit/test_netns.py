@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from postcopy.netns import open_two_hosts
+from postcopy.kit.netns import open_two_hosts
 
 SENDER = """
 import socket, sys

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.guestkit.build import GuestBootFiles
-from postcopy.vm_demo import VmDemoSummary
+from postcopy.kit.guestkit.build import GuestBootFiles
+from postcopy.kit.vm_demo import VmDemoSummary
 from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401  (fixture)
 
 RUN_TIMEOUT = 60.0
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SUMMARY_PATTERNS = {
     "boot": r"guest boot on Host A \(QEMU start to first pass\): (\d+\.\d+) s",
     "ram": r"RAM migration: (\d+) ms, downtime (\d+) ms \(QEMU\)",

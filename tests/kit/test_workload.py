@@ -7,8 +7,8 @@ from pathlib import Path
 
 import trio
 
-from postcopy.sample_disk import allocated_bytes, make_sample_disk, plan_data_runs
-from postcopy.workload import VerifyingWorkload
+from postcopy.kit.sample_disk import allocated_bytes, make_sample_disk, plan_data_runs
+from postcopy.kit.workload import VerifyingWorkload
 
 SIZE = 8 * 1024 * 1024
 

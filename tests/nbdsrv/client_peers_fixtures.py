@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_TIMEOUT = 15.0  # seconds a server gets to start accepting connections
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

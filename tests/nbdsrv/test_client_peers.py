@@ -16,7 +16,7 @@ import trio
 import nbdsrv
 from nbdsrv.constants import OptionReply
 from nbdsrv.errors import CommandError, ConnectionClosedError, LocalProtocolError
-from tests.client_peers_fixtures import (
+from tests.nbdsrv.client_peers_fixtures import (
     free_tcp_port,
     make_sparse_image,
     merge_extents,

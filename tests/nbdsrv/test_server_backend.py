@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from peers import file_extents, sparse_test_image
 
 from nbdsrv.backend import HOLE_FLAGS, FileBackend
+from tests.peers import file_extents, sparse_test_image
 
 SIZE = 16 * 1024 * 1024
 

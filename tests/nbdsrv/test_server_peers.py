@@ -15,7 +15,10 @@ from pathlib import Path
 
 import nbd
 import pytest
-from peers import (
+
+from nbdsrv import constants as k
+from nbdsrv import wire
+from tests.peers import (
     RunningServe,
     file_extents,
     files_identical,
@@ -23,9 +26,6 @@ from peers import (
     running_serve,
     sparse_test_image,
 )
-
-from nbdsrv import constants as k
-from nbdsrv import wire
 
 IMAGE_SIZE = 256 * 1024 * 1024
 TOOLS = ("nbdinfo", "nbdcopy", "qemu-img", "qemu-io", "fio", "cmp")

@@ -31,14 +31,6 @@ import nbd
 import pytest
 import trio
 import trustme
-from peers import (
-    RunningServe,
-    files_identical,
-    running_nbdkit,
-    running_serve,
-    serve_command,
-    sparse_test_image,
-)
 
 import nbdsrv
 from nbdsrv import constants as k
@@ -47,6 +39,14 @@ from nbdsrv import wire
 from nbdsrv.backend import FileBackend
 from nbdsrv.server import Export, Server, serve_nbd
 from nbdsrv.tls import server_ssl_context
+from tests.peers import (
+    RunningServe,
+    files_identical,
+    running_nbdkit,
+    running_serve,
+    serve_command,
+    sparse_test_image,
+)
 
 TOOL_TIMEOUT = 60
 IMAGE_SIZE = 8 * 1024 * 1024

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postcopy.config import (
+from postcopy.errors import UserError
+from postcopy.policy.config import (
     ConfigError,
     MigrationMode,
     NbdEndpoint,
@@ -18,10 +19,9 @@ from postcopy.config import (
     parse_config,
     parse_nbd_address,
 )
-from postcopy.errors import UserError
 from postcopy.units import UnitError, format_size, parse_bit_rate, parse_rate, parse_size
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 # --- units -------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def test_documented_policy_example_loads_and_plan_matches_the_docs(
 
     from postcopy.cli import main
 
-    doc = (Path(__file__).parent.parent / "docs" / "integrations.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "integrations.md").read_text()
     toml_block = re.search(r"```toml\n(.*?)```", doc, re.S)
     plan_block = re.search(r"\$ postcopy config --domain web1 --plan\n(.*?)```", doc, re.S)
     assert toml_block is not None and plan_block is not None

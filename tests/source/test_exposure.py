@@ -23,7 +23,8 @@ from pathlib import Path
 
 import nbd
 import pytest
-from peers import running_serve, sparse_test_image
+
+from tests.peers import running_serve, sparse_test_image
 
 NOBODY = 65534
 TOOL_TIMEOUT = 30

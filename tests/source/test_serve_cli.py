@@ -11,7 +11,8 @@ from pathlib import Path
 
 import nbd
 import pytest
-from peers import running_serve, serve_command, sparse_test_image
+
+from tests.peers import running_serve, serve_command, sparse_test_image
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ Everything lands in the cache (`cache_root`): `<checkout>/.cache/guest/` when th
 from a source checkout, else `$XDG_CACHE_HOME/postcopy/guest` (`~/.cache/postcopy/guest`);
 `$POSTCOPY_GUEST_CACHE` overrides both.  Entries are keyed by the kernel package's version and
 content hashes of the other inputs, so later runs build nothing.  A file lock serialises
-concurrent builders.  Run `python -m postcopy.guestkit.build` to build by hand.
+concurrent builders.  Run `python -m postcopy.kit.guestkit.build` to build by hand.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GUEST_DIR = Path(__file__).resolve().parent  # init.sh and workload.c ship next to this module
-CHECKOUT_ROOT = GUEST_DIR.parents[1]  # the source tree's top, when the package runs from one
+CHECKOUT_ROOT = GUEST_DIR.parents[2]  # the source tree's top, when the package runs from one
 BUILDER_VERSION = "1"  # bump to invalidate every cached initramfs
 # The modules the guest needs; their dependencies are found from .modinfo.
 WANTED_MODULES = ("virtio_pci", "virtio_blk")

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postcopy.guestkit.build import GuestBootFiles
+from postcopy.kit.guestkit.build import GuestBootFiles
 
 MIB = 1 << 20
 MARKER_RE = re.compile(r"POSTCOPY-GUEST PASS (\d+) (OK|FAIL)(.*)")

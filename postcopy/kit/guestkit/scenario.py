@@ -37,8 +37,9 @@ from typing import Any
 
 import trio
 
-from postcopy.guestkit.build import GuestBootFiles
-from postcopy.guestkit.qemu import (
+from postcopy.integrations.qemu_migrate import MigrationConfig, MigrationReport, migrate_qemu_domain
+from postcopy.kit.guestkit.build import GuestBootFiles
+from postcopy.kit.guestkit.qemu import (
     MIB,
     GuestError,
     GuestLayout,
@@ -47,7 +48,6 @@ from postcopy.guestkit.qemu import (
     prepare_disk_image,
     run_qemu_guest,
 )
-from postcopy.qemu_migrate import MigrationConfig, MigrationReport, migrate_qemu_domain
 
 BOOT_TIMEOUT = 30.0
 URI_RE = re.compile(r"nbd(\+unix)?://\S+")
