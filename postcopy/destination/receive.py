@@ -18,6 +18,7 @@ and runs the plugin alone.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from typing import TextIO
 
 import trio
 
+import nbdsrv
 import postcopy
 from postcopy.destination.blockmap import (
     DEFAULT_CHUNK_SIZE,
@@ -42,8 +44,8 @@ from postcopy.destination.blockmap import (
 )
 from postcopy.errors import StateError, UserError
 
-PROJECT_ROOT = Path(postcopy.__file__).resolve().parent.parent
-PLUGIN_PATH = PROJECT_ROOT / "plugin" / "postcopy_plugin.py"
+# `plugin/` of the checkout, installed as the package `postcopy_plugin` (see pyproject.toml)
+PLUGIN_PACKAGE = "postcopy_plugin"
 FASTPATH_FILTER_NAME = "postcopy-fastpath.so"
 # where the fast path filter's hit and miss counts land when nbdkit exits (tests read them)
 FASTPATH_STATS_FILENAME = "fastpath.stats"
@@ -53,6 +55,18 @@ FASTPATH_STATS_FILENAME = "fastpath.stats"
 DEFAULT_THREADS = 4
 SOURCE_PROBE_TIMEOUT = 15.0
 LISTEN_TIMEOUT = 30.0
+
+
+def plugin_file(name: str) -> Path:
+    """A file of the installed plugin package (in an editable install, the checkout's `plugin/`).
+    nbdkit loads the script by path, so the package must be installed as files."""
+    resource = importlib.resources.files(PLUGIN_PACKAGE) / name
+    if not isinstance(resource, Path) or not resource.is_file():
+        raise UserError(f"{name} of the package {PLUGIN_PACKAGE} is not an installed file")
+    return resource
+
+
+PLUGIN_PATH = plugin_file("postcopy_plugin.py")
 
 
 @dataclass
@@ -198,12 +212,10 @@ def remove_stale_socket(path: Path) -> None:
 
 
 def fastpath_filter_path() -> Path | None:
-    """The built fast path filter: in this interpreter's venv, else the project's `.venv`."""
-    for lib_dir in (Path(sys.prefix) / "lib", PROJECT_ROOT / ".venv" / "lib"):
-        candidate = lib_dir / FASTPATH_FILTER_NAME
-        if candidate.is_file():
-            return candidate
-    return None
+    """The built fast path filter, in the lib directory of this interpreter's environment (where
+    `make venv` builds it from the plugin package's `fastpath.c`); None when it is not built."""
+    candidate = Path(sys.prefix) / "lib" / FASTPATH_FILTER_NAME
+    return candidate if candidate.is_file() else None
 
 
 def nbdkit_command(config: ReceiveConfig) -> list[str]:
@@ -211,7 +223,8 @@ def nbdkit_command(config: ReceiveConfig) -> list[str]:
     fastpath = fastpath_filter_path()
     if fastpath is None:
         print(
-            f"postcopy receive: {FASTPATH_FILTER_NAME} is not built (run make): "
+            f"postcopy receive: {Path(sys.prefix) / 'lib' / FASTPATH_FILTER_NAME} is not built "
+            f"(make venv builds it from {plugin_file('fastpath.c')}): "
             "every read goes through the python plugin",
             file=sys.stderr,
         )
@@ -251,8 +264,12 @@ def nbdkit_command(config: ReceiveConfig) -> list[str]:
 
 
 def plugin_environment() -> dict[str, str]:
-    """The embedded interpreter needs the project and the venv's packages on its path."""
-    paths = [str(PROJECT_ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    """The embedded interpreter needs postcopy and nbdsrv (wherever they are imported from: the
+    checkout when installed editable) and the environment's packages on its path."""
+    roots = [
+        str(Path(package.__file__ or "").resolve().parent.parent) for package in (postcopy, nbdsrv)
+    ]
+    paths = [*roots, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     existing = os.environ.get("PYTHONPATH")
     if existing:
         paths.append(existing)
