@@ -224,8 +224,8 @@ def nbdkit_command(config: ReceiveConfig) -> list[str]:
     if fastpath is None:
         print(
             f"postcopy receive: {Path(sys.prefix) / 'lib' / FASTPATH_FILTER_NAME} is not built "
-            f"(make venv builds it from {plugin_file('fastpath.c')}): "
-            "every read goes through the python plugin",
+            "(make venv, or gcc -O2 -fPIC -shared -o THAT_PATH "
+            f"{plugin_file('fastpath.c')}): every read goes through the python plugin",
             file=sys.stderr,
         )
     else:
