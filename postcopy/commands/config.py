@@ -4,7 +4,7 @@
                     [--in-place]
     postcopy config --domain NAME [--config F] --plan [--json]
 
-The domain's policy comes from the policy file (`postcopy.policy.config`); the rewriting from
+The domain's policy comes from the policy file (`postcopy.policy`); the rewriting from
 `postcopy.integrations`. FILE may be `-` for standard input (a libvirt qemu hook passes the domain
 XML that way). The result goes to standard output, or with `--in-place` back into FILE: first the
 original is copied to `FILE.postcopy-bak`, then the new text replaces FILE; both writes go through
@@ -34,7 +34,7 @@ from typing import Any
 from postcopy.errors import UserError
 from postcopy.fsutil import write_file_atomically
 from postcopy.integrations import Rewrite, libvirt, qemu, xl
-from postcopy.policy.config import DomainPolicy, add_config_argument, load_config
+from postcopy.policy import DomainPolicy, add_config_argument, load_config
 
 BACKUP_SUFFIX = ".postcopy-bak"
 

@@ -46,7 +46,7 @@ from rich.live import Live
 
 from postcopy.destination.status import process_alive, read_status, status_path
 from postcopy.errors import UserError
-from postcopy.policy.config import add_config_argument, load_config
+from postcopy.policy import add_config_argument, load_config
 from postcopy.progress_display import DiskView, render_progress
 
 DEFAULT_INTERVAL = 0.25

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from postcopy.errors import UserError
-from postcopy.policy.config import DiskPolicy, DomainPolicy
+from postcopy.policy import DiskPolicy, DomainPolicy
 
 __all__ = ["DiskMatcher", "Rewrite", "not_postcopy_note"]
 

@@ -30,7 +30,7 @@ from xml.sax.saxutils import quoteattr
 
 from postcopy.errors import UserError
 from postcopy.integrations import DiskMatcher, Rewrite, not_postcopy_note
-from postcopy.policy.config import DomainPolicy, NbdEndpoint
+from postcopy.policy import DomainPolicy, NbdEndpoint
 
 __all__ = ["domain_name", "rewrite_libvirt"]
 

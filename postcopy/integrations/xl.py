@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from postcopy.errors import UserError
 from postcopy.integrations import DiskMatcher, Rewrite, not_postcopy_note
-from postcopy.policy.config import DomainPolicy
+from postcopy.policy import DomainPolicy
 
 __all__ = [
     "XlDiskSpec",

@@ -21,7 +21,7 @@ from postcopy.errors import UserError
 from postcopy.integrations import libvirt, qemu, xl
 from postcopy.integrations.qemu import join_qemu_opts, parse_qemu_args, split_qemu_opts
 from postcopy.integrations.xl import parse_disk_spec
-from postcopy.policy.config import DomainPolicy, load_config, parse_config
+from postcopy.policy import DomainPolicy, load_config, parse_config
 
 DATA = Path(__file__).parents[1] / "data"
 POLICY = DATA / "domains.toml"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from postcopy.integrations import qemu
-from postcopy.policy.config import DomainPolicy, NbdEndpoint, parse_config
+from postcopy.policy import DomainPolicy, NbdEndpoint, parse_config
 
 MiB = 1 << 20
 IMAGE_SIZE = 8 * MiB

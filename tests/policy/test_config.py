@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postcopy.errors import UserError
-from postcopy.policy.config import (
+from postcopy.policy import (
     ConfigError,
     MigrationMode,
     NbdEndpoint,
