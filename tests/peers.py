@@ -28,6 +28,7 @@ from pathlib import Path
 
 from postcopy.kit.processes import read_line
 
+CHECKOUT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
@@ -160,13 +161,17 @@ def running_serve(
 ) -> Iterator[RunningServe]:
     """Run `postcopy serve` (a Unix socket in a fresh temporary directory unless `socket_path`
     or `listen` is given); waits for its ready line; SIGTERM (then SIGKILL) on exit.  Exports
-    are `PATH` or `NAME=PATH` strings as on the command line.  `read_delay` sets the test hook
-    POSTCOPY_SERVE_READ_DELAY."""
+    are `PATH` or `NAME=PATH` strings as on the command line.  With `read_delay` (seconds) every
+    read of the server takes that long (`tests.delayed_serve`, the same command with a delaying
+    backend)."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-")))
         if socket_path is None and listen is None:
             socket_path = str(workdir / "nbd.sock")
-        args = [*serve_command(), "serve"]
+        if read_delay:
+            args = [sys.executable, "-m", "tests.delayed_serve", str(read_delay)]
+        else:
+            args = [*serve_command(), "serve"]
         if socket_path is not None:
             args += ["--socket", socket_path]
         if listen is not None:
@@ -176,12 +181,11 @@ def running_serve(
         if verbose:
             args.append("--verbose")
         args += [*extra_args, *(os.fspath(e) for e in exports)]
-        env = dict(os.environ)
-        if read_delay:
-            env["POSTCOPY_SERVE_READ_DELAY"] = str(read_delay)
         log_path = workdir / "serve.log"
         log_file = stack.enter_context(open(log_path, "wb"))
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, env=env)
+        # `python -m tests.delayed_serve` finds `tests` in its working directory, the checkout
+        cwd = CHECKOUT if read_delay else None
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, cwd=cwd)
         stack.callback(_stop, process)
         assert process.stdout is not None
         line = read_line(process, READY_TIMEOUT)

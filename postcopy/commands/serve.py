@@ -19,10 +19,11 @@ import trio
 
 from postcopy.errors import UserError
 from postcopy.source.serve import (
+    BackendOpener,
     ServeConfig,
+    open_file_backend,
     parse_export,
     parse_listen,
-    read_delay_from_environment,
     run_serve,
 )
 
@@ -46,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, open_backend: BackendOpener = open_file_backend) -> int:
+    """Serve until a signal; `open_backend` opens each image (tests wrap it to delay reads)."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="postcopy serve: %(levelname)s %(name)s: %(message)s",
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         listen=parse_listen(args.listen) if args.listen else None,
         socket_path=args.socket,
         writable=args.writable,
-        read_delay=read_delay_from_environment(),
+        open_backend=open_backend,
         socket_group=args.socket_group,
         tls=args.tls,
         tls_cert=args.tls_cert,

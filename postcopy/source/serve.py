@@ -3,7 +3,8 @@
     config = ServeConfig(exports=[("", "/srv/disk.img")], socket_path="/run/disk.sock")
     trio.run(run_serve, config)
 
-Each image is opened with `nbdsrv.backend.FileBackend` (read-only unless `writable`) and served by
+Each image is opened with `open_backend` (by default `nbdsrv.backend.FileBackend`, read-only
+unless `writable`; a test may wrap it, e.g. to delay reads) and served by
 `nbdsrv.server.serve_nbd`.  When the listeners are up a ready line goes to stdout and is flushed:
 `ready <uri> [<uri> ...]`, one URI per listener, so scripts and tests can wait for it.  A signal
 stops the server: requests in flight are answered (for up to SHUTDOWN_GRACE seconds), the
@@ -19,9 +20,6 @@ TLS (`tls="on"` accepts STARTTLS, `"require"` refuses every option until it): `t
 Problems an operator can fix (a missing image, a bad or busy address, two exports with one name,
 no export at all, TLS files that are missing or do not match, an unknown group) raise
 `postcopy.errors.UserError` with a one-line message.
-
-Test hook: the environment variable POSTCOPY_SERVE_READ_DELAY (seconds, a float) delays every read
-(see `FileBackend.read_delay`).
 """
 
 from __future__ import annotations
@@ -33,23 +31,30 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TextIO
 
 import trio
 
-from nbdsrv.backend import FileBackend
+from nbdsrv.backend import Backend, FileBackend
 from nbdsrv.server import Export, Server, Serving, serve_nbd
 from nbdsrv.server_core import TLSMode
 from nbdsrv.tls import TLSConfigError, server_ssl_context
 from postcopy.errors import UserError
 
 log = logging.getLogger("postcopy.source.serve")
-READ_DELAY_VARIABLE = "POSTCOPY_SERVE_READ_DELAY"
 SHUTDOWN_GRACE = 5.0  # seconds the requests in flight get to finish after a signal
 TLS_MODES = {"off": TLSMode.OFF, "on": TLSMode.OPTIONAL, "require": TLSMode.REQUIRED}
+
+
+# (image path, writable) -> the Backend serving it; OSError when it cannot be opened
+BackendOpener = Callable[[str, bool], Backend]
+
+
+def open_file_backend(path: str, writable: bool) -> Backend:
+    return FileBackend(path, writable=writable)
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class ServeConfig:
     listen: tuple[str, int] | None = None
     socket_path: str | None = None
     writable: bool = False
-    read_delay: float = 0.0
+    open_backend: BackendOpener = field(default=open_file_backend, compare=False)
     ready_stream: TextIO | None = field(default=None, compare=False)
     socket_group: str | None = None  # group name or gid: the Unix socket becomes 0660
     tls: str = "off"  # off | on | require
@@ -127,16 +132,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def read_delay_from_environment() -> float:
-    value = os.environ.get(READ_DELAY_VARIABLE, "")
-    if not value:
-        return 0.0
-    try:
-        return float(value)
-    except ValueError:
-        raise UserError(f"{READ_DELAY_VARIABLE}={value!r} is not a number") from None
-
-
 async def run_serve(
     config: ServeConfig, *, task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -155,8 +150,7 @@ async def run_serve(
         exports = []
         for name, path in config.exports:
             try:
-                backend = FileBackend(path, writable=config.writable,
-                                      read_delay=config.read_delay)
+                backend = config.open_backend(path, config.writable)
             except OSError as exc:
                 raise UserError(f"cannot open {path}: {exc.strerror or exc}") from None
             stack.callback(backend.close)

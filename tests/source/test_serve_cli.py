@@ -7,6 +7,7 @@ import signal
 import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import nbd
@@ -130,3 +131,20 @@ def test_live_socket_is_not_stolen_but_a_stale_one_is_replaced(
         handle = nbd.NBD()
         handle.connect_uri(serve.uri)
         handle.shutdown()
+
+
+def test_a_delayed_serve_holds_every_read_and_serves_the_same_bytes(tmp_path: Path) -> None:
+    """`running_serve(read_delay=...)` (tests.delayed_serve: the serve command with a delaying
+    backend) is what the destination's race and outage tests rely on: each read of data waits."""
+    path = tmp_path / "dense.img"
+    path.write_bytes(os.urandom(64 * 1024))
+    with running_serve(path, read_delay=0.3) as serve:
+        handle = nbd.NBD()
+        handle.connect_uri(serve.uri)
+        try:
+            for _ in range(2):  # twice: the second read is not answered from the page cache
+                start = time.monotonic()
+                assert handle.pread(4096, 8192) == path.read_bytes()[8192 : 8192 + 4096]
+                assert time.monotonic() - start >= 0.3
+        finally:
+            handle.shutdown()
