@@ -28,11 +28,14 @@ system-deps:
 $(VENV)/.installed: pyproject.toml | system-deps
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	@# setuptools' note on editable installs (a folder named like a package may shadow it) is
+	@# informational, and here the folders are the packages: filtered so real warnings stand out.
+	PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The nbdkit filter that serves reads of present data in C (plugin/fastpath.c); postcopy receive
-# finds it here and runs without it when it is missing.
+# The nbdkit filter that serves reads of present data in C (plugin/fastpath.c, installed with the
+# package postcopy_plugin); postcopy receive looks for it in its interpreter's environment
+# (sys.prefix/lib, i.e. .venv/lib) and runs without it when it is missing.
 FASTPATH := $(VENV)/lib/postcopy-fastpath.so
 $(FASTPATH): plugin/fastpath.c $(VENV)/.installed
 	gcc -O2 -fPIC -shared -Wall -o $@ plugin/fastpath.c
