@@ -1,1 +1,1 @@
-"""postcopy: live-migrate a VM's disk lazily over NBD (see README.md and shared/DESIGN.md)."""
+"""postcopy: live-migrate a VM's disk lazily over NBD (see README.md and ARCHITECTURE.md)."""
