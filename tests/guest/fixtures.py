@@ -1,7 +1,7 @@
 """pytest fixtures for tests that boot the test guest.
 
-Import the fixture functions into a test module to use them (they are registered under the names
-given below), e.g. `from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401`.
+Registered for the whole suite as a plugin by tests/conftest.py (`pytest_plugins`): a test asks for
+them by name (`guest_boot_files`, `guest_layout`, `guest_image`, `short_socket_dir`).
 `guest_boot_files` builds the guest once per session (or finds it in `.cache/guest/`).
 """
 

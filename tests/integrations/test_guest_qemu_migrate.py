@@ -28,12 +28,6 @@ from postcopy.kit.guestkit.qemu import (
     run_qemu_guest,
     wait_until_exited,
 )
-from tests.guest.fixtures import (  # noqa: F401  (fixtures)
-    guest_boot_files_fixture,
-    guest_image_fixture,
-    guest_layout_fixture,
-    short_socket_dir_fixture,
-)
 
 BOOT_TIMEOUT = 30
 SLOW_BANDWIDTH = 1 << 20  # bytes/s: keeps a 128 MiB guest's migration busy for a while

@@ -13,11 +13,6 @@ from pathlib import Path
 
 from postcopy.kit.guestkit.build import GuestBootFiles, modinfo_depends
 from postcopy.kit.guestkit.qemu import GuestLayout, expected_preboot_bytes, run_qemu_guest
-from tests.guest.fixtures import (  # noqa: F401  (fixtures)
-    guest_boot_files_fixture,
-    guest_image_fixture,
-    guest_layout_fixture,
-)
 
 BOOT_TIMEOUT = 30
 

@@ -23,7 +23,6 @@ from postcopy.kit.guestkit.scenario import (
     check_scenario,
     run_postcopy_scenario,
 )
-from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401  (fixture)
 
 
 def test_guest_keeps_passing_while_postcopy_moves_its_disk(

@@ -26,7 +26,6 @@ import pytest
 
 from postcopy.kit.guestkit.build import GuestBootFiles
 from postcopy.kit.vm_demo import VmDemoSummary
-from tests.guest.fixtures import guest_boot_files_fixture  # noqa: F401  (fixture)
 
 RUN_TIMEOUT = 60.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
