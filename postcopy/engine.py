@@ -1105,8 +1105,11 @@ class Engine:
         return None
 
     async def _skip_source_holes(self, first: int, end: int) -> None:
-        """Ask the source's block status for chunks `[first, end)`; whole-chunk holes become
-        PRESENT holes without any transfer (punched locally in case old data lies there)."""
+        """Ask the source's block status for chunks `[first, end)`; whole chunks that read as
+        zeros become PRESENT holes without any transfer (punched locally in case old data lies
+        there).  Only the ZERO flag says that (NBD `base:allocation`): HOLE alone means
+        "unallocated", whose bytes may be anything (a backing file's, a plugin's), so a HOLE-only
+        extent is data and is copied."""
         link = self._drain_link
         assert link is not None
         shift = self.map.chunk_shift
@@ -1121,7 +1124,7 @@ class Engine:
             log.info("postcopy: source block status failed (%s); copying everything", exc)
             return
         for extent in extents:
-            if extent.flags & (EXTENT_HOLE | EXTENT_ZERO):
+            if extent.flags & EXTENT_ZERO:
                 self._mark_source_hole(extent.offset, extent.offset + extent.length)
 
     def _mark_source_hole(self, hole_start: int, hole_end: int) -> None:
