@@ -122,6 +122,15 @@ fastpath_after_fork (nbdkit_backend *nxdata)
     nbdkit_error ("fastpath: open %s: %m", file_path);
     return -1;
   }
+  if (fstat (file_fd, &st) == -1) {
+    nbdkit_error ("fastpath: fstat %s: %m", file_path);
+    return -1;
+  }
+  if (st.st_size == 0) {
+    /* An empty disk: the engine publishes no live map (nothing to map, nothing to serve). */
+    nbdkit_debug ("fastpath: %s is empty: every request goes to the plugin", file_path);
+    return 0;
+  }
   map_fd = open (map_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (map_fd == -1) {
     nbdkit_error ("fastpath: open %s: %m", map_path);
