@@ -138,7 +138,10 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 # the program order (the system call returns before the mapping store is executed) is enough, and
 # the fence is a no-op.  Elsewhere the fence is C11 `atomic_thread_fence(memory_order_release)`
 # from libatomic (a dependency of gcc, which builds the filter); without it the engine refuses
-# to run, rather than let the filter serve a chunk before its data.
+# to run, rather than let the filter serve a chunk before its data.  (`BlockMap.mark` takes a
+# lock before the store, but a lock acquire orders only what follows it.  Our own Python readers,
+# `pread_into` on other worker threads, need no fence: they hold the GIL, whose hand-off is a
+# release/acquire pair; a free-threaded build would need acquire loads there too.)
 _TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686"})
 _MEMORY_ORDER_RELEASE = 3  # C11 memory_order_release
 
