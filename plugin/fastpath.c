@@ -10,12 +10,21 @@
  * (next->pread), which fetches the missing chunks from the source.  Every other callback passes
  * through (the filter default), and the plugin's PARALLEL thread model is kept.
  *
- * Why a PRESENT bit seen here means complete data: the engine sets a chunk's PRESENT bit only
- * after the chunk's data has been written to the destination file, and never clears bits.  The
- * map store follows the pwrite() in program order (with a system call between them), x86 does
- * not reorder stores with older stores nor loads with older loads, and the acquire fence below
- * keeps the compiler from hoisting our pread() above the map loads; so a reader that sees the
- * bit reads the data written before it.
+ * Why a PRESENT bit seen here means complete data.  The engine sets a chunk's PRESENT bit only
+ * after the system call that wrote the chunk's data (pwrite, or fallocate for holes) has
+ * returned, and never clears bits; the data and the bit are then ordered like a release/acquire
+ * pair:
+ *   writer (the engine, postcopy/engine.py `_mark_present`): the data system call's stores into
+ *     the page cache; a release fence; the PRESENT store into its MAP_SHARED mapping.  The fence
+ *     is C11 atomic_thread_fence(memory_order_release) from libatomic on weakly ordered CPUs
+ *     (arm64, POWER, RISC-V: a system call return is no barrier there); on x86 it is a no-op
+ *     because TSO never reorders a store with older stores.  Without libatomic on such a CPU the
+ *     engine refuses to start.
+ *   reader (here, `all_present`): an acquire load of each map byte, then pread(), whose page cache
+ *     loads cannot move before the acquire load (nor can the compiler hoist the call).
+ * Both mappings are of the same page cache pages, so the acquire load that reads the PRESENT
+ * byte synchronizes with the release fence before it, and pread() sees the data written before
+ * it.  A chunk the bit does not show yet is simply handed to the plugin.
  *
  * Parameters: fastpath-map=PATH (the live map), fastpath-file=PATH (the destination file),
  * fastpath-shift=N (log2 of the chunk size), fastpath-stats=PATH (optional: at exit, write
@@ -43,7 +52,7 @@ static char *stats_path;
 static unsigned chunk_shift;
 static int have_shift;
 
-static const volatile unsigned char *live_map; /* NULL: every read goes to the plugin */
+static const unsigned char *live_map; /* NULL: every read goes to the plugin */
 static uint64_t live_map_chunks;
 static int file_fd = -1;
 
@@ -122,6 +131,15 @@ fastpath_after_fork (nbdkit_backend *nxdata)
     nbdkit_error ("fastpath: open %s: %m", file_path);
     return -1;
   }
+  if (fstat (file_fd, &st) == -1) {
+    nbdkit_error ("fastpath: fstat %s: %m", file_path);
+    return -1;
+  }
+  if (st.st_size == 0) {
+    /* An empty disk: the engine publishes no live map (nothing to map, nothing to serve). */
+    nbdkit_debug ("fastpath: %s is empty: every request goes to the plugin", file_path);
+    return 0;
+  }
   map_fd = open (map_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (map_fd == -1) {
     nbdkit_error ("fastpath: open %s: %m", map_path);
@@ -182,11 +200,10 @@ all_present (uint32_t count, uint64_t offset)
 
   if (live_map == NULL || last >= live_map_chunks)
     return 0;
+  /* Acquire loads: the data reads after them cannot be moved before them (see the top). */
   for (; chunk <= last; chunk++)
-    if (!(live_map[chunk] & PRESENT_BIT))
+    if (!(__atomic_load_n (&live_map[chunk], __ATOMIC_ACQUIRE) & PRESENT_BIT))
       return 0;
-  /* The data reads below must not be moved before the map loads above. */
-  __atomic_thread_fence (__ATOMIC_ACQUIRE);
   return 1;
 }
 

@@ -1,7 +1,7 @@
 # nbdkit python plugin of postcopy's lazy destination.  `postcopy receive` runs it like this:
 #
 #   PYTHONPATH=<project root>:<venv site-packages> \
-#   nbdkit -f --exit-with-parent -t 4 -U /run/disk.sock python plugin/postcopy_plugin.py \
+#   nbdkit -f --exit-with-parent -t 128 -U /run/disk.sock python plugin/postcopy_plugin.py \
 #       source=nbd://host-a:10809/disk dest=/var/lib/vm/disk.img state_dir=/var/lib/vm/disk.state \
 #       chunk_size=65536 wait_for_source=1 unreachable_timeout=180 request_timeout=10 \
 #       bandwidth=209715200

@@ -63,6 +63,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import platform
 import threading
 import time
 from collections import deque
@@ -127,6 +128,46 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+# The C fast path (plugin/fastpath.c) reads the live map on nbdkit's threads without the GIL: it
+# load-acquires a chunk's byte and, when PRESENT is set, preads the chunk from the data file.  For
+# that to return the data, our data write (a pwrite/fallocate system call: stores the kernel makes
+# into the page cache on this thread) must be visible before the PRESENT store into the mapping.
+# A system call return is no memory barrier on weakly ordered CPUs (arm64, POWER, RISC-V), so a
+# release fence goes between them.  On x86 (TSO) stores are never reordered with older stores:
+# the program order (the system call returns before the mapping store is executed) is enough, and
+# the fence is a no-op.  Elsewhere the fence is C11 `atomic_thread_fence(memory_order_release)`
+# from libatomic (a dependency of gcc, which builds the filter); without it the engine refuses
+# to run, rather than let the filter serve a chunk before its data.  (`BlockMap.mark` takes a
+# lock before the store, but a lock acquire orders only what follows it.  Our own Python readers,
+# `pread_into` on other worker threads, need no fence: they hold the GIL, whose hand-off is a
+# release/acquire pair; a free-threaded build would need acquire loads there too.)
+_TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686"})
+_MEMORY_ORDER_RELEASE = 3  # C11 memory_order_release
+
+
+def release_fence_for(machine: str, libatomic_path: str | None) -> Callable[[], None]:
+    """The release fence to run between a data write and the PRESENT store for CPU `machine`
+    (`platform.machine()`), from libatomic at `libatomic_path` where one is needed."""
+    if machine.lower() in _TSO_MACHINES:
+        return _no_fence
+    fence = None
+    if libatomic_path is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            fence = ctypes.CDLL(libatomic_path).atomic_thread_fence
+    if fence is None:
+        raise UserError(
+            f"libatomic is missing (Debian: apt install libatomic1): on {machine} the block "
+            "map's stores need its release fence"
+        )
+    fence.argtypes = [ctypes.c_int]
+    fence.restype = None
+    return lambda: fence(_MEMORY_ORDER_RELEASE)
+
+
+def _no_fence() -> None:
+    pass
 
 
 class EngineIOError(OSError):
@@ -219,6 +260,14 @@ class Engine:
             os.close(self._fd)
             raise
         self._commit_lock = threading.Lock()
+        try:
+            self._release_fence = release_fence_for(
+                platform.machine(), ctypes.util.find_library("atomic")
+            )
+        except BaseException:
+            self.map.close()
+            os.close(self._fd)
+            raise
         self._frozen = not config.wait_for_source or source_gate.is_source_frozen(config.state_dir)
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -459,9 +508,16 @@ class Engine:
             self._fetch_partial_edges(offset, length, first, end)
             with self._commit_lock:
                 self._write_local(buf, offset)
-                self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
+                self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
+
+    def _mark_present(self, first: int, end: int, bits: int) -> None:
+        """Set `bits` (with PRESENT) on chunks whose data write has returned: the release fence
+        first, so that the C fast path never sees the bit before the data (see
+        `release_fence_for`)."""
+        self._release_fence()
+        self.map.mark(first, end, bits)
 
     def zero(
         self,
@@ -492,7 +548,7 @@ class Engine:
                     self._zero_allocated(offset, count)
             else:
                 self._zero_allocated(offset, count)
-            self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
+            self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
 
@@ -529,7 +585,7 @@ class Engine:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
                     return  # trim is advisory: keep the data and the map as they are
-                self.map.mark(first, end, PRESENT | GUEST_WRITTEN)
+                self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
 
@@ -962,7 +1018,7 @@ class Engine:
                 run_start = run_first << shift
                 run_stop = min(run_end << shift, self.size)
                 self._write_local(view[run_start - start:run_stop - start], run_start)
-                self.map.mark(run_first, run_end, PRESENT)
+                self._mark_present(run_first, run_end, PRESENT)
                 committed += run_stop - run_start
             self.discarded_fetch_bytes += len(buffer) - committed
 
@@ -1106,8 +1162,11 @@ class Engine:
         return None
 
     async def _skip_source_holes(self, first: int, end: int) -> None:
-        """Ask the source's block status for chunks `[first, end)`; whole-chunk holes become
-        PRESENT holes without any transfer (punched locally in case old data lies there)."""
+        """Ask the source's block status for chunks `[first, end)`; whole chunks that read as
+        zeros become PRESENT holes without any transfer (punched locally in case old data lies
+        there).  Only the ZERO flag says that (NBD `base:allocation`): HOLE alone means
+        "unallocated", whose bytes may be anything (a backing file's, a plugin's), so a HOLE-only
+        extent is data and is copied."""
         link = self._drain_link
         assert link is not None
         shift = self.map.chunk_shift
@@ -1122,7 +1181,7 @@ class Engine:
             log.info("postcopy: source block status failed (%s); copying everything", exc)
             return
         for extent in extents:
-            if extent.flags & (EXTENT_HOLE | EXTENT_ZERO):
+            if extent.flags & EXTENT_ZERO:
                 self._mark_source_hole(extent.offset, extent.offset + extent.length)
 
     def _mark_source_hole(self, hole_start: int, hole_end: int) -> None:
@@ -1144,7 +1203,7 @@ class Engine:
                             log.warning("postcopy: cannot punch a source hole: %s", exc)
                             continue  # stays missing: the drain copies its zeros instead
                         self._zero_allocated(part_start, part_stop - part_start)
-                    self.map.mark(part_first, part_end, PRESENT | SOURCE_HOLE)
+                    self._mark_present(part_first, part_end, PRESENT | SOURCE_HOLE)
                     self.hole_bytes_skipped += part_stop - part_start
         self._check_complete()
 

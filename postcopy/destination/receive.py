@@ -49,10 +49,14 @@ PLUGIN_PACKAGE = "postcopy_plugin"
 FASTPATH_FILTER_NAME = "postcopy-fastpath.so"
 # where the fast path filter's hit and miss counts land when nbdkit exits (tests read them)
 FASTPATH_STATS_FILENAME = "fastpath.stats"
-# nbdkit worker threads.  Reads of present data are served by the C filter without Python (there
-# -t 1 measured best, 1.06x nbdkit file, and -t 4 0.72x); misses run Python and fetch on their
-# worker thread, so more than one thread is needed for a miss never to stall other reads.
-DEFAULT_THREADS = 4
+# nbdkit worker threads per connection.  nbdkit reads a connection's next request only when one of
+# its threads is free, and a request that waits for the source (a read miss, a sub-chunk write
+# into a missing chunk) holds its thread up to --source-timeout during an outage.  So there are as
+# many threads as a client keeps requests in flight: the Linux kernel's nbd driver at most 128 per
+# connection, QEMU 16.  Then waiting requests never keep reads of present data or writes from being
+# read and answered.  Idle threads cost only their (untouched) stacks; threads in use are bounded
+# by the client's queue depth, whatever this number.
+DEFAULT_THREADS = 128
 SOURCE_PROBE_TIMEOUT = 15.0
 LISTEN_TIMEOUT = 30.0
 

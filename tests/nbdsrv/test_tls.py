@@ -472,7 +472,7 @@ async def test_our_client_reads_our_tls_server_over_tcp_checking_the_host_name(
                 assert await read_all(client, IMAGE_SIZE) == data
                 extents = [e async for e in client.iter_extents(0, IMAGE_SIZE)]
                 assert sum(e.length for e in extents) == IMAGE_SIZE
-                holes = [e for e in extents if e.flags & k.BlockStatusFlag.HOLE]
+                holes = [e for e in extents if e.flags & k.BlockStatusFlag.ZERO]
                 assert holes and all(
                     data[e.offset : e.end] == bytes(e.length) for e in holes
                 )
