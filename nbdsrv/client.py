@@ -54,6 +54,7 @@ from nbdsrv.client_core import (
     ClientHandshake,
     ClientTransmission,
     NegotiatedExport,
+    RequestFinished,
 )
 from nbdsrv.errors import (
     CommandError,
@@ -342,7 +343,7 @@ class _Connection:
         core = self.core
         waiters = self.waiters
         finished = 0
-        while (event := core.next_event()) is not None:
+        while isinstance(event := core.next_event(), RequestFinished):  # until NEED_DATA
             waiter = waiters.pop(event.cookie, None)
             if waiter is None:
                 continue  # abandoned by its caller

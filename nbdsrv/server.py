@@ -365,7 +365,7 @@ class Server:
                     await connection.send([outgoing])
                 event = conn.next_event()
                 if event is core.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    _feed(conn, await stream.receive_some(65536))
                 elif isinstance(event, core.ExportOpened):
                     await connection.send([conn.data_to_send()])
                     connection.export = self.exports[event.export.name]
@@ -427,7 +427,7 @@ class Server:
                 if connection.draining:
                     return  # server shutdown: the nursery finishes the requests in flight
                 with trio.CancelScope() as connection.read_scope:
-                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                    _feed(conn, await stream.receive_some(RECEIVE_SIZE))
                 connection.read_scope = None
                 continue
             if isinstance(event, core.DisconnectRequested):
@@ -629,6 +629,14 @@ class Server:
                     await trio.sleep(0.1)
                     continue
                 nursery.start_soon(self.handle_stream, stream, _peer_name(stream))
+
+
+def _feed(conn: core.ServerConnection, data: bytes | bytearray) -> None:
+    """What a receive returned, for the core: bytes, or the end of input."""
+    if data:
+        conn.receive_data(data)
+    else:
+        conn.receive_eof()
 
 
 async def _close_stream(stream: trio.abc.Stream, *, graceful: bool) -> None:
