@@ -371,10 +371,9 @@ class Server:
         sendfile.  False when it does not apply (TLS or a test stream, a backend without a
         file, data that is not cached)."""
         assert connection.export is not None
-        source = getattr(connection.export.backend, "sendfile_source", None)
-        if connection.socket is None or source is None:
+        if connection.socket is None:
             return False
-        fd = source(request.offset, request.length)
+        fd = connection.export.backend.sendfile_source(request.offset, request.length)
         if fd is None:
             return False
         plan = connection.core.read_reply_plan(request, holes)
