@@ -3,6 +3,8 @@
 Both cores are driven the same way: the shell feeds bytes with `receive_data()`, says the peer
 closed with `receive_eof()`, and asks `next_event()` for the next event until it answers
 NEED_DATA (feed more bytes first).  An event is a frozen dataclass; the shell matches on its type.
+(The client's handshake, ClientHandshake, has no events: it runs as far as the bytes go inside
+receive_data(), and the shell reads `tls_requested` and `done`.)
 
     ServerConnection.next_event()      ClientTransmission.next_event()
       OptionHandled    (for logs)        RequestFinished   (a reply is complete)
