@@ -19,6 +19,7 @@ from nbdsrv.errors import (
     RemoteProtocolError,
 )
 from nbdsrv.extent import Extent
+from nbdsrv.state import TLSMode
 
 __all__ = [
     "CommandError",
@@ -28,6 +29,7 @@ __all__ = [
     "NBDError",
     "NegotiationError",
     "RemoteProtocolError",
+    "TLSMode",
     "open_client",
 ]
 

@@ -42,11 +42,7 @@ _ZERO_CHUNK = 1 << 20
 
 
 class Backend(Protocol):
-    """A served disk.  All methods block; they raise OSError with an errno on failure.
-
-    Optional: `sendfile_source(offset, length) -> int | None`, a file descriptor the server may
-    os.sendfile the range from (FileBackend has it); backends without it are read into buffers.
-    """
+    """A served disk.  All methods block; they raise OSError with an errno on failure."""
 
     @property
     def size(self) -> int: ...
@@ -67,6 +63,12 @@ class Backend(Protocol):
     def read_cached(self, offset: int, buffer: memoryview) -> int:
         """Without blocking, fill a prefix of `buffer` with bytes already in memory (page cache);
         returns how many bytes were filled (0 when none, or when the backend cannot tell)."""
+        ...
+
+    def sendfile_source(self, offset: int, length: int) -> int | None:
+        """A file descriptor the server may os.sendfile [offset, offset+length) from, without
+        blocking long (the range is in the page cache); or None, and the range is read into a
+        buffer with read_cached/read_into instead.  A backend without a file returns None."""
         ...
 
     def extents(self, offset: int, length: int, limit: int = 1024) -> list[Extent]:

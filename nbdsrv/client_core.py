@@ -1,31 +1,16 @@
-"""The NBD client protocol core: bytes in, events out; requests in, bytes out.  No I/O here.
+"""The NBD client's transmission phase, sans-IO: requests in, bytes out; bytes in, events out.
 
-Two objects, one per phase, share one `ReceiveBuffer` (what the shell received but the core has
-not consumed yet):
+    core = ClientTransmission(handshake.result, handshake.buffer)
+    cookie, header = core.request_read(offset, memoryview(buffer))   # an OutgoingRequest
+    send(header)
+    core.receive_data(received)               # core.receive_eof() when the server closed
+    event = core.next_event()                 # NEED_DATA, or a RequestFinished
 
-`ClientHandshake` runs option haggling as a table of named states (libnbd's names).
-
-    Transition rule: the current state's handler either returns the next state, or None when it
-    needs more bytes than the buffer holds (it then consumed nothing).  SEND states queue one
-    option for the shell to send and move on at once; RECV states consume exactly one complete
-    frame (a greeting, or one option reply header with its data) per call.  `receive_data()` runs
-    handlers until one returns None or the state is READY.  A handler raises NegotiationError when
-    the server refuses what we cannot do without, RemoteProtocolError when it breaks the protocol.
-
-    NEWSTYLE.RECV_GREETING ──fixed newstyle──► NEWSTYLE.OPT_STRUCTURED_REPLY.SEND
-                           ├─fixed, TLS wanted─► NEWSTYLE.OPT_STARTTLS.SEND
-                           └─plain newstyle──► NEWSTYLE.OPT_EXPORT_NAME.SEND (TLS "require": fail)
-    NEWSTYLE.OPT_STARTTLS.SEND ─► .RECV_REPLY ─ACK─► NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE
-                                              └error─► (tls="on") NEWSTYLE.OPT_STRUCTURED_REPLY.SEND
-                                                       (tls="require") NegotiationError
-    NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE  waits for the shell: it wraps the stream in TLS, runs the
-        TLS handshake and calls tls_established() ─► NEWSTYLE.OPT_STRUCTURED_REPLY.SEND (over TLS)
-    NEWSTYLE.OPT_STRUCTURED_REPLY.SEND ─► .RECV_REPLY ─ACK─► NEWSTYLE.OPT_SET_META_CONTEXT.SEND
-                                                      └error─► NEWSTYLE.OPT_GO.SEND (simple replies)
-    NEWSTYLE.OPT_SET_META_CONTEXT.SEND ─► .RECV_REPLY ─ACK or error─► NEWSTYLE.OPT_GO.SEND
-    NEWSTYLE.OPT_GO.SEND ─► .RECV_REPLY ─ACK─► READY
-                                        └ERR_UNSUP/ERR_INVALID─► NEWSTYLE.OPT_EXPORT_NAME.SEND
-    NEWSTYLE.OPT_EXPORT_NAME.SEND ─► .RECV_REPLY ─size+flags (+124 zeroes unless NO_ZEROES)─► READY
+The handshake before it is nbdsrv.client_handshake_core (ClientHandshake and NegotiatedExport are
+re-exported here); the reply parser's states are nbdsrv.state.ReplyState and its events are in
+nbdsrv.events.  After an exception out of receive_data, receive_eof or next_event the core is in
+ERROR and refuses every later call (nbdsrv.state.ProtocolCore); a request refused for its
+arguments (outside the export, a flag not offered) changes nothing.
 
 `ClientTransmission` builds request headers (cookies are a counter) and turns replies into
 `RequestFinished` events.  A READ names the caller's writable buffer when it is sent, so its data
@@ -42,387 +27,43 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nbdsrv import constants as k
 from nbdsrv import wire
 from nbdsrv.buffer import ReceiveBuffer
+from nbdsrv.client_handshake_core import (
+    DEFAULT_BLOCK_SIZE,
+    MAX_OPTION_REPLY_LENGTH,
+    ClientHandshake,
+    NegotiatedExport,
+)
 from nbdsrv.errors import (
     CommandError,
     ConnectionClosedError,
     LocalProtocolError,
-    NegotiationError,
     RemoteProtocolError,
 )
+from nbdsrv.events import NEED_DATA, NeedData, RequestFinished
 from nbdsrv.extent import Extent
+from nbdsrv.state import ProtocolCore, ReplyState
 
-DEFAULT_BLOCK_SIZE = (k.DEFAULT_MIN_BLOCK, k.DEFAULT_PREFERRED_BLOCK, k.MAX_PAYLOAD)
-MAX_OPTION_REPLY_LENGTH = 1024 * 1024  # an option reply longer than this is refused
+__all__ = [
+    "DEFAULT_BLOCK_SIZE", "MAX_CHUNK_LENGTH", "MAX_EFFECT_LENGTH", "MAX_OPTION_REPLY_LENGTH",
+    "NEED_DATA", "ClientHandshake", "ClientTransmission", "NegotiatedExport", "OutgoingRequest",
+    "RequestFinished",
+]
+
 MAX_CHUNK_LENGTH = 64 * 1024 * 1024  # a non-data structured chunk longer than this is refused
 MAX_EFFECT_LENGTH = 0xFFFFFFFF & ~0xFFFFF  # trim / zero / cache / block status per request
 
-# -- handshake --------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class NegotiatedExport:
-    """What the handshake settled: the export and the features the transmission phase may use."""
-
-    export_name: str
-    size: int
-    transmission_flags: int
-    description: str = ""
-    block_size: tuple[int, int, int] = DEFAULT_BLOCK_SIZE  # minimum, preferred, maximum
-    structured_replies: bool = False
-    meta_context_id: int | None = None  # id of base:allocation, when negotiated
-    no_zeroes: bool = False
-    fixed_newstyle: bool = False
-
-    @property
-    def has_base_allocation(self) -> bool:
-        return self.meta_context_id is not None
-
-
-_State = str
-_Handler = Callable[["ClientHandshake"], "_State | None"]
-
-
-class ClientHandshake:
-    """Option haggling from the client's side (see the module docstring for the table)."""
-
-    def __init__(
-        self,
-        export_name: str = "",
-        *,
-        structured_replies: bool = True,
-        base_allocation: bool = True,
-        buffer: ReceiveBuffer | None = None,
-        tls: str = "off",
-    ) -> None:
-        """`tls`: "off" (never STARTTLS), "on" (STARTTLS first; plaintext if the server refuses
-        it) or "require" (STARTTLS first; a refusal is a NegotiationError: no plaintext)."""
-        if tls not in ("off", "on", "require"):
-            raise ValueError(f"tls must be off, on or require, not {tls!r}")
-        self.tls = tls
-        self.tls_active = False
-        self.buffer = buffer if buffer is not None else ReceiveBuffer()
-        self.state: _State = "NEWSTYLE.RECV_GREETING"
-        self.trace: list[_State] = [self.state]  # every state visited, for logs and tests
-        self._outgoing = bytearray()
-        self._export_name = export_name
-        self._want_structured = structured_replies
-        self._want_base_allocation = base_allocation
-        self._fixed_newstyle = False
-        self._no_zeroes = False
-        self._structured = False
-        self._context_id: int | None = None
-        self._size: int | None = None
-        self._flags = 0
-        self._canonical_name: str | None = None
-        self._description = ""
-        self._block_size = DEFAULT_BLOCK_SIZE
-        self._result: NegotiatedExport | None = None
-
-    # -- the shell's side ---------------------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    @property
-    def tls_requested(self) -> bool:
-        """The server acknowledged STARTTLS: the shell must now wrap the stream in TLS (nothing
-        more may be sent or received in plaintext) and call tls_established()."""
-        return self.state == "NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE"
-
-    def tls_established(self) -> None:
-        """The shell finished the TLS handshake: option haggling goes on over TLS."""
-        if not self.tls_requested:
-            raise LocalProtocolError(f"tls_established() in state {self.state}")
-        self.tls_active = True
-        self.state = self._after_tls()
-        self.trace.append(self.state)
-        self._advance()
-
-    @property
-    def result(self) -> NegotiatedExport:
-        if self._result is None:
-            raise LocalProtocolError(f"handshake not finished (state {self.state})")
-        return self._result
-
-    def data_to_send(self) -> bytes:
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if data:
-            self.buffer.feed(data)
-        self._advance()
-
-    def receive_eof(self) -> None:
-        """The server closed the connection before the handshake ended."""
-        if self.state == "NEWSTYLE.OPT_EXPORT_NAME.RECV_REPLY":
-            raise NegotiationError(
-                f"server closed the connection after NBD_OPT_EXPORT_NAME "
-                f"(no export named {self._export_name!r}?)"
-            )
-        raise NegotiationError(f"server closed the connection during the handshake ({self.state})")
-
-    # -- the table ------------------------------------------------------------------------------
-
-    def _advance(self) -> None:
-        # Bounded: a RECV transition consumes a frame of at least 16 bytes, and SEND states
-        # (at most one per option) always lead to a RECV state.
-        for _ in range(len(self.buffer) // 16 + 16):
-            if self.state == "READY":
-                return
-            next_state = _TRANSITIONS[self.state](self)
-            if next_state is None:
-                return
-            self.state = next_state
-            self.trace.append(next_state)
-        raise LocalProtocolError("handshake state machine did not settle")  # a bug in the table
-
-    def _send_option(self, option: k.Option, data: bytes = b"") -> None:
-        self._outgoing += wire.build_option(option, data)
-
-    def _take_option_reply(self, option: k.Option) -> tuple[int, bytes] | None:
-        header_bytes = self.buffer.peek(wire.OPTION_REPLY_HEADER_SIZE)
-        if header_bytes is None:
-            return None
-        header = wire.parse_option_reply_header(header_bytes)
-        if header.length > MAX_OPTION_REPLY_LENGTH:
-            raise RemoteProtocolError(f"option reply of {header.length} bytes is too long")
-        if len(self.buffer) < wire.OPTION_REPLY_HEADER_SIZE + header.length:
-            return None
-        self.buffer.skip(wire.OPTION_REPLY_HEADER_SIZE)
-        data = self.buffer.take(header.length)
-        assert data is not None
-        if header.option != option:
-            raise RemoteProtocolError(
-                f"reply to option {header.option} while waiting for {option.name}"
-            )
-        return header.reply_type, data
-
-    def _recv_greeting(self) -> _State | None:
-        data = self.buffer.take(wire.SERVER_GREETING_SIZE)
-        if data is None:
-            return None
-        try:
-            flags = wire.parse_server_greeting(data)
-        except RemoteProtocolError as exc:
-            raise NegotiationError(f"not a newstyle NBD server: {exc}") from None
-        self._fixed_newstyle = bool(flags & k.HandshakeFlag.FIXED_NEWSTYLE)
-        self._no_zeroes = bool(flags & k.HandshakeFlag.NO_ZEROES)
-        client_flags = 0
-        if self._fixed_newstyle:
-            client_flags |= k.ClientFlag.FIXED_NEWSTYLE
-        if self._no_zeroes:
-            client_flags |= k.ClientFlag.NO_ZEROES
-        self._outgoing += wire.build_client_flags(client_flags)
-        if not self._fixed_newstyle:  # a plain newstyle server knows only NBD_OPT_EXPORT_NAME
-            if self.tls == "require":
-                raise NegotiationError("TLS is required but the server is not fixed newstyle")
-            return "NEWSTYLE.OPT_EXPORT_NAME.SEND"
-        if self.tls != "off":
-            return "NEWSTYLE.OPT_STARTTLS.SEND"
-        return self._after_tls()
-
-    def _after_tls(self) -> _State:
-        if self._want_structured:
-            return "NEWSTYLE.OPT_STRUCTURED_REPLY.SEND"
-        return "NEWSTYLE.OPT_GO.SEND"
-
-    def _send_starttls(self) -> _State:
-        self._send_option(k.Option.STARTTLS)
-        return "NEWSTYLE.OPT_STARTTLS.RECV_REPLY"
-
-    def _recv_starttls(self) -> _State | None:
-        reply = self._take_option_reply(k.Option.STARTTLS)
-        if reply is None:
-            return None
-        reply_type, data = reply
-        if reply_type == k.OptionReply.ACK:
-            if data:
-                raise RemoteProtocolError("NBD_REP_ACK with a payload")
-            if len(self.buffer):  # the TLS handshake starts with our ClientHello
-                raise RemoteProtocolError("plaintext bytes after the STARTTLS acknowledgement")
-            return "NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE"
-        if not k.is_option_error(reply_type):
-            raise RemoteProtocolError(f"reply type {reply_type} to NBD_OPT_STARTTLS")
-        if self.tls == "require":  # never carry on in plaintext (spec: downgrade attacks)
-            raise NegotiationError(_refusal("NBD_OPT_STARTTLS", reply_type, data), reply_type)
-        return self._after_tls()
-
-    def _wait_for_tls(self) -> None:
-        return None  # the shell calls tls_established()
-
-    def _send_structured_reply(self) -> _State:
-        self._send_option(k.Option.STRUCTURED_REPLY)
-        return "NEWSTYLE.OPT_STRUCTURED_REPLY.RECV_REPLY"
-
-    def _recv_structured_reply(self) -> _State | None:
-        reply = self._take_option_reply(k.Option.STRUCTURED_REPLY)
-        if reply is None:
-            return None
-        reply_type, data = reply
-        if reply_type == k.OptionReply.ACK:
-            if data:
-                raise RemoteProtocolError("NBD_REP_ACK with a payload")
-            self._structured = True
-        elif not k.is_option_error(reply_type):
-            raise RemoteProtocolError(f"reply type {reply_type} to NBD_OPT_STRUCTURED_REPLY")
-        # else: refused (ERR_UNSUP, ERR_POLICY...): carry on with simple replies
-        if self._structured and self._want_base_allocation:
-            return "NEWSTYLE.OPT_SET_META_CONTEXT.SEND"
-        return "NEWSTYLE.OPT_GO.SEND"
-
-    def _send_set_meta_context(self) -> _State:
-        request = wire.MetaContextRequest(self._export_name, (k.BASE_ALLOCATION,))
-        self._send_option(k.Option.SET_META_CONTEXT, wire.build_meta_context_request(request))
-        return "NEWSTYLE.OPT_SET_META_CONTEXT.RECV_REPLY"
-
-    def _recv_set_meta_context(self) -> _State | None:
-        reply = self._take_option_reply(k.Option.SET_META_CONTEXT)
-        if reply is None:
-            return None
-        reply_type, data = reply
-        if reply_type == k.OptionReply.META_CONTEXT:
-            context = wire.parse_meta_context_reply(data)
-            if context.name != k.BASE_ALLOCATION:
-                raise RemoteProtocolError(f"meta context {context.name!r} that was not asked for")
-            self._context_id = context.context_id
-            return "NEWSTYLE.OPT_SET_META_CONTEXT.RECV_REPLY"  # more replies until ACK
-        if reply_type == k.OptionReply.ACK:
-            return "NEWSTYLE.OPT_GO.SEND"
-        if k.is_option_error(reply_type):
-            self._context_id = None
-            return "NEWSTYLE.OPT_GO.SEND"
-        raise RemoteProtocolError(f"reply type {reply_type} to NBD_OPT_SET_META_CONTEXT")
-
-    def _send_go(self) -> _State:
-        wanted = (k.Info.NAME, k.Info.DESCRIPTION, k.Info.BLOCK_SIZE)
-        request = wire.InfoRequest(self._export_name, tuple(int(i) for i in wanted))
-        self._send_option(k.Option.GO, wire.build_info_request(request))
-        return "NEWSTYLE.OPT_GO.RECV_REPLY"
-
-    def _recv_go(self) -> _State | None:
-        reply = self._take_option_reply(k.Option.GO)
-        if reply is None:
-            return None
-        reply_type, data = reply
-        if reply_type == k.OptionReply.INFO:
-            self._note_info(wire.parse_info(data))
-            return "NEWSTYLE.OPT_GO.RECV_REPLY"
-        if reply_type == k.OptionReply.ACK:
-            if self._size is None:
-                raise RemoteProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
-            self._finish()
-            return "READY"
-        if reply_type == k.OptionReply.ERR_UNSUP:
-            # A server older than NBD_OPT_GO: the old way still works.
-            return "NEWSTYLE.OPT_EXPORT_NAME.SEND"
-        if k.is_option_error(reply_type):
-            raise NegotiationError(_refusal("NBD_OPT_GO", reply_type, data), reply_type)
-        raise RemoteProtocolError(f"reply type {reply_type} to NBD_OPT_GO")
-
-    def _note_info(self, item: wire.InfoItem) -> None:
-        if isinstance(item, wire.ExportInfo):
-            self._size, self._flags = item.size, item.transmission_flags
-        elif isinstance(item, wire.NameInfo):
-            self._canonical_name = item.name
-        elif isinstance(item, wire.DescriptionInfo):
-            self._description = item.description
-        elif isinstance(item, wire.BlockSizeInfo):
-            self._block_size = _checked_block_size(item)
-        # unknown info types are ignored (spec: "NBD_REP_INFO")
-
-    def _send_export_name(self) -> _State:
-        self._send_option(k.Option.EXPORT_NAME, self._export_name.encode("utf-8"))
-        return "NEWSTYLE.OPT_EXPORT_NAME.RECV_REPLY"
-
-    def _recv_export_name(self) -> _State | None:
-        size = wire.EXPORT_NAME_REPLY_SIZE + (0 if self._no_zeroes else k.EXPORT_NAME_PADDING)
-        data = self.buffer.take(size)
-        if data is None:
-            return None
-        info = wire.parse_export_name_reply(data)
-        self._size, self._flags = info.size, info.transmission_flags
-        self._finish()
-        return "READY"
-
-    def _finish(self) -> None:
-        assert self._size is not None
-        self._result = NegotiatedExport(
-            export_name=self._canonical_name or self._export_name,
-            size=self._size,
-            transmission_flags=self._flags,
-            description=self._description,
-            block_size=self._block_size,
-            structured_replies=self._structured,
-            meta_context_id=self._context_id if self._structured else None,
-            no_zeroes=self._no_zeroes,
-            fixed_newstyle=self._fixed_newstyle,
-        )
-
-
-_TRANSITIONS: dict[_State, _Handler] = {
-    "NEWSTYLE.RECV_GREETING": ClientHandshake._recv_greeting,
-    "NEWSTYLE.OPT_STARTTLS.SEND": ClientHandshake._send_starttls,
-    "NEWSTYLE.OPT_STARTTLS.RECV_REPLY": ClientHandshake._recv_starttls,
-    "NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE": ClientHandshake._wait_for_tls,
-    "NEWSTYLE.OPT_STRUCTURED_REPLY.SEND": ClientHandshake._send_structured_reply,
-    "NEWSTYLE.OPT_STRUCTURED_REPLY.RECV_REPLY": ClientHandshake._recv_structured_reply,
-    "NEWSTYLE.OPT_SET_META_CONTEXT.SEND": ClientHandshake._send_set_meta_context,
-    "NEWSTYLE.OPT_SET_META_CONTEXT.RECV_REPLY": ClientHandshake._recv_set_meta_context,
-    "NEWSTYLE.OPT_GO.SEND": ClientHandshake._send_go,
-    "NEWSTYLE.OPT_GO.RECV_REPLY": ClientHandshake._recv_go,
-    "NEWSTYLE.OPT_EXPORT_NAME.SEND": ClientHandshake._send_export_name,
-    "NEWSTYLE.OPT_EXPORT_NAME.RECV_REPLY": ClientHandshake._recv_export_name,
-}
-
-
-def _refusal(option: str, reply_type: int, data: bytes) -> str:
-    try:
-        name = k.OptionReply(reply_type).name
-    except ValueError:
-        name = f"error 0x{reply_type:08x}"
-    message = data[:200].decode("utf-8", "replace").strip()
-    return f"server refused {option}: {name}" + (f" ({message})" if message else "")
-
-
-def _is_power_of_two(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
-def _checked_block_size(item: wire.BlockSizeInfo) -> tuple[int, int, int]:
-    minimum, preferred, maximum = item.minimum, item.preferred, item.maximum
-    if not (
-        _is_power_of_two(minimum)
-        and minimum <= 65536
-        and _is_power_of_two(preferred)
-        and preferred >= minimum
-        and maximum >= minimum
-    ):
-        raise RemoteProtocolError(f"invalid NBD_INFO_BLOCK_SIZE {minimum}/{preferred}/{maximum}")
-    # The maximum payload is a multiple of the minimum, or the server's own limit (spec).
-    return minimum, preferred, min(maximum, 0xFFFFFFFF)
-
-
-# -- transmission -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RequestFinished:
-    """A request's reply is complete.  `error` is set when the server failed it; `extents` is
-    the answer of a BLOCK_STATUS; `abandoned` when the caller gave up on it (ignore it)."""
+class OutgoingRequest(NamedTuple):
+    """A request the core registered: its cookie, and the header bytes the shell must send (a
+    WRITE's payload follows the header on the wire)."""
 
     cookie: int
-    error: CommandError | None = None
-    extents: list[Extent] | None = None
-    abandoned: bool = False
+    header: bytes
 
 
 class _Pending:
@@ -452,8 +93,13 @@ class _Pending:
         self.extents: list[Extent] | None = None
 
 
-# Reply parser states (the transmission phase is a plain loop, not worth a table).
-_HEADER, _DATA_OFFSET, _DATA_PAYLOAD, _CHUNK_PAYLOAD = range(4)
+# Reply parser states (nbdsrv.state.ReplyState; a plain loop, not worth a table), bound to
+# module names for the hot loop.
+_HEADER = ReplyState.HEADER
+_DATA_OFFSET = ReplyState.DATA_OFFSET
+_DATA_PAYLOAD = ReplyState.DATA_PAYLOAD
+_CHUNK_PAYLOAD = ReplyState.CHUNK_PAYLOAD
+_ERROR = ReplyState.ERROR
 _ZEROS = bytes(1024 * 1024)
 _SIMPLE_MAGIC_BYTES = struct.pack(">I", k.SIMPLE_REPLY_MAGIC)
 _STRUCTURED_MAGIC_BYTES = struct.pack(">I", k.STRUCTURED_REPLY_MAGIC)
@@ -462,8 +108,10 @@ _BLOCK_STATUS = int(k.Command.BLOCK_STATUS)
 _DONE = int(k.ReplyFlag.DONE)
 
 
-class ClientTransmission:
+class ClientTransmission(ProtocolCore):
     """Requests and replies of the transmission phase on one connection."""
+
+    _error_state = _ERROR
 
     def __init__(self, export: NegotiatedExport, buffer: ReceiveBuffer | None = None) -> None:
         self.export = export
@@ -477,7 +125,7 @@ class ClientTransmission:
         self._pending: dict[int, _Pending] = {}
         self._disconnect_sent = False
         # reply parser
-        self._state = _HEADER
+        self._state: ReplyState = _HEADER
         self._cookie = 0  # the reply being parsed
         self._request: _Pending | None = None
         self._chunk_flags = 0
@@ -492,6 +140,10 @@ class ClientTransmission:
     # -- requests -------------------------------------------------------------------------------
 
     @property
+    def state(self) -> ReplyState:
+        return self._state
+
+    @property
     def in_flight(self) -> int:
         return len(self._pending)
 
@@ -500,15 +152,15 @@ class ClientTransmission:
 
     def _new_request(
         self, command: int, flags: int, offset: int, length: int, target: memoryview | None
-    ) -> tuple[int, bytes]:
+    ) -> OutgoingRequest:
         if self._disconnect_sent:
             raise LocalProtocolError("request after NBD_CMD_DISC")
         cookie = self._next_cookie
         self._next_cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF or 1
         if command != k.Command.DISC:
             self._pending[cookie] = _Pending(command, offset, length, target)
-        return cookie, wire.build_request_header(
-            wire.Request(flags, command, cookie, offset, length)
+        return OutgoingRequest(
+            cookie, wire.build_request_header(wire.Request(flags, command, cookie, offset, length))
         )
 
     def _check_range(self, offset: int, length: int, what: str) -> None:
@@ -521,16 +173,20 @@ class ClientTransmission:
         if not self.flags & flag:
             raise LocalProtocolError(f"the server does not offer {what}")
 
-    def request_read(self, offset: int, target: memoryview) -> tuple[int, bytes]:
+    def request_read(self, offset: int, target: memoryview) -> OutgoingRequest:
         """A READ of len(target) bytes at `offset`, whose data will be written into `target`."""
+        if self._failure is not None:
+            self._refuse("request_read")
         length = len(target)
         self._check_range(offset, length, "read")
         if not 0 < length <= self.max_payload:
             raise LocalProtocolError(f"read of {length} bytes (maximum {self.max_payload})")
         return self._new_request(_READ, 0, offset, length, target)
 
-    def request_write(self, offset: int, length: int, *, fua: bool = False) -> tuple[int, bytes]:
+    def request_write(self, offset: int, length: int, *, fua: bool = False) -> OutgoingRequest:
         """The header of a WRITE; the shell sends the `length` payload bytes right after it."""
+        if self._failure is not None:
+            self._refuse("request_write")
         self._check_range(offset, length, "write")
         if self.flags & k.TransmissionFlag.READ_ONLY:
             raise LocalProtocolError("the export is read-only")
@@ -538,11 +194,15 @@ class ClientTransmission:
             raise LocalProtocolError(f"write of {length} bytes (maximum {self.max_payload})")
         return self._new_request(k.Command.WRITE, self._fua(fua), offset, length, None)
 
-    def request_flush(self) -> tuple[int, bytes]:
+    def request_flush(self) -> OutgoingRequest:
+        if self._failure is not None:
+            self._refuse("request_flush")
         self._need(k.TransmissionFlag.SEND_FLUSH, "NBD_CMD_FLUSH")
         return self._new_request(k.Command.FLUSH, 0, 0, 0, None)
 
-    def request_trim(self, offset: int, length: int, *, fua: bool = False) -> tuple[int, bytes]:
+    def request_trim(self, offset: int, length: int, *, fua: bool = False) -> OutgoingRequest:
+        if self._failure is not None:
+            self._refuse("request_trim")
         self._check_effect(offset, length, "trim")
         if self.flags & k.TransmissionFlag.READ_ONLY:
             raise LocalProtocolError("the export is read-only")
@@ -551,7 +211,9 @@ class ClientTransmission:
 
     def request_write_zeroes(
         self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False
-    ) -> tuple[int, bytes]:
+    ) -> OutgoingRequest:
+        if self._failure is not None:
+            self._refuse("request_write_zeroes")
         self._check_effect(offset, length, "write-zeroes")
         if self.flags & k.TransmissionFlag.READ_ONLY:
             raise LocalProtocolError("the export is read-only")
@@ -559,14 +221,18 @@ class ClientTransmission:
         flags = self._fua(fua) | (k.CommandFlag.NO_HOLE if no_hole else 0)
         return self._new_request(k.Command.WRITE_ZEROES, flags, offset, length, None)
 
-    def request_cache(self, offset: int, length: int) -> tuple[int, bytes]:
+    def request_cache(self, offset: int, length: int) -> OutgoingRequest:
+        if self._failure is not None:
+            self._refuse("request_cache")
         self._check_effect(offset, length, "cache")
         self._need(k.TransmissionFlag.SEND_CACHE, "NBD_CMD_CACHE")
         return self._new_request(k.Command.CACHE, 0, offset, length, None)
 
     def request_block_status(
         self, offset: int, length: int, *, req_one: bool = False
-    ) -> tuple[int, bytes]:
+    ) -> OutgoingRequest:
+        if self._failure is not None:
+            self._refuse("request_block_status")
         self._check_effect(offset, length, "block status")
         if self._context_id is None:
             raise LocalProtocolError("base:allocation was not negotiated")
@@ -575,6 +241,10 @@ class ClientTransmission:
 
     def request_disconnect(self) -> bytes:
         """NBD_CMD_DISC: no reply comes; after it the server closes and no request may follow."""
+        if self._failure is not None:
+            self._refuse("request_disconnect")
+        if self._failure is not None:
+            self._refuse("request_disconnect")
         _, header = self._new_request(k.Command.DISC, 0, 0, 0, None)
         self._disconnect_sent = True
         return header
@@ -606,36 +276,58 @@ class ClientTransmission:
     # -- replies --------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the server (parsed by next_event)."""
+        if self._state is _ERROR:
+            self._refuse("receive_data")
         self.buffer.feed(data)
 
     def receive_eof(self) -> None:
-        """The server closed its end.  Clean only after NBD_CMD_DISC with nothing pending."""
-        if self._pending or self._state != _HEADER or len(self.buffer):
-            raise ConnectionClosedError(
+        """The server closed its end.  Clean only after NBD_CMD_DISC with nothing pending;
+        otherwise ConnectionClosedError (and the core is in ERROR)."""
+        if self._state is _ERROR:
+            self._refuse("receive_eof")
+        error = None
+        if self._pending or self._state is not _HEADER or len(self.buffer):
+            error = ConnectionClosedError(
                 f"server closed the connection with {len(self._pending)} request(s) pending"
             )
-        if not self._disconnect_sent:
-            raise ConnectionClosedError("server closed the connection")
+        elif not self._disconnect_sent:
+            error = ConnectionClosedError("server closed the connection")
+        if error is not None:
+            self._enter_error(error)
+            raise error
 
     def payload_target(self) -> memoryview | None:
         """Where the shell may receive the next bytes directly (a READ's data), or None."""
-        if self._state == _DATA_PAYLOAD and not len(self.buffer) and self._payload_view is not None:
+        if self._state is _DATA_PAYLOAD and not len(self.buffer) and self._payload_view is not None:
             return self._payload_view
         return None
 
     def payload_received(self, count: int) -> None:
         """`count` bytes were received straight into `payload_target()`."""
+        if self._state is _ERROR:
+            self._refuse("payload_received")
         view = self._payload_view
         assert view is not None and 0 < count <= self._payload_remaining
         self._payload_view = view[count:]
         self._payload_remaining -= count
 
-    def next_event(self) -> RequestFinished | None:
-        """The next finished request, or None when more bytes are needed."""
+    def next_event(self) -> RequestFinished | NeedData:
+        """The next finished request, or NEED_DATA when more bytes are needed.  Raises
+        RemoteProtocolError when the server broke the protocol (the core is then in ERROR)."""
+        if self._state is _ERROR:
+            self._refuse("next_event")
+        try:
+            return self._next_event()
+        except Exception as exc:
+            self._enter_error(exc)
+            raise
+
+    def _next_event(self) -> RequestFinished | NeedData:
         buffer = self.buffer
         while True:
             state = self._state
-            if state == _DATA_PAYLOAD:
+            if state is _DATA_PAYLOAD:
                 if self._payload_remaining:
                     view = self._payload_view
                     if view is not None:
@@ -645,7 +337,7 @@ class ClientTransmission:
                         moved = buffer.skip(self._payload_remaining)
                     self._payload_remaining -= moved
                     if self._payload_remaining:
-                        return None
+                        return NEED_DATA
                 self._state = _HEADER
                 self._payload_view = None
                 if self._simple_payload:
@@ -654,14 +346,14 @@ class ClientTransmission:
                 if self._chunk_flags & _DONE:
                     return self._finish(self._cookie)
                 continue
-            if state == _HEADER:
+            if state is _HEADER:
                 magic = buffer.peek(4)
                 if magic is None:
-                    return None
+                    return NEED_DATA
                 if magic == _SIMPLE_MAGIC_BYTES:
                     frame = buffer.take(wire.SIMPLE_REPLY_SIZE)
                     if frame is None:
-                        return None
+                        return NEED_DATA
                     event = self._on_simple_reply(frame)
                     if event is not None:
                         return event
@@ -669,20 +361,20 @@ class ClientTransmission:
                 if magic == _STRUCTURED_MAGIC_BYTES:
                     frame = buffer.take(wire.STRUCTURED_REPLY_HEADER_SIZE)
                     if frame is None:
-                        return None
+                        return NEED_DATA
                     self._on_chunk_header(frame)
                     continue
                 raise RemoteProtocolError(f"bad reply magic 0x{magic.hex()}")
-            if state == _DATA_OFFSET:
+            if state is _DATA_OFFSET:
                 frame = buffer.take(wire.OFFSET_DATA_HEADER_SIZE)
                 if frame is None:
-                    return None
+                    return NEED_DATA
                 self._on_data_offset(frame)
                 continue
             # _CHUNK_PAYLOAD
             frame = buffer.take(self._chunk_length)
             if frame is None:
-                return None
+                return NEED_DATA
             self._state = _HEADER
             self._on_chunk_payload(frame)
             if self._chunk_flags & _DONE:

@@ -22,6 +22,11 @@ buffer and the rest (or all of a larger read) in a worker thread, and the reply 
 one writev (header + memoryview, no copy).  Sends use os.writev/os.sendfile on the non-blocking
 fd and wait with trio only when the socket is full.
 
+Where things are: this module is the server's logic (handshake, dispatch, backend calls, the
+READ paths, `serve_nbd`); the state a connection's tasks share and the send path (writev,
+sendfile, the send lock, the in-flight limits) are nbdsrv.server_connection; the listening
+sockets are nbdsrv.listeners; the protocol is the sans-IO nbdsrv.server_core.
+
 Failures stay per connection: a peer that breaks the protocol or vanishes loses its own connection
 with one log line (logger "nbdsrv.server"); a backend OSError becomes an NBD error reply with the
 nearest errno; an unexpected exception in a handler is logged and answered EIO.  TCP sockets get
@@ -42,9 +47,7 @@ import contextlib
 import errno
 import logging
 import os
-import socket as stdlib_socket
 import ssl
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +59,8 @@ from nbdsrv import server_core as core
 from nbdsrv.backend import Backend
 from nbdsrv.errors import ConnectionClosedError, RemoteProtocolError
 from nbdsrv.extent import Extent
+from nbdsrv.listeners import listener_uri, open_tcp_listener, open_unix_listener
+from nbdsrv.server_connection import BufferPool, Connection
 
 log = logging.getLogger("nbdsrv.server")
 
@@ -64,7 +69,6 @@ RECEIVE_SIZE = 256 * 1024
 # Reads up to this size copy cached data in the event loop; larger ones are faster in a worker
 # thread, where the copy can run on another core (measured: 1 MiB reads 1.1 vs 2.0 GiB/s).
 INLINE_READ_MAX = 256 * 1024
-_IOV_BATCH = 512  # buffers per sendmsg call (Linux IOV_MAX is 1024)
 _BUFFERED_COMMANDS = frozenset({k.Command.READ, k.Command.WRITE})  # count against the byte budget
 
 
@@ -105,164 +109,6 @@ class ServerStatistics:
     commands: dict[str, int] = field(default_factory=dict)
 
 
-class _BufferPool:
-    """Reusable read buffers in power-of-two size classes (64 KiB up to 32 MiB); at most
-    `keep_bytes` are kept for reuse, the rest is left to the garbage collector."""
-
-    def __init__(self, keep_bytes: int = 64 * 1024 * 1024) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self._keep_bytes = keep_bytes
-        self._kept = 0
-
-    @staticmethod
-    def _class_of(size: int) -> int:
-        return max(65536, 1 << (size - 1).bit_length())
-
-    def get(self, size: int) -> bytearray:
-        free = self._free.get(self._class_of(size))
-        if free:
-            buffer = free.pop()
-            self._kept -= len(buffer)
-            return buffer
-        return bytearray(self._class_of(size))
-
-    def put(self, buffer: bytearray) -> None:
-        if self._kept + len(buffer) <= self._keep_bytes:
-            self._free.setdefault(len(buffer), []).append(buffer)
-            self._kept += len(buffer)
-
-
-class _ByteBudget:
-    """At most `total` bytes of requests in flight; a bigger request waits for an empty budget."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.available = total
-        self._waiters = trio.lowlevel.ParkingLot()
-
-    async def acquire(self, amount: int) -> int:
-        amount = min(amount, self.total)
-        while self.available < amount:
-            await self._waiters.park()
-        self.available -= amount
-        return amount
-
-    def try_acquire(self, amount: int) -> int | None:
-        """acquire() without waiting (and without a checkpoint); None if it would wait."""
-        amount = min(amount, self.total)
-        if self.available < amount:
-            return None
-        self.available -= amount
-        return amount
-
-    def release(self, amount: int) -> None:
-        self.available += amount
-        self._waiters.unpark_all()
-
-
-class _Connection:
-    """The state a connection's reader and handlers share."""
-
-    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
-        self.server = server
-        self.stream = stream
-        self.peer = peer
-        self.core = core.ServerConnection(server.specs, tls=server.tls)
-        self.send_lock = trio.Lock()
-        self.socket: Any = getattr(stream, "socket", None)
-        if self.socket is not None and self.socket.family == trio.socket.AF_UNIX:
-            # The default (~200 KiB) splits every large reply into several sends and wakeups.
-            with contextlib.suppress(OSError):
-                self.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4 << 20)
-        self.export: Export | None = None
-        self.slots = trio.Semaphore(server.max_in_flight)
-        self.budget = _ByteBudget(server.max_bytes_in_flight)
-        self.broken: BaseException | None = None
-        self.nursery: trio.Nursery | None = None
-        self.scope = trio.CancelScope()  # the whole connection (closed at once on shutdown)
-        self.read_scope: trio.CancelScope | None = None  # a receive in transmission
-        self.transmitting = False
-        self.draining = False  # server shutdown: read no more requests
-
-    def fail(self, exc: BaseException) -> None:
-        """A send failed: the stream is unusable; stop the reader and every handler."""
-        if self.broken is None:
-            self.broken = exc
-        if self.nursery is not None:
-            self.nursery.cancel_scope.cancel()
-
-    async def _lock_for_sending(self) -> None:
-        try:
-            self.send_lock.acquire_nowait()  # no checkpoint when nobody is sending
-        except trio.WouldBlock:
-            await self.send_lock.acquire()
-
-    async def send_from_file(self, plan: Sequence[bytes | tuple[int, int]], fd: int) -> None:
-        """Send a READ reply plan: header bytes from memory, data ranges with os.sendfile from
-        `fd` (page cache to socket, no copy through Python).  Needs a plain socket."""
-        stats = self.server.stats
-        sock = self.socket
-        await self._lock_for_sending()
-        try:
-            for piece in plan:
-                if isinstance(piece, bytes):
-                    await self._sendmsg_all([memoryview(piece)])
-                    continue
-                offset, length = piece
-                while length:
-                    try:
-                        sent = os.sendfile(sock.fileno(), fd, offset, length)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                        continue
-                    except OSError as exc:
-                        raise trio.BrokenResourceError(f"sendfile failed: {exc}") from exc
-                    if sent == 0:  # the file is shorter than the export: the reply is broken
-                        raise trio.BrokenResourceError("export file shrank during a read")
-                    stats.bytes_sent += sent
-                    stats.sendfile_bytes += sent
-                    offset += sent
-                    length -= sent
-        finally:
-            self.send_lock.release()
-
-    async def _sendmsg_all(self, pending: list[memoryview]) -> None:
-        stats = self.server.stats
-        sock = self.socket
-        while pending:
-            # os.writev on the non-blocking fd: trio's sock.sendmsg would add two trips through
-            # the scheduler per reply; the send lock already gave a checkpoint.
-            try:
-                sent = os.writev(sock.fileno(), pending[:_IOV_BATCH])
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            stats.bytes_sent += sent
-            while sent:
-                head = pending[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    pending.pop(0)
-                else:
-                    pending[0] = head[sent:]
-                    sent = 0
-
-    async def send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
-        stats = self.server.stats
-        await self._lock_for_sending()
-        try:
-            if self.socket is None:
-                for buffer in buffers:
-                    await self.stream.send_all(buffer)
-                    stats.bytes_sent += len(buffer)
-                return
-            await self._sendmsg_all([memoryview(b).cast("B") for b in buffers if len(b)])
-        finally:
-            self.send_lock.release()
-
-
 class Server:
     """Serves `exports` to any number of connections; `handle_stream` serves one."""
 
@@ -274,15 +120,16 @@ class Server:
         max_bytes_in_flight: int = 64 * 1024 * 1024,
         io_threads: int = 8,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
-        tls: core.TLSMode = core.TLSMode.OFF,
+        tls: core.TLSMode | str = core.TLSMode.OFF,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         names = [export.name for export in exports]
         if len(set(names)) != len(names):
             raise ValueError("two exports share one name")
-        if tls is not core.TLSMode.OFF and ssl_context is None:
-            raise ValueError(f"TLS mode {tls.value} needs an ssl_context")
-        self.tls = tls
+        mode = core.TLSMode.parse(tls)
+        if mode is not core.TLSMode.OFF and ssl_context is None:
+            raise ValueError(f"TLS mode {mode.value} needs an ssl_context")
+        self.tls = mode
         self.ssl_context = ssl_context
         self.exports = {export.name: export for export in exports}
         self.specs = {export.name: export.spec() for export in exports}
@@ -291,8 +138,8 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.stats = ServerStatistics()
         self._io_limiter = trio.CapacityLimiter(io_threads)
-        self._buffers = _BufferPool()
-        self._connections: set[_Connection] = set()
+        self._buffers = BufferPool()
+        self._connections: set[Connection] = set()
         self._idle = trio.lowlevel.ParkingLot()
         self._shutting_down = False
 
@@ -309,7 +156,7 @@ class Server:
         stats = self.stats
         stats.connections_accepted += 1
         stats.connections_open += 1
-        connection = _Connection(self, stream, peer)
+        connection = Connection(self, stream, peer)
         self._connections.add(connection)
         try:
             with connection.scope:
@@ -356,7 +203,7 @@ class Server:
         while self._connections:
             await self._idle.park()
 
-    async def _handshake(self, connection: _Connection) -> core.ExportOpened | None:
+    async def _handshake(self, connection: Connection) -> core.ExportOpened | None:
         conn, stream = connection.core, connection.stream
         with trio.fail_after(self.handshake_timeout):
             while True:
@@ -365,7 +212,7 @@ class Server:
                     await connection.send([outgoing])
                 event = conn.next_event()
                 if event is core.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    _feed(conn, await stream.receive_some(65536))
                 elif isinstance(event, core.ExportOpened):
                     await connection.send([conn.data_to_send()])
                     connection.export = self.exports[event.export.name]
@@ -388,7 +235,7 @@ class Server:
                     log.debug("%s: %s -> %s %s", connection.peer, event.state,
                               _reply_name(event.reply_type), event.detail)
 
-    async def _start_tls(self, connection: _Connection) -> trio.SSLStream[trio.abc.Stream]:
+    async def _start_tls(self, connection: Connection) -> trio.SSLStream[trio.abc.Stream]:
         """Wrap the connection's stream in TLS and run the TLS handshake."""
         assert self.ssl_context is not None
         tls_stream = trio.SSLStream(connection.stream, self.ssl_context, server_side=True)
@@ -403,7 +250,7 @@ class Server:
         self.stats.tls_connections += 1
         return tls_stream
 
-    async def _transmission(self, connection: _Connection, opened: core.ExportOpened) -> None:
+    async def _transmission(self, connection: Connection, opened: core.ExportOpened) -> None:
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             connection.nursery = nursery
@@ -417,7 +264,7 @@ class Server:
         if connection.broken is not None:
             raise connection.broken
 
-    async def _read_requests(self, connection: _Connection, nursery: trio.Nursery) -> None:
+    async def _read_requests(self, connection: Connection, nursery: trio.Nursery) -> None:
         conn, stream = connection.core, connection.stream
         while True:
             event = conn.next_event()
@@ -427,7 +274,7 @@ class Server:
                 if connection.draining:
                     return  # server shutdown: the nursery finishes the requests in flight
                 with trio.CancelScope() as connection.read_scope:
-                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                    _feed(conn, await stream.receive_some(RECEIVE_SIZE))
                 connection.read_scope = None
                 continue
             if isinstance(event, core.DisconnectRequested):
@@ -458,7 +305,7 @@ class Server:
                     granted = await connection.budget.acquire(weight)
                 nursery.start_soon(self._serve_request, connection, event, granted)
 
-    async def _send_refusal(self, connection: _Connection, reply: bytes) -> None:
+    async def _send_refusal(self, connection: Connection, reply: bytes) -> None:
         try:
             await connection.send([reply])
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -467,7 +314,7 @@ class Server:
             connection.slots.release()
 
     async def _serve_request(
-        self, connection: _Connection, event: core.CommandReceived, granted: int
+        self, connection: Connection, event: core.CommandReceived, granted: int
     ) -> None:
         request = event.request
         conn = connection.core
@@ -505,7 +352,7 @@ class Server:
             connection.budget.release(granted)
             connection.slots.release()
 
-    def _read_holes(self, connection: _Connection, request: Any) -> list[Extent]:
+    def _read_holes(self, connection: Connection, request: Any) -> list[Extent]:
         """The holes of a READ's range when they may be sent as OFFSET_HOLE chunks (structured
         replies, no DF), from SEEK_DATA/SEEK_HOLE; else none.  Past the extent limit, the rest
         of the range counts as data."""
@@ -518,16 +365,15 @@ class Server:
         return holes
 
     async def _send_read_from_file(
-        self, connection: _Connection, request: Any, holes: list[Extent]
+        self, connection: Connection, request: Any, holes: list[Extent]
     ) -> bool:
         """The fastest path: data in the page cache goes from the file to the socket with
         sendfile.  False when it does not apply (TLS or a test stream, a backend without a
         file, data that is not cached)."""
         assert connection.export is not None
-        source = getattr(connection.export.backend, "sendfile_source", None)
-        if connection.socket is None or source is None:
+        if connection.socket is None:
             return False
-        fd = source(request.offset, request.length)
+        fd = connection.export.backend.sendfile_source(request.offset, request.length)
         if fd is None:
             return False
         plan = connection.core.read_reply_plan(request, holes)
@@ -536,7 +382,7 @@ class Server:
         return True
 
     async def _read(
-        self, connection: _Connection, request: Any, buffer: bytearray, holes: list[Extent]
+        self, connection: Connection, request: Any, buffer: bytearray, holes: list[Extent]
     ) -> list[bytes | memoryview]:
         """Fill `buffer` for a READ and build its reply.  Data already in the page cache is
         read right here with RWF_NOWAIT (a thread hop costs more than the copy); only what
@@ -569,14 +415,14 @@ class Server:
         self.stats.read_data_bytes += sum(count for _, count in segments)
         return connection.core.read_reply(request, view, holes)
 
-    async def _block_status(self, connection: _Connection, request: Any) -> bytes:
+    async def _block_status(self, connection: Connection, request: Any) -> bytes:
         assert connection.export is not None
         backend = connection.export.backend
         limit = 1 if request.flags & k.CommandFlag.REQ_ONE else core.MAX_BLOCK_STATUS_DESCRIPTORS
         extents = await self._run_io(backend.extents, request.offset, request.length, limit)
         return connection.core.block_status_reply(request, extents)
 
-    async def _execute(self, connection: _Connection, request: Any, payload: Any) -> None:
+    async def _execute(self, connection: Connection, request: Any, payload: Any) -> None:
         assert connection.export is not None
         backend = connection.export.backend
         fua = bool(request.flags & k.CommandFlag.FUA)
@@ -631,6 +477,14 @@ class Server:
                 nursery.start_soon(self.handle_stream, stream, _peer_name(stream))
 
 
+def _feed(conn: core.ServerConnection, data: bytes | bytearray) -> None:
+    """What a receive returned, for the core: bytes, or the end of input."""
+    if data:
+        conn.receive_data(data)
+    else:
+        conn.receive_eof()
+
+
 async def _close_stream(stream: trio.abc.Stream, *, graceful: bool) -> None:
     """Close a connection's stream; a healthy TLS stream first sends close_notify (the spec's
     "close down the TLS session", bounded in time), everything else is closed at once."""
@@ -664,78 +518,6 @@ def _reply_name(reply_type: int) -> str:
         return k.OptionReply(reply_type).name
     except ValueError:
         return str(reply_type)
-
-
-# -- listeners and the service entry point -----------------------------------------------------
-
-
-async def open_unix_listener(
-    path: str, *, mode: int | None = None, group: int | None = None
-) -> trio.SocketListener:
-    """Listen on a Unix socket at `path`: mode 0600, or with `group` (a gid) owned by that group
-    and mode 0660; the owner and mode are set before listen(), so nobody else can ever connect.
-    A stale socket file left by a dead server is replaced; a live one raises
-    OSError(EADDRINUSE); any other file raises FileExistsError."""
-    if mode is None:
-        mode = 0o600 if group is None else 0o660
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(existing.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-        else:
-            raise OSError(errno.EADDRINUSE, "a server is already listening on", path)
-        finally:
-            probe.close()
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-        if group is not None:
-            os.chown(path, -1, group)
-        os.chmod(path, mode)  # before listen(): nobody can connect in between
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
-
-
-async def open_tcp_listener(host: str, port: int) -> trio.SocketListener:
-    """Listen on the first address `host` resolves to (port 0: any free port)."""
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
-    )
-    if not infos:
-        raise OSError(errno.EADDRNOTAVAIL, f"{host} resolves to no address")
-    family, kind, proto, _, address = infos[0]
-    sock = trio.socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        await sock.bind(address)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
-
-
-def listener_uri(listener: trio.SocketListener, export_name: str = "", *, tls: bool = False) -> str:
-    """The NBD URI (nbd:// or nbd+unix://; nbds... with `tls`) that reaches `listener`."""
-    scheme = "nbds" if tls else "nbd"
-    address = listener.socket.getsockname()
-    if listener.socket.family == trio.socket.AF_UNIX:
-        return f"{scheme}+unix:///{export_name}?socket={address}"
-    host = address[0]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{address[1]}/{export_name}"
 
 
 @dataclass(frozen=True)

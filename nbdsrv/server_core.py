@@ -2,7 +2,7 @@
 
     conn = ServerConnection({"": ExportSpec("", size=1 << 30, read_only=True)})
     send(conn.data_to_send())                 # the greeting
-    conn.receive_data(received_bytes)         # b"" means the peer closed
+    conn.receive_data(received_bytes)         # conn.receive_eof() when the peer closed
     event = conn.next_event()                 # NEED_DATA, or one of the events below
 
 The core does no I/O and never blocks.  It answers option haggling by itself from the export
@@ -17,23 +17,11 @@ Reply bytes for transmission requests are built by methods (`ok_reply`, `error_r
 `read_reply`, `block_status_reply`) that the shell calls from concurrent handlers: they depend only
 on what was negotiated, never on the receive state, so replies may go out in any order.
 
-State machine.  The rule: a state changes only through `_transition(event_name)`, and only along
-an edge of `_TRANSITIONS` below; anything else is a bug in this module (LocalProtocolError).  State
-names follow libnbd's (`NEWSTYLE.OPT_GO`, ...); the state an option is being answered in is shown
-in logs as `NEWSTYLE.OPT_<NAME>`.
-
-    NEWSTYLE.RECV_CLIENT_FLAGS  --client_flags-->    NEWSTYLE.RECV_OPTION
-    NEWSTYLE.RECV_OPTION        --option_answered--> NEWSTYLE.RECV_OPTION
-                                --starttls_ack-->    NEWSTYLE.OPT_STARTTLS.HANDSHAKE
-                                --go/export_name-->  TRANSMISSION.RECV_REQUEST
-                                --abort/close-->     CLOSED
-    NEWSTYLE.OPT_STARTTLS.HANDSHAKE --tls_established--> NEWSTYLE.RECV_OPTION
-    TRANSMISSION.RECV_REQUEST   --write_header-->    TRANSMISSION.RECV_WRITE_PAYLOAD
-                                --refused_write-->   TRANSMISSION.DISCARD_WRITE_PAYLOAD
-                                --request-->         TRANSMISSION.RECV_REQUEST
-                                --disc/close-->      CLOSED
-    TRANSMISSION.RECV_WRITE_PAYLOAD   --payload_done--> TRANSMISSION.RECV_REQUEST
-    TRANSMISSION.DISCARD_WRITE_PAYLOAD --payload_done--> TRANSMISSION.RECV_REQUEST
+State machine: `ServerState` and its table `SERVER_TRANSITIONS` live in nbdsrv.state, with the
+rule: a state changes only through `_transition(event_name)`, along an edge of that table; an
+exception out of any call moves the core to ERROR (nbdsrv.state.ProtocolCore) and every later
+call is refused.  The events are in nbdsrv.events.  The state an option is being answered in is
+shown in logs as `NEWSTYLE.OPT_<NAME>`.
 
 Transmission validation (NBD spec "Error values", "Request types", "Block size constraints"), in
 this order: unknown command -> EINVAL; a flag the command does not take or that was not
@@ -57,25 +45,43 @@ scratch (options negotiated before STARTTLS are forgotten) and a second STARTTLS
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from nbdsrv import constants as k
 from nbdsrv import wire
 from nbdsrv.buffer import ReceiveBuffer
 from nbdsrv.errors import ConnectionClosedError, LocalProtocolError, RemoteProtocolError
+from nbdsrv.events import (
+    NEED_DATA,
+    CommandReceived,
+    CommandRefused,
+    DisconnectRequested,
+    ExportOpened,
+    HandshakeEnded,
+    NeedData,
+    OptionHandled,
+    ServerEvent,
+    TLSRequested,
+)
 from nbdsrv.extent import Extent
+from nbdsrv.state import SERVER_TRANSITIONS, ProtocolCore, ServerState, TLSMode
+
+__all__ = [  # the events and states are re-exported: `server_core.ExportOpened` keeps working
+    "BASE_ALLOCATION_CONTEXT_ID", "MAX_BLOCK_STATUS_DESCRIPTORS", "NEED_DATA", "CommandReceived",
+    "CommandRefused", "DisconnectRequested", "Event", "ExportOpened", "ExportSpec",
+    "HandshakeEnded", "NeedData", "OptionHandled", "Refusal", "ServerConnection", "State",
+    "TLSMode", "TLSRequested",
+]
+
+Event = ServerEvent
+State = ServerState  # the server's states (nbdsrv.state); the old name stays
+
 
 BASE_ALLOCATION_CONTEXT_ID = 1  # the id we give base:allocation in SET_META_CONTEXT replies
 MAX_BLOCK_STATUS_DESCRIPTORS = 1024  # a reply may describe less than asked (spec allows it);
 # construct builds 1024 descriptors in ~7 ms, in the event loop: keep replies bounded
-
-
-class TLSMode(enum.Enum):
-    OFF = "off"  # NOTLS: STARTTLS gets ERR_POLICY
-    OPTIONAL = "optional"  # STARTTLS accepted, not required
-    REQUIRED = "required"  # FORCEDTLS: every option but STARTTLS/ABORT needs TLS first
 
 
 @dataclass(frozen=True)
@@ -118,125 +124,16 @@ class ExportSpec:
         return int(flags)
 
 
-# -- events ------------------------------------------------------------------------------------
 
-
-class NeedData:
-    """Sentinel: feed more bytes with receive_data() before asking again."""
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
-
-
-@dataclass(frozen=True)
-class OptionHandled:
-    """An option was decoded and answered (replies are queued); for logs."""
-
-    state: str  # e.g. "NEWSTYLE.OPT_GO"
-    option: int
-    reply_type: int  # the final reply sent (ACK or an error)
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class TLSRequested:
-    """STARTTLS was acknowledged: send the queued bytes, wrap the stream, call tls_established()."""
-
-
-@dataclass(frozen=True)
-class HandshakeEnded:
-    """The handshake ended without an export (ABORT, or EXPORT_NAME of an unknown export):
-    send the queued bytes, then close."""
-
-    reason: str
-    refused: bool = False  # True when we closed (EXPORT_NAME we cannot serve), not the client
-
-
-@dataclass(frozen=True)
-class ExportOpened:
-    """Transmission starts on `export`; send the queued bytes first."""
-
-    export: ExportSpec
-    structured_replies: bool
-    block_status: bool  # base:allocation was selected
-    transmission_flags: int
-
-
-@dataclass(frozen=True)
-class CommandReceived:
-    """A valid request.  `payload` is a WRITE's data (None for other commands)."""
-
-    request: wire.Request
-    payload: bytes | None = None
-
-
-@dataclass(frozen=True)
-class CommandRefused:
-    """An invalid request: answer `error_reply(request, errno, message)`; if `close_after`,
-    close the connection after sending it (the stream cannot be resynchronised cheaply)."""
-
-    request: wire.Request
-    errno: int
-    message: str
-    close_after: bool = False
-
-
-@dataclass(frozen=True)
-class DisconnectRequested:
-    """NBD_CMD_DISC: finish the requests in flight, then close."""
-
-
-Event = (
-    OptionHandled
-    | TLSRequested
-    | HandshakeEnded
-    | ExportOpened
-    | CommandReceived
-    | CommandRefused
-    | DisconnectRequested
-)
-
-
-# -- the state machine -------------------------------------------------------------------------
-
-
-class State(enum.Enum):
-    RECV_CLIENT_FLAGS = "NEWSTYLE.RECV_CLIENT_FLAGS"
-    RECV_OPTION = "NEWSTYLE.RECV_OPTION"
-    TLS_HANDSHAKE = "NEWSTYLE.OPT_STARTTLS.HANDSHAKE"
-    RECV_REQUEST = "TRANSMISSION.RECV_REQUEST"
-    RECV_WRITE_PAYLOAD = "TRANSMISSION.RECV_WRITE_PAYLOAD"
-    DISCARD_WRITE_PAYLOAD = "TRANSMISSION.DISCARD_WRITE_PAYLOAD"
-    CLOSED = "CLOSED"
-
-
-_TRANSITIONS: dict[State, dict[str, State]] = {
-    State.RECV_CLIENT_FLAGS: {"client_flags": State.RECV_OPTION, "close": State.CLOSED},
-    State.RECV_OPTION: {
-        "option_answered": State.RECV_OPTION,
-        "starttls_ack": State.TLS_HANDSHAKE,
-        "go": State.RECV_REQUEST,
-        "export_name": State.RECV_REQUEST,
-        "abort": State.CLOSED,
-        "close": State.CLOSED,
-    },
-    State.TLS_HANDSHAKE: {"tls_established": State.RECV_OPTION, "close": State.CLOSED},
-    State.RECV_REQUEST: {
-        "request": State.RECV_REQUEST,
-        "write_header": State.RECV_WRITE_PAYLOAD,
-        "refused_write": State.DISCARD_WRITE_PAYLOAD,
-        "disc": State.CLOSED,
-        "close": State.CLOSED,
-    },
-    State.RECV_WRITE_PAYLOAD: {"payload_done": State.RECV_REQUEST, "close": State.CLOSED},
-    State.DISCARD_WRITE_PAYLOAD: {"payload_done": State.RECV_REQUEST, "close": State.CLOSED},
-    State.CLOSED: {"close": State.CLOSED},
-}
 
 _MID_FRAME_STATES = frozenset({State.RECV_WRITE_PAYLOAD, State.DISCARD_WRITE_PAYLOAD})
+
+
+class Refusal(NamedTuple):
+    """Why a transmission request must be refused: the errno for its error reply, and a message."""
+
+    errno: int
+    message: str
 _KNOWN_CLIENT_FLAGS = int(k.ClientFlag.FIXED_NEWSTYLE | k.ClientFlag.NO_ZEROES)
 _ALL_COMMAND_FLAGS = int(
     k.CommandFlag.FUA
@@ -272,18 +169,20 @@ class _Negotiated:
     transmission_flags: int = 0
 
 
-class ServerConnection:
+class ServerConnection(ProtocolCore):
     """One client connection, from the greeting to the end of transmission."""
+
+    _error_state = State.ERROR
 
     def __init__(
         self,
         exports: Mapping[str, ExportSpec],
         *,
-        tls: TLSMode = TLSMode.OFF,
+        tls: TLSMode | str = TLSMode.OFF,
         max_option_length: int = k.MAX_OPTION_LENGTH,
     ) -> None:
         self._exports = dict(exports)
-        self._tls = tls
+        self._tls = TLSMode.parse(tls)
         self._max_option_length = max_option_length
         self._buffer = ReceiveBuffer()
         self._outgoing = bytearray(
@@ -291,7 +190,7 @@ class ServerConnection:
                 int(k.HandshakeFlag.FIXED_NEWSTYLE | k.HandshakeFlag.NO_ZEROES)
             )
         )
-        self._state = State.RECV_CLIENT_FLAGS
+        self._state: State = State.RECV_CLIENT_FLAGS
         self._peer_closed = False
         self._negotiated = _Negotiated()
         self._pending_write: wire.Request | None = None
@@ -314,14 +213,24 @@ class ServerConnection:
     # -- I/O boundary ----------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the peer; an empty value means the peer closed its side."""
-        if not data:
-            self._peer_closed = True
-        else:
-            self._buffer.feed(data)
+        """Feed bytes from the peer (an empty value feeds nothing; see receive_eof)."""
+        if self._failure is not None:
+            self._refuse("receive_data")
+        if self._peer_closed:
+            self._enter_error(LocalProtocolError("receive_data() after receive_eof()"))
+            self._refuse("receive_data")
+        self._buffer.feed(data)
+
+    def receive_eof(self) -> None:
+        """The peer closed its side; next_event() then raises once the buffer is used up."""
+        if self._failure is not None:
+            self._refuse("receive_eof")
+        self._peer_closed = True
 
     def data_to_send(self) -> bytes:
         """Bytes queued by the handshake (greeting and option replies); empties the queue."""
+        if self._failure is not None:
+            self._refuse("data_to_send")
         out = bytes(self._outgoing)
         self._outgoing.clear()
         return out
@@ -330,7 +239,13 @@ class ServerConnection:
         """The shell has finished the TLS handshake after a TLSRequested event.  Option haggling
         starts over: what was negotiated in plaintext (structured replies, meta contexts) is
         forgotten, as a man in the middle may have chosen it; only the client flags stay."""
-        self._transition("tls_established")
+        if self._failure is not None:
+            self._refuse("tls_established")
+        try:
+            self._transition("tls_established")
+        except Exception as exc:
+            self._enter_error(exc)
+            raise
         self._negotiated = _Negotiated(no_zeroes=self._negotiated.no_zeroes, tls_active=True)
 
     @property
@@ -340,7 +255,18 @@ class ServerConnection:
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA.  Raises RemoteProtocolError when the peer broke the
         protocol or vanished mid-frame, ConnectionClosedError when it closed between frames;
-        either way the connection is over."""
+        either way the connection is over (the core is then in ERROR)."""
+        if self._failure is not None:
+            self._refuse("next_event")
+        if self._state is State.TLS_HANDSHAKE:  # refused before anything changed: not an error
+            raise LocalProtocolError("next_event() while waiting for tls_established()")
+        try:
+            return self._next_event()
+        except Exception as exc:
+            self._enter_error(exc)
+            raise
+
+    def _next_event(self) -> Event | NeedData:
         while True:
             state = self._state
             result: Event | NeedData | None
@@ -350,7 +276,7 @@ class ServerConnection:
                 result = self._receive_client_flags()
             elif state is State.RECV_OPTION:
                 result = self._receive_option()
-            elif state is State.TLS_HANDSHAKE:
+            elif state is State.TLS_HANDSHAKE:  # only when reached inside this loop: a bug
                 raise LocalProtocolError("waiting for tls_established()")
             elif state is State.RECV_REQUEST:
                 result = self._receive_request()
@@ -361,7 +287,6 @@ class ServerConnection:
             if result is None:
                 continue  # progress without an event (client flags, a discarded payload)
             if result is NEED_DATA and self._peer_closed:
-                self._transition("close")
                 if len(self._buffer) or state in _MID_FRAME_STATES:
                     raise RemoteProtocolError(f"peer vanished mid-frame in {state.value}")
                 raise ConnectionClosedError(f"peer closed the connection in {state.value}")
@@ -369,7 +294,7 @@ class ServerConnection:
 
     def _transition(self, event_name: str) -> None:
         try:
-            self._state = _TRANSITIONS[self._state][event_name]
+            self._state = SERVER_TRANSITIONS[self._state][event_name]
         except KeyError:
             raise LocalProtocolError(
                 f"no transition {event_name!r} from {self._state.value}"
@@ -383,7 +308,6 @@ class ServerConnection:
             return NEED_DATA
         flags = wire.parse_client_flags(data)
         if flags & ~_KNOWN_CLIENT_FLAGS:
-            self._transition("close")
             raise RemoteProtocolError(f"unknown client flags 0x{flags:08x}")
         self._negotiated.no_zeroes = bool(flags & k.ClientFlag.NO_ZEROES)
         self._transition("client_flags")
@@ -393,13 +317,8 @@ class ServerConnection:
         header_bytes = self._buffer.peek(wire.OPTION_HEADER_SIZE)
         if header_bytes is None:
             return NEED_DATA
-        try:
-            header = wire.parse_option_header(header_bytes)
-        except RemoteProtocolError:
-            self._transition("close")
-            raise
+        header = wire.parse_option_header(header_bytes)
         if header.length > self._max_option_length:
-            self._transition("close")
             raise RemoteProtocolError(
                 f"option {header.option} with {header.length} bytes of data (limit "
                 f"{self._max_option_length})"
@@ -488,7 +407,6 @@ class ServerConnection:
         if self._negotiated.tls_active:
             return self._error(option, k.OptionReply.ERR_INVALID, "TLS is already active")
         if len(self._buffer):
-            self._transition("close")
             raise RemoteProtocolError("data pipelined after NBD_OPT_STARTTLS")
         self._reply(option, k.OptionReply.ACK)
         self._transition("starttls_ack")
@@ -566,11 +484,7 @@ class ServerConnection:
         data = self._buffer.take(wire.REQUEST_HEADER_SIZE)
         if data is None:
             return NEED_DATA
-        try:
-            request = wire.parse_request_header(data)
-        except RemoteProtocolError:
-            self._transition("close")
-            raise
+        request = wire.parse_request_header(data)
         if request.command == k.Command.DISC:
             self._transition("disc")
             return DisconnectRequested()
@@ -589,7 +503,7 @@ class ServerConnection:
             return None
         self._transition("request")
         if refusal is not None:
-            return CommandRefused(request, refusal[0], refusal[1])
+            return CommandRefused(request, refusal.errno, refusal.message)
         return CommandReceived(request)
 
     def _receive_write_payload(self) -> Event | NeedData:
@@ -615,8 +529,8 @@ class ServerConnection:
             raise LocalProtocolError("no export has been opened")
         return spec
 
-    def validate(self, request: wire.Request) -> tuple[int, str] | None:
-        """(errno, message) if the request must be refused, None if it may be executed."""
+    def validate(self, request: wire.Request) -> Refusal | None:
+        """The Refusal if the request must be refused, None if it may be executed."""
         spec = self._export_spec()
         neg = self._negotiated
         command, flags, offset, length = (
@@ -627,7 +541,7 @@ class ServerConnection:
         )
         allowed = _COMMAND_FLAGS.get(command)
         if allowed is None:
-            return k.Errno.EINVAL, f"unknown command {command}"
+            return Refusal(k.Errno.EINVAL, f"unknown command {command}")
         if neg.transmission_flags & k.TransmissionFlag.SEND_FUA:
             allowed |= int(k.CommandFlag.FUA)
         if not neg.transmission_flags & k.TransmissionFlag.SEND_DF:
@@ -635,37 +549,37 @@ class ServerConnection:
         if command == k.Command.WRITE_ZEROES and not spec.can_fast_zero:
             allowed &= ~int(k.CommandFlag.FAST_ZERO)
         if flags & ~allowed:
-            return k.Errno.EINVAL, f"flags 0x{flags:x} not valid for command {command}"
+            return Refusal(k.Errno.EINVAL, f"flags 0x{flags:x} not valid for command {command}")
         if command in _WRITE_COMMANDS and spec.read_only:
-            return k.Errno.EPERM, "export is read-only"
+            return Refusal(k.Errno.EPERM, "export is read-only")
         if command == k.Command.FLUSH:
             if not spec.can_flush or spec.read_only:
-                return k.Errno.EINVAL, "flush not offered"
+                return Refusal(k.Errno.EINVAL, "flush not offered")
             if offset or length:  # reserved fields, "MUST be zero"
-                return k.Errno.EINVAL, "flush with a non-zero offset or length"
+                return Refusal(k.Errno.EINVAL, "flush with a non-zero offset or length")
             return None
         if command == k.Command.TRIM and not spec.can_trim:
-            return k.Errno.EINVAL, "trim not offered"
+            return Refusal(k.Errno.EINVAL, "trim not offered")
         if command == k.Command.WRITE_ZEROES and not spec.can_zero:
-            return k.Errno.EINVAL, "write zeroes not offered"
+            return Refusal(k.Errno.EINVAL, "write zeroes not offered")
         if command == k.Command.CACHE and not spec.can_cache:
-            return k.Errno.EINVAL, "cache not offered"
+            return Refusal(k.Errno.EINVAL, "cache not offered")
         if length == 0:
-            return k.Errno.EINVAL, "zero length"
+            return Refusal(k.Errno.EINVAL, "zero length")
         if command in (k.Command.READ, k.Command.WRITE) and length > spec.maximum_payload:
             if command == k.Command.READ and flags & k.CommandFlag.DF:
-                return k.Errno.EOVERFLOW, "read too large for one chunk"
-            return k.Errno.EINVAL, f"length {length} over the maximum payload"
+                return Refusal(k.Errno.EOVERFLOW, "read too large for one chunk")
+            return Refusal(k.Errno.EINVAL, f"length {length} over the maximum payload")
         if offset + length > spec.size:
             errno = k.Errno.ENOSPC if command in (k.Command.WRITE, k.Command.WRITE_ZEROES) else (
                 k.Errno.EINVAL
             )
-            return errno, "request beyond the end of the export"
+            return Refusal(errno, "request beyond the end of the export")
         minimum = spec.minimum_block_size
         if neg.block_size_agreed and minimum > 1 and (offset % minimum or length % minimum):
-            return k.Errno.EINVAL, f"request not aligned to {minimum} bytes"
+            return Refusal(k.Errno.EINVAL, f"request not aligned to {minimum} bytes")
         if command == k.Command.BLOCK_STATUS and not neg.block_status:
-            return k.Errno.EINVAL, "no metadata context was negotiated"
+            return Refusal(k.Errno.EINVAL, "no metadata context was negotiated")
         return None
 
     # -- transmission: replies -----------------------------------------------------------------

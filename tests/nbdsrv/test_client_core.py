@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 import nbdsrv
 from nbdsrv import constants as k
 from nbdsrv import wire
-from nbdsrv.client_core import ClientHandshake, ClientTransmission, NegotiatedExport
+from nbdsrv.client_core import (
+    NEED_DATA,
+    ClientHandshake,
+    ClientTransmission,
+    NegotiatedExport,
+    RequestFinished,
+)
 from nbdsrv.errors import (
     CommandError,
     ConnectionClosedError,
@@ -267,7 +273,7 @@ def feed(
     pieces = [data[i : i + 1] for i in range(len(data))] if trickle else [data]
     for piece in pieces:
         core.receive_data(piece)
-        while (event := core.next_event()) is not None:
+        while isinstance(event := core.next_event(), RequestFinished):
             events.append(event)
     return events
 
@@ -420,7 +426,7 @@ def test_abandoned_read_is_parsed_but_not_written() -> None:
     later = bytearray(8)
     cookie2, _ = core.request_read(64, memoryview(later))
     core.receive_data(data_chunk(cookie, 0, b"a" * 32)[:30])  # part of the first chunk arrives
-    assert core.next_event() is None
+    assert core.next_event() is NEED_DATA
     core.abandon(cookie)
     events = feed(
         core,
@@ -439,7 +445,7 @@ def test_payload_goes_straight_into_the_target_when_the_buffer_is_empty() -> Non
     cookie, _ = core.request_read(0, memoryview(target))
     frame = data_chunk(cookie, 0, bytes(range(200)) * 5, done=True)
     core.receive_data(frame[: 28 + 100])  # header, offset and 100 data bytes
-    assert core.next_event() is None
+    assert core.next_event() is NEED_DATA
     view = core.payload_target()
     assert view is not None and len(view) == 900
     view[:900] = frame[128:]  # what socket.recv_into would do
@@ -456,6 +462,7 @@ def test_eof_is_clean_only_after_disconnect_with_nothing_pending() -> None:
     idle = make_core()
     with pytest.raises(ConnectionClosedError):
         idle.receive_eof()
+    idle = make_core()  # (the failed one is in ERROR now and refuses every call)
     idle.request_disconnect()
     idle.receive_eof()  # no error
     with pytest.raises(LocalProtocolError):
@@ -538,7 +545,7 @@ def test_random_reply_streams_raise_only_remote_protocol_errors(
             core.receive_data(stream[position : position + cut])
             position += cut
             for _ in range(len(stream) + 10):  # each event consumes a frame: bounded
-                if core.next_event() is None:
+                if core.next_event() is NEED_DATA:
                     break
             else:
                 pytest.fail("next_event kept returning events without consuming bytes")

@@ -224,7 +224,10 @@ def drive_server(
             assert not eof, "NEED_DATA after the peer closed: would hang"
             chunk = next(feed, b"")
             eof = not chunk
-            conn.receive_data(chunk)
+            if chunk:
+                conn.receive_data(chunk)
+            else:
+                conn.receive_eof()
             continue
         run.events.append(event)
         if callable(on_event):
@@ -587,7 +590,7 @@ def test_fuzz_client_replies(
                     chunk = b""
                 for _ in range(MAX_STEPS):
                     event = client.next_event()
-                    if event is None:
+                    if event is core.NEED_DATA:
                         break
                     assert event.cookie not in finished
                     finished[event.cookie] = event

@@ -61,6 +61,9 @@ class GatedMemoryBackend:
     def read_cached(self, offset: int, buffer: memoryview) -> int:
         return 0  # always go through read_into, in a worker thread
 
+    def sendfile_source(self, offset: int, length: int) -> int | None:
+        return None  # no file: replies are read into buffers
+
     def extents(self, offset: int, length: int, limit: int = 1024) -> list[Extent]:
         return [Extent(offset, min(length, self.size - offset), 0)]
 

@@ -290,7 +290,9 @@ def test_unknown_client_flags_close_the_connection() -> None:
     conn.receive_data(struct.pack(">I", 1 << 5))
     with pytest.raises(NBDError, match="unknown client flags"):
         conn.next_event()
-    assert conn.state is core.State.CLOSED
+    assert conn.state is core.State.ERROR  # a protocol error ends in ERROR, not CLOSED
+    with pytest.raises(LocalProtocolError, match="unknown client flags"):
+        conn.next_event()  # refused, naming the first failure
 
 
 def test_an_oversized_option_closes_the_connection() -> None:
@@ -390,13 +392,13 @@ def test_wrong_magic_is_a_protocol_error() -> None:
 
 def test_peer_closing_between_frames_or_mid_frame() -> None:
     conn = handshaken()
-    conn.receive_data(b"")
+    conn.receive_eof()
     with pytest.raises(ConnectionClosedError):
         conn.next_event()
     conn = handshaken(export="rw")
     conn.receive_data(req(k.Command.WRITE, 0, 512) + b"abc")
     assert conn.next_event() is core.NEED_DATA
-    conn.receive_data(b"")
+    conn.receive_eof()
     with pytest.raises(NBDError, match="mid-frame"):
         conn.next_event()
 
@@ -463,7 +465,10 @@ def test_random_request_streams_never_crash_hang_or_pass_invalid_requests(
     stream = b"".join(pieces)
     chunks = [stream[i : i + cut] for i in range(0, len(stream), cut)] + [b""]
     for chunk in chunks:
-        conn.receive_data(chunk)
+        if chunk:
+            conn.receive_data(chunk)
+        else:
+            conn.receive_eof()  # the peer closes after the last piece
         try:
             for _ in range(1000):
                 event = conn.next_event()
