@@ -21,9 +21,9 @@ from pathlib import Path
 import nbd
 import pytest
 
-from postcopy.blockmap import LIVE_MAP_FILENAME, PRESENT
+from postcopy.destination.blockmap import LIVE_MAP_FILENAME, PRESENT
 from tests.peers import running_serve, sparse_test_image
-from tests.test_receive import CHUNK, MiB, read_range, running_receive
+from tests.destination.test_receive import CHUNK, MiB, read_range, running_receive
 
 SIZE = 32 * MiB
 SOURCE_TIMEOUT = 60  # misses wait (and hold their nbdkit thread) for the whole test

@@ -19,9 +19,9 @@ from pathlib import Path
 import nbd
 import pytest
 
-from postcopy import receive
-from postcopy.blockmap import LIVE_MAP_FILENAME, BlockMap, MapIdentity
-from postcopy.engine import release_fence_for
+from postcopy.destination import receive
+from postcopy.destination.blockmap import LIVE_MAP_FILENAME, BlockMap, MapIdentity
+from postcopy.destination.engine import release_fence_for
 from postcopy.errors import UserError
 from tests.peers import running_nbdkit
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import nbd
 
-from postcopy import receive
+from postcopy.destination import receive
 from tests.peers import running_serve
-from tests.test_receive import connect, running_receive
+from tests.destination.test_receive import connect, running_receive
 
 
 def test_empty_disk_is_served_with_the_filter_built(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import nbd
 
 from tests.peers import running_nbdkit
-from tests.test_receive import running_receive
+from tests.destination.test_receive import running_receive
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
