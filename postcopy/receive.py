@@ -7,10 +7,12 @@ and its size, the destination file's size, the state directory's identity, read-
 sparse destination file when it does not exist, then starts `nbdkit -f --exit-with-parent` with
 `plugin/postcopy_plugin.py`, the engine's settings as `key=value` parameters and the lock's
 descriptor inherited (the plugin adopts it, so the lock lives as long as receive and nbdkit do).
-The embedded Python sees neither the venv nor the project, so PYTHONPATH carries both.  Once the
-socket (or port) accepts a connection it prints the NBD URI a domain's disk config should use as
-the first line on stdout, then waits in the foreground; SIGINT/SIGTERM are forwarded to nbdkit
-(whose plugin makes the map durable on exit).
+A destination whose map is already complete is started without touching the source at all: its
+size is the local file's, and nothing is probed (an old source address may be gone, stalled, or
+serving something else by now).  The embedded Python sees neither the venv nor the project, so
+PYTHONPATH carries both.  Once the socket (or port) accepts a connection it prints the NBD URI a
+domain's disk config should use as the first line on stdout, then waits in the foreground;
+SIGINT/SIGTERM are forwarded to nbdkit (whose plugin makes the map durable on exit).
 
 When `make` has built the C filter `plugin/fastpath.c` (into the venv's lib directory), nbdkit
 runs it in front of the plugin: it serves reads of chunks that are PRESENT in the engine's live
@@ -329,13 +331,9 @@ def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
 
 
 def _serve_locked(config: ReceiveConfig, state_lock: StateLock, out: TextIO) -> int:
-    try:
+    size = completed_size(config)  # a complete disk needs no source: never probe it
+    if size is None:
         size = probe_source(config.source, config.export_name)
-    except UserError:
-        local_size = completed_size(config)  # a complete disk needs no source
-        if local_size is None:
-            raise
-        size = local_size
     dest_existed = config.dest.exists()
     check_state(config, size, dest_exists=dest_existed)
     if config.socket_path is not None:
