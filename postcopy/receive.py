@@ -23,6 +23,7 @@ and runs the plugin alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -48,7 +49,7 @@ from postcopy.blockmap import (
     check_chunk_size,
 )
 from postcopy.errors import StateError, UserError
-from postcopy.statelock import StateLock, acquire_state_lock
+from postcopy.statelock import StateLock, acquire_state_lock, lock_destination
 
 PROJECT_ROOT = Path(postcopy.__file__).resolve().parent.parent
 PLUGIN_PATH = PROJECT_ROOT / "plugin" / "postcopy_plugin.py"
@@ -300,13 +301,15 @@ def _accepts(uri: str) -> bool:
         return False
 
 
-def start_nbdkit(config: ReceiveConfig, state_lock: StateLock) -> subprocess.Popen[bytes]:
-    """Start nbdkit, sharing our state-directory lock with it, and wait until it accepts
-    connections."""
+def start_nbdkit(
+    config: ReceiveConfig, state_lock: StateLock, dest_lock: StateLock
+) -> subprocess.Popen[bytes]:
+    """Start nbdkit, sharing our locks with it (the plugin adopts the state-directory lock; the
+    destination's descriptor just stays open in nbdkit), and wait until it accepts connections."""
     process = subprocess.Popen(
         nbdkit_command(config, state_lock.fd),
         env=plugin_environment(),
-        pass_fds=(state_lock.fd,),
+        pass_fds=(state_lock.fd, dest_lock.fd),
     )
     deadline = time.monotonic() + LISTEN_TIMEOUT
     while not _accepts(nbd_uri(config)):
@@ -322,23 +325,26 @@ def start_nbdkit(config: ReceiveConfig, state_lock: StateLock) -> subprocess.Pop
 
 
 def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
-    """Check, start nbdkit, print the URI, serve until SIGINT/SIGTERM.  Returns the exit code."""
+    """Lock, check, start nbdkit, print the URI, serve until SIGINT/SIGTERM.  Returns the exit
+    code."""
     out = out or sys.stdout
     check_chunk_size(config.chunk_size)
     check_nbdkit()
-    with lock_state_dir(config) as state_lock:
-        return _serve_locked(config, state_lock, out)
+    with contextlib.ExitStack() as locks:
+        state_lock = locks.enter_context(lock_state_dir(config))  # before anything is read
+        size = completed_size(config)  # a complete disk needs no source: never probe it
+        if size is None:
+            size = probe_source(config.source, config.export_name)
+        dest_existed = config.dest.exists()
+        check_state(config, size, dest_exists=dest_existed)
+        if config.socket_path is not None:
+            remove_stale_socket(config.socket_path)
+        prepare_dest(config.dest, size)
+        dest_lock = locks.enter_context(lock_destination(config.dest))
+        return _serve(config, state_lock, dest_lock, out)
 
 
-def _serve_locked(config: ReceiveConfig, state_lock: StateLock, out: TextIO) -> int:
-    size = completed_size(config)  # a complete disk needs no source: never probe it
-    if size is None:
-        size = probe_source(config.source, config.export_name)
-    dest_existed = config.dest.exists()
-    check_state(config, size, dest_exists=dest_existed)
-    if config.socket_path is not None:
-        remove_stale_socket(config.socket_path)
-    prepare_dest(config.dest, size)
+def _serve(config: ReceiveConfig, state_lock: StateLock, dest_lock: StateLock, out: TextIO) -> int:
     stopping: list[int] = []
     process: subprocess.Popen[bytes] | None = None
 
@@ -349,7 +355,7 @@ def _serve_locked(config: ReceiveConfig, state_lock: StateLock, out: TextIO) -> 
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        process = start_nbdkit(config, state_lock)
+        process = start_nbdkit(config, state_lock, dest_lock)
         if stopping:
             process.send_signal(signal.SIGTERM)
         print(nbd_uri(config), file=out, flush=True)

@@ -1,4 +1,5 @@
-"""The state-directory lock: one destination engine per state directory, for its whole life.
+"""The state-directory lock: one destination engine per state directory (and per destination
+file), for its whole life.
 
 How it works.  The lock is an exclusive `flock` on the file `lock` in the state directory, taken
 (non-blocking) before anything else in the directory is read or written.  A flock belongs to the
@@ -13,8 +14,13 @@ map.  nbdkit runs with `--exit-with-parent`, so the lock lives exactly as long a
 no moment where neither holds it.  nbdkit started by hand with the plugin (tests, benchmarks) takes
 the lock itself.
 
-The file records its holders, one `PID ROLE` line each (`4242 receive`, then `4250 nbdkit`), so a
-refused command can say who has the directory.
+The file records its holders, one `PID ROLE` line each (`4242 postcopy receive`, then
+`4250 nbdkit`), so a refused command can say who has the directory.
+
+The destination file gets the same kind of lock (`lock_destination`, a flock on the file itself,
+taken by receive and inherited by nbdkit): two receives with two state directories but one
+`--dest` would otherwise fetch over each other's guest writes.  Nothing can be recorded in a disk
+image, so that refusal names no pid.
 
 Which writers are refused.  Everything that writes the block map, the journal, the live map or the
 status record is the engine's, and a second `receive` (or a hand-started nbdkit) is refused with one
@@ -49,11 +55,16 @@ def state_lock_path(state_dir: Path) -> Path:
     return Path(state_dir) / STATE_LOCK_FILENAME
 
 
-class StateLock:
-    """A held lock on one state directory; `release()` (or the process's death) ends it."""
+class DestinationInUse(UserError):
+    """The destination file is locked by another receive."""
 
-    def __init__(self, state_dir: Path, fd: int) -> None:
-        self.state_dir = Path(state_dir)
+
+class StateLock:
+    """A held flock (on a state directory's lock file, or on a destination file); `release()`
+    (or the death of every process that shares the descriptor) ends it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = Path(path)  # the locked file
         self.fd = fd  # the locked descriptor; pass it to a child that must share the lock
 
     def release(self) -> None:
@@ -138,7 +149,7 @@ def acquire_state_lock(state_dir: Path, role: str) -> StateLock:
     except OSError as exc:
         os.close(fd)
         raise StateError(f"cannot write {state_lock_path(state_dir)}: {exc.strerror}") from None
-    return StateLock(state_dir, fd)
+    return StateLock(state_lock_path(state_dir), fd)
 
 
 def adopt_state_lock(state_dir: Path, fd: int, role: str) -> StateLock:
@@ -157,4 +168,25 @@ def adopt_state_lock(state_dir: Path, fd: int, role: str) -> StateLock:
     _lock(fd, state_dir)
     with contextlib.suppress(OSError):  # the holder line is informative only
         _record_holder(fd, role, first=False)
-    return StateLock(state_dir, fd)
+    return StateLock(state_lock_path(state_dir), fd)
+
+
+def lock_destination(dest: Path) -> StateLock:
+    """flock the destination file itself (it must exist); `DestinationInUse` when another
+    receive, whatever its state directory, serves it."""
+    try:
+        fd = os.open(dest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UserError(f"cannot open {dest}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DestinationInUse(
+            f"destination {dest} is in use by another postcopy receive "
+            "(with another state directory)"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise UserError(f"cannot lock {dest}: {exc.strerror}") from None
+    return StateLock(Path(dest), fd)

@@ -112,7 +112,12 @@ def start_live_engine(uri: str, tmp_path: Path) -> Iterator[tuple[Receiver, int]
         yield receiver, int(record["pid"])
 
 
-SECOND_WRITERS = ("receive-same-socket", "receive-other-socket", "nbdkit-with-the-plugin")
+SECOND_WRITERS = (
+    "receive-same-socket",
+    "receive-other-socket",
+    "nbdkit-with-the-plugin",
+    "receive-other-state-dir",  # the same --dest: the destination file is locked too
+)
 
 
 @pytest.mark.timeout(120)
@@ -129,6 +134,11 @@ def test_second_writer_on_a_live_state_dir_is_refused_and_changes_nothing(
                 env = None
             elif second == "receive-other-socket":
                 command = receive_command(uri, dest, state, "--socket", str(tmp_path / "e.sock"))
+                env = None
+            elif second == "receive-other-state-dir":
+                command = receive_command(
+                    uri, dest, tmp_path / "state2", "--socket", str(tmp_path / "e.sock")
+                )
                 env = None
             else:
                 command = [
@@ -149,8 +159,11 @@ def test_second_writer_on_a_live_state_dir_is_refused_and_changes_nothing(
             else:
                 assert code != 0, stderr  # nbdkit reports the plugin's one-line error its way
             assert after == before
-            assert f"in use by pid {receiver.process.pid} (postcopy receive)" in stderr, stderr
-            assert f"pid {nbdkit_pid} (nbdkit)" in stderr, stderr
+            if second == "receive-other-state-dir":
+                assert f"destination {dest} is in use by another postcopy receive" in stderr
+            else:
+                assert f"in use by pid {receiver.process.pid} (postcopy receive)" in stderr
+                assert f"pid {nbdkit_pid} (nbdkit)" in stderr, stderr
             assert not (tmp_path / "e.sock").exists()
             assert holders(state) == [
                 (receiver.process.pid, "postcopy receive"), (nbdkit_pid, "nbdkit"),
@@ -189,6 +202,39 @@ def test_kill9_of_the_holder_frees_the_state_dir_for_the_next_receive(
             handle = connect(again.uri)
             assert handle.pread(CHUNK, 3 * MiB) == b"W" * CHUNK
             assert handle.pread(MiB, 9 * MiB) == read_range(source_image, 9 * MiB, MiB)
+            handle.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_the_locks_outlive_receive_while_its_nbdkit_still_runs(
+    tmp_path: Path, source_image: Path
+) -> None:
+    """No window without a holder: receive killed, its nbdkit (stopped, so it cannot follow its
+    parent yet) still holds the state directory and the destination."""
+    with running_serve(f"disk={source_image}") as serve:
+        uri = serve.export_uri("disk")
+        with start_live_engine(uri, tmp_path) as (receiver, nbdkit_pid):
+            os.kill(nbdkit_pid, signal.SIGSTOP)
+            try:
+                os.kill(receiver.process.pid, signal.SIGKILL)
+                receiver.process.wait(15)
+                state, dest = receiver.state_dir, receiver.dest
+                code, stderr = run_second_writer(
+                    receive_command(uri, dest, state, "--socket", str(tmp_path / "e.sock"))
+                )
+                assert code == 2 and f"pid {nbdkit_pid} (nbdkit)" in stderr, (code, stderr)
+                code, stderr = run_second_writer(
+                    receive_command(
+                        uri, dest, tmp_path / "state2", "--socket", str(tmp_path / "e.sock")
+                    )
+                )
+                assert code == 2 and f"destination {dest} is in use" in stderr, (code, stderr)
+            finally:
+                os.kill(nbdkit_pid, signal.SIGCONT)  # it gets its parent-death SIGTERM now
+        wait_lock_free(state)
+        with running_receive(uri, tmp_path) as again:
+            handle = connect(again.uri)
+            assert handle.pread(CHUNK, 3 * MiB) == b"W" * CHUNK
             handle.shutdown()
 
 
