@@ -28,6 +28,7 @@ import pytest
 from postcopy.blockmap import GUEST_WRITTEN, JOURNAL_FILENAME, PRESENT, BlockMap, MapIdentity
 from postcopy.errors import StateError
 from postcopy.receive import PLUGIN_PATH, ReceiveConfig, check_state, plugin_environment
+from postcopy.source_gate import is_source_frozen
 from postcopy.statelock import (
     STATE_LOCK_FILENAME,
     StateDirInUse,
@@ -280,6 +281,19 @@ def test_child_adopts_the_inherited_lock_and_the_lock_lives_until_both_are_gone(
             child.kill()
             child.wait()
     acquire_state_lock(tmp_path, "postcopy receive").release()
+
+
+def test_source_frozen_is_not_refused_by_the_lock_of_a_live_engine(tmp_path: Path) -> None:
+    """The gate of a running receive must open: `source-frozen` is not a conflicting writer."""
+    with acquire_state_lock(tmp_path, "postcopy receive"):
+        lock_file = (tmp_path / STATE_LOCK_FILENAME).read_bytes()
+        result = subprocess.run(
+            [sys.executable, "-m", "postcopy.cli", "source-frozen", "--state-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert is_source_frozen(tmp_path)
+        assert (tmp_path / STATE_LOCK_FILENAME).read_bytes() == lock_file
 
 
 def test_adopting_a_descriptor_that_is_not_the_lock_file_is_refused(tmp_path: Path) -> None:
