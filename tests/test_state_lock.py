@@ -83,6 +83,24 @@ def source_image(tmp_path: Path) -> Path:
     return image
 
 
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP `pid` and wait until every one of its threads is stopped (kill() returns before
+    the signal is delivered, and a thread still running could change the state)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                stat = (task / "stat").read_text()
+                states.append(stat[stat.rindex(")") + 2])
+        if states and all(state in "tT" for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pid {pid} not stopped after {timeout} s: {states}")
+        time.sleep(0.01)
+
+
 def wait_lock_free(state_dir: Path, timeout: float = 30.0) -> None:
     """Until nobody holds the state directory's lock (bounded)."""
     deadline = time.monotonic() + timeout
@@ -147,7 +165,7 @@ def test_second_writer_on_a_live_state_dir_is_refused_and_changes_nothing(
                     f"source={uri}", f"dest={dest}", f"state_dir={state}",
                 ]  # fmt: skip
                 env = plugin_environment()
-            os.kill(nbdkit_pid, signal.SIGSTOP)  # nothing changes the state behind our back
+            stop_process(nbdkit_pid)  # nothing changes the state behind our back
             try:
                 before = fingerprint(state, dest)
                 code, stderr = run_second_writer(command, env)
@@ -215,7 +233,7 @@ def test_the_locks_outlive_receive_while_its_nbdkit_still_runs(
     with running_serve(f"disk={source_image}") as serve:
         uri = serve.export_uri("disk")
         with start_live_engine(uri, tmp_path) as (receiver, nbdkit_pid):
-            os.kill(nbdkit_pid, signal.SIGSTOP)
+            stop_process(nbdkit_pid)
             try:
                 os.kill(receiver.process.pid, signal.SIGKILL)
                 receiver.process.wait(15)
