@@ -6,11 +6,15 @@
 #       chunk_size=65536 wait_for_source=1 unreachable_timeout=180 request_timeout=10 \
 #       bandwidth=209715200
 #
-# The script is a thin shell: every callback hands the request to one `postcopy.engine.Engine`
-# per nbdkit process (so every connection sees the same disk: can_multi_conn is true).  The
-# engine is created in config_complete (a bad state directory stops nbdkit before it listens) and
-# its trio thread is started in after_fork (a thread started before nbdkit forks would be lost in
-# the child).  Errors reach the client with the engine's errno via nbdkit.set_error.
+# The script is a thin shell: every callback hands the request to one
+# `postcopy.destination.engine.Engine` per nbdkit process (so every connection sees the same disk:
+# can_multi_conn is true).  The engine is created in config_complete (a bad state directory stops
+# nbdkit before it listens) and its trio thread is started in after_fork (a thread started before
+# nbdkit forks would be lost in the child).  Errors reach the client with the engine's errno via
+# nbdkit.set_error.  Before the engine opens anything, config_complete takes the state directory's
+# lock (postcopy.destination.statelock): it adopts the descriptor `postcopy receive` passes as
+# state_lock_fd=N, or locks it itself when nbdkit is started by hand; the lock is held until the
+# process exits.
 
 import errno
 import os
@@ -19,6 +23,7 @@ from pathlib import Path
 import nbdkit
 
 from postcopy.destination.engine import Engine, EngineConfig
+from postcopy.destination.statelock import StateLock, acquire_state_lock, adopt_state_lock
 
 API_VERSION = 2
 
@@ -26,6 +31,7 @@ _REQUIRED = ("source", "dest", "state_dir")
 _settings: dict[str, str] = {}
 _engine: Engine | None = None
 _engine_pid = 0
+_state_lock: StateLock | None = None  # held for the life of the process, never released
 
 
 def thread_model():
@@ -36,7 +42,7 @@ def config(key, value):
     known = _REQUIRED + (
         "chunk_size", "wait_for_source", "export_name", "source_id", "unreachable_timeout",
         "drain_requests", "drain_request_size", "request_timeout", "bandwidth",
-        "drain_requests_during_faults", "blocking_misses",
+        "drain_requests_during_faults", "blocking_misses", "state_lock_fd",
     )
     if key not in known:
         raise ValueError(f"unknown parameter {key!r} (known: {', '.join(known)})")
@@ -44,10 +50,15 @@ def config(key, value):
 
 
 def config_complete():
-    global _engine
+    global _engine, _state_lock
     missing = [key for key in _REQUIRED if key not in _settings]
     if missing:
         raise ValueError(f"missing parameter(s): {', '.join(missing)}")
+    state_dir = Path(_settings["state_dir"])
+    if "state_lock_fd" in _settings:
+        _state_lock = adopt_state_lock(state_dir, int(_settings["state_lock_fd"]), "nbdkit")
+    else:
+        _state_lock = acquire_state_lock(state_dir, "nbdkit")
     engine_config = EngineConfig(
         source_uri=_settings["source"],
         dest_path=Path(_settings["dest"]),

@@ -3,6 +3,10 @@
 Run it after the source domain has stopped writing its disk (at switchover).  A destination started
 with `--wait-for-source` passes reads through until then; afterwards it keeps what it fetches and
 starts draining.
+
+It is meant for a running receive, so it does not take the state directory's lock (see
+`postcopy.destination.statelock`): it writes nothing but the `source-frozen` file, atomically and
+idempotently, which the engine polls; it never touches the map, the journal or the status.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ class BlockMap:
 
     Chunk ranges are half-open `[first, end)` chunk indexes.  Mutations take `self.lock`;
     callers that must check-and-update atomically together with a data write hold their own lock
-    around both (see `postcopy.engine`).
+    around both (see `postcopy.destination.engine`).
     """
 
     def __init__(
@@ -259,6 +259,53 @@ class BlockMap:
             except BaseException:
                 block_map.close()
                 raise
+        return block_map
+
+    @classmethod
+    def open_read_only(cls, state_dir: Path, identity: MapIdentity) -> BlockMap:
+        """Load the map of `state_dir` and refuse a mismatch exactly as `open` does, but write
+        nothing: no journal is created, a torn tail is left in place, no live map is published
+        (`postcopy receive` checks a state directory with it before the engine opens it).  The
+        result answers queries only: never mark it or make it durable."""
+        check_chunk_size(identity.chunk_size)
+        state_dir = Path(state_dir)
+        if not state_dir.is_dir():
+            raise StateError(f"state directory {state_dir} does not exist")
+        chunk_count = -(-identity.disk_size // identity.chunk_size)
+        snapshot_path = state_dir / SNAPSHOT_FILENAME
+        journal_path = state_dir / JOURNAL_FILENAME
+        fresh = not os.path.lexists(snapshot_path)
+        if fresh:
+            states = bytearray(chunk_count)
+        else:
+            states = cls._load_snapshot(snapshot_path, identity, chunk_count)
+        block_map = cls(state_dir, identity, states, fresh=fresh)
+        if not os.path.lexists(journal_path):
+            if not fresh:
+                raise StateError(
+                    f"journal {journal_path} is missing: the changes made since the snapshot "
+                    "are lost (use a new state directory)"
+                )
+            return block_map
+        what = f"journal {journal_path}"
+        data = _read_regular_file(journal_path, what)
+        found, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
+        if len(data) < header_len + _CRC.size:
+            raise StateError(f"{what} is truncated")
+        (crc,) = _CRC.unpack_from(data, header_len)
+        if crc != zlib.crc32(memoryview(data)[:header_len]):
+            raise StateError(f"{what} is corrupt (header checksum mismatch)")
+        if found != identity:
+            raise StateError(
+                f"state directory {state_dir} belongs to another disk: "
+                f"{identity.describe_mismatch(found)}"
+            )
+        block_map._replay_journal(data, header_len + _CRC.size, what)
+        if fresh and block_map._follows_snapshot:
+            raise StateError(
+                f"state file {snapshot_path} is missing but its journal continues it "
+                "(use a new state directory)"
+            )
         return block_map
 
     def _publish_live_map(self) -> None:

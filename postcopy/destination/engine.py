@@ -11,15 +11,15 @@ changed only under `_flight_lock`, since worker threads register fetches too); a
 waits for the same job. Guest misses use their own source connections and are never queued behind
 the drain. A miss whose chunks no fetch covers yet is served on the worker thread itself: it
 registers a job, reads the chunks over that thread's blocking connection
-(`postcopy.fetch.BlockingSource`, keyed by `threading.get_ident()`), commits them under the commit
-lock, and tells the trio side (`run_sync_soon`, no waiting) that the job is done, so misses on the
-same chunks that went to the trio side meanwhile share it. That saves the worker -> trio -> worker
-hand-off (two cross-thread wake-ups). Anything else (a chunk already in flight, a long or split
-read, the gate closed, any error of the blocking connection, an outage) takes the trio path, which
-owns reconnects, stall deadlines and the unreachable window; a failed blocking attempt only counts
-against that window. While a miss is in flight (and for `fault_quiet_seconds` after) the drain
-keeps at most `drain_requests_during_faults` requests going (default 0: it yields completely, but
-never for more than a second at a time), and drain commits (MiB-sized writes) run in a worker
+(`postcopy.destination.links.BlockingSource`, keyed by `threading.get_ident()`), commits them under
+the commit lock, and tells the trio side (`run_sync_soon`, no waiting) that the job is done, so
+misses on the same chunks that went to the trio side meanwhile share it. That saves the worker ->
+trio -> worker hand-off (two cross-thread wake-ups). Anything else (a chunk already in flight, a
+long or split read, the gate closed, any error of the blocking connection, an outage) takes the trio
+path, which owns reconnects, stall deadlines and the unreachable window; a failed blocking attempt
+only counts against that window. While a miss is in flight (and for `fault_quiet_seconds` after) the
+drain keeps at most `drain_requests_during_faults` requests going (default 0: it yields completely,
+but never for more than a second at a time), and drain commits (MiB-sized writes) run in a worker
 thread, so the trio thread answers misses first. The drain (one task, `drain_requests_in_flight`
 requests of up to `drain_request_bytes`) walks the map from a cursor, first asking the source's
 block status for a window so that holes become PRESENT holes without any transfer (the local file
@@ -37,22 +37,22 @@ first, then the map.  A periodic task does the same every `sync_interval` second
 to the data file goes through `_write_local`, `_punch_hole` or `_zero_allocated`, and every sync
 through `_sync_data`, so that a test's `DataFileObserver` can simulate a power loss exactly.
 
-The gate.  Until the source is frozen (`postcopy.source_gate`), a read of a MISSING chunk is read
-from the source straight into the guest's buffer: not stored, not marked; the drain waits.
+The gate.  Until the source is frozen (`postcopy.destination.gate`), a read of a MISSING chunk is
+read from the source straight into the guest's buffer: not stored, not marked; the drain waits.
 
 Completion.  When every chunk is PRESENT the state becomes `complete`, the map is compacted, the
 source connections close, and everything is served by the fast path.
 
 Failures.  A dropped source connection is re-established with backoff and pending fetches are
 re-sent; a stalled one (no answer within `request_timeout`, or no handshake) is dropped and
-treated the same (`postcopy.fetch.SourceLink`).  A guest read waits for a missing chunk at most
-`unreachable_timeout` seconds, then fails with EIO; once the source has been down for longer than
-that, reads of missing data wait only `UNREACHABLE_GRACE_SECONDS` (the link retries at once), so
-they fail fast during a long outage and succeed as soon as the source is back.  PRESENT data and
+treated the same (`postcopy.destination.links.SourceLink`).  A guest read waits for a missing chunk
+at most `unreachable_timeout` seconds, then fails with EIO; once the source has been down for longer
+than that, reads of missing data wait only `UNREACHABLE_GRACE_SECONDS` (the link retries at once),
+so they fail fast during a long outage and succeed as soon as the source is back.  PRESENT data and
 guest writes that need no fetch keep working throughout.
 
 Bandwidth.  With `bandwidth` set, the drain takes its bytes from a token bucket
-(`postcopy.ratelimit`) before each request; guest misses take theirs without waiting.
+(`postcopy.destination.ratelimit`) before each request; guest misses take theirs without waiting.
 """
 
 from __future__ import annotations
@@ -1272,7 +1272,7 @@ class Engine:
         return "fetching"
 
     def statistics(self) -> dict[str, Any]:
-        """The status record (see `postcopy.status` for the fields)."""
+        """The status record (see `postcopy.destination.status` for the fields)."""
         now = time.monotonic()
         present = self.map.present_bytes
         self._progress_samples.append((now, present, self.transferred_bytes))

@@ -5,6 +5,9 @@
 (write a temporary file, fsync it, rename it into place, fsync the directory), so that the
 declaration survives a crash once the call returns, and a reader never sees a half-made file.
 The engine polls `is_source_frozen` (a single `stat`) and opens the gate when it turns true.
+Declaring is the one write into a state directory that does not conflict with its live engine,
+so it takes no lock (`postcopy.destination.statelock`): it is how an operator opens the gate of a
+running receive.
 """
 
 from __future__ import annotations

@@ -1,13 +1,18 @@
 """`postcopy receive`: serve a lazily fetched disk on the destination host through nbdkit.
 
-How it works.  `run_receive` checks everything an operator can get wrong before anything
-listens (nbdkit and its python plugin installed, the source reachable and its size, the
-destination file's size, the state directory's identity), creates the sparse destination file
-when it does not exist, then starts `nbdkit -f --exit-with-parent` with `plugin/postcopy_plugin.py`
-and the engine's settings as `key=value` parameters.  The embedded Python sees neither the venv nor
-the project, so PYTHONPATH carries both.  Once the socket (or port) accepts a connection it prints
-the NBD URI a domain's disk config should use as the first line on stdout, then waits in the
-foreground; SIGINT/SIGTERM are forwarded to nbdkit (whose plugin makes the map durable on exit).
+How it works.  `run_receive` first locks the state directory (`postcopy.destination.statelock`: a
+second receive on it is refused before anything there is read), then checks everything an operator
+can get wrong before anything listens (nbdkit and its python plugin installed, the source reachable
+and its size, the destination file's size, the state directory's identity, read-only), creates the
+sparse destination file when it does not exist, then starts `nbdkit -f --exit-with-parent` with
+`plugin/postcopy_plugin.py`, the engine's settings as `key=value` parameters and the lock's
+descriptor inherited (the plugin adopts it, so the lock lives as long as receive and nbdkit do).
+A destination whose map is already complete is started without touching the source at all: its
+size is the local file's, and nothing is probed (an old source address may be gone, stalled, or
+serving something else by now).  The embedded Python sees neither the venv nor the project, so
+PYTHONPATH carries both.  Once the socket (or port) accepts a connection it prints the NBD URI a
+domain's disk config should use as the first line on stdout, then waits in the foreground;
+SIGINT/SIGTERM are forwarded to nbdkit (whose plugin makes the map durable on exit).
 
 When `make` has built the C filter `plugin/fastpath.c` (into the venv's lib directory), nbdkit
 runs it in front of the plugin: it serves reads of chunks that are PRESENT in the engine's live
@@ -18,6 +23,7 @@ and runs the plugin alone.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
 import signal
@@ -37,11 +43,14 @@ import nbdsrv
 import postcopy
 from postcopy.destination.blockmap import (
     DEFAULT_CHUNK_SIZE,
+    JOURNAL_FILENAME,
     LIVE_MAP_FILENAME,
+    SNAPSHOT_FILENAME,
     BlockMap,
     MapIdentity,
     check_chunk_size,
 )
+from postcopy.destination.statelock import StateLock, acquire_state_lock, lock_destination
 from postcopy.errors import StateError, UserError
 
 # `plugin/` of the checkout, installed as the package `postcopy_plugin` (see pyproject.toml)
@@ -154,7 +163,7 @@ def prepare_dest(dest: Path, size: int) -> None:
 
 
 def map_identity(config: ReceiveConfig, size: int) -> MapIdentity:
-    """The identity the engine will give the block map (see postcopy.engine.Engine)."""
+    """The identity the engine will give the block map (see postcopy.destination.engine.Engine)."""
     return MapIdentity(
         disk_size=size,
         chunk_size=config.chunk_size,
@@ -164,14 +173,21 @@ def map_identity(config: ReceiveConfig, size: int) -> MapIdentity:
     )
 
 
-def check_state(config: ReceiveConfig, size: int, *, dest_exists: bool = True) -> None:
-    """Refuse a state directory that belongs to another disk, or whose map says data is present
-    in a destination file that is gone (StateError, one line)."""
+def lock_state_dir(config: ReceiveConfig) -> StateLock:
+    """Create the state directory if needed and lock it (`StateDirInUse` naming the holder when
+    another receive has it); nothing else in it is read or written before this."""
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {config.state_dir}: {exc.strerror}") from None
-    block_map = BlockMap.open(config.state_dir, map_identity(config, size))
+    return acquire_state_lock(config.state_dir, "postcopy receive")
+
+
+def check_state(config: ReceiveConfig, size: int, *, dest_exists: bool = True) -> None:
+    """Refuse a state directory that belongs to another disk, or whose map says data is present
+    in a destination file that is gone (StateError, one line).  Reads only: the engine, which
+    opens the map for real, is the one that may repair a torn journal tail."""
+    block_map = BlockMap.open_read_only(config.state_dir, map_identity(config, size))
     try:
         if not dest_exists and block_map.present_count:
             raise StateError(
@@ -183,12 +199,15 @@ def check_state(config: ReceiveConfig, size: int, *, dest_exists: bool = True) -
 
 
 def completed_size(config: ReceiveConfig) -> int | None:
-    """The disk size when the destination is already complete (else None)."""
+    """The disk size when the destination is already complete (else None).  Reads only."""
     if not config.dest.is_file() or not config.state_dir.is_dir():
         return None
+    map_files = (config.state_dir / SNAPSHOT_FILENAME, config.state_dir / JOURNAL_FILENAME)
+    if not any(path.exists() for path in map_files):
+        return None  # no map yet (an empty map of a 0-byte file would look complete)
     size = config.dest.stat().st_size
     try:
-        block_map = BlockMap.open(config.state_dir, map_identity(config, size))
+        block_map = BlockMap.open_read_only(config.state_dir, map_identity(config, size))
     except UserError:
         return None
     try:
@@ -222,7 +241,9 @@ def fastpath_filter_path() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def nbdkit_command(config: ReceiveConfig) -> list[str]:
+def nbdkit_command(config: ReceiveConfig, state_lock_fd: int | None = None) -> list[str]:
+    """nbdkit's command line; with `state_lock_fd`, the plugin adopts that inherited descriptor
+    as its state-directory lock (without it, the plugin takes the lock itself)."""
     command = ["nbdkit", "-f", "--exit-with-parent", "-t", str(config.threads)]
     fastpath = fastpath_filter_path()
     if fastpath is None:
@@ -258,6 +279,8 @@ def nbdkit_command(config: ReceiveConfig) -> list[str]:
         parameters["request_timeout"] = str(config.request_timeout)
     if config.bandwidth is not None:
         parameters["bandwidth"] = str(config.bandwidth)
+    if state_lock_fd is not None:
+        parameters["state_lock_fd"] = str(state_lock_fd)
     if fastpath is not None:
         parameters["fastpath-map"] = str(config.state_dir / LIVE_MAP_FILENAME)
         parameters["fastpath-file"] = str(config.dest)
@@ -299,9 +322,16 @@ def _accepts(uri: str) -> bool:
         return False
 
 
-def start_nbdkit(config: ReceiveConfig) -> subprocess.Popen[bytes]:
-    """Start nbdkit and wait until it accepts connections."""
-    process = subprocess.Popen(nbdkit_command(config), env=plugin_environment())
+def start_nbdkit(
+    config: ReceiveConfig, state_lock: StateLock, dest_lock: StateLock
+) -> subprocess.Popen[bytes]:
+    """Start nbdkit, sharing our locks with it (the plugin adopts the state-directory lock; the
+    destination's descriptor just stays open in nbdkit), and wait until it accepts connections."""
+    process = subprocess.Popen(
+        nbdkit_command(config, state_lock.fd),
+        env=plugin_environment(),
+        pass_fds=(state_lock.fd, dest_lock.fd),
+    )
     deadline = time.monotonic() + LISTEN_TIMEOUT
     while not _accepts(nbd_uri(config)):
         code = process.poll()
@@ -316,22 +346,26 @@ def start_nbdkit(config: ReceiveConfig) -> subprocess.Popen[bytes]:
 
 
 def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
-    """Check, start nbdkit, print the URI, serve until SIGINT/SIGTERM.  Returns the exit code."""
+    """Lock, check, start nbdkit, print the URI, serve until SIGINT/SIGTERM.  Returns the exit
+    code."""
     out = out or sys.stdout
     check_chunk_size(config.chunk_size)
     check_nbdkit()
-    try:
-        size = probe_source(config.source, config.export_name)
-    except UserError:
-        local_size = completed_size(config)  # a complete disk needs no source
-        if local_size is None:
-            raise
-        size = local_size
-    dest_existed = config.dest.exists()
-    check_state(config, size, dest_exists=dest_existed)
-    prepare_dest(config.dest, size)
-    if config.socket_path is not None:
-        remove_stale_socket(config.socket_path)
+    with contextlib.ExitStack() as locks:
+        state_lock = locks.enter_context(lock_state_dir(config))  # before anything is read
+        size = completed_size(config)  # a complete disk needs no source: never probe it
+        if size is None:
+            size = probe_source(config.source, config.export_name)
+        dest_existed = config.dest.exists()
+        check_state(config, size, dest_exists=dest_existed)
+        if config.socket_path is not None:
+            remove_stale_socket(config.socket_path)
+        prepare_dest(config.dest, size)
+        dest_lock = locks.enter_context(lock_destination(config.dest))
+        return _serve(config, state_lock, dest_lock, out)
+
+
+def _serve(config: ReceiveConfig, state_lock: StateLock, dest_lock: StateLock, out: TextIO) -> int:
     stopping: list[int] = []
     process: subprocess.Popen[bytes] | None = None
 
@@ -342,7 +376,7 @@ def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        process = start_nbdkit(config)
+        process = start_nbdkit(config, state_lock, dest_lock)
         if stopping:
             process.send_signal(signal.SIGTERM)
         print(nbd_uri(config), file=out, flush=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import nbd
 
 from postcopy.destination import receive
-from tests.peers import running_serve
 from tests.destination.test_receive import connect, running_receive
+from tests.peers import running_serve
 
 
 def test_empty_disk_is_served_with_the_filter_built(tmp_path: Path) -> None:

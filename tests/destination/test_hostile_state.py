@@ -23,6 +23,7 @@ from postcopy.destination.blockmap import (
     MapIdentity,
 )
 from postcopy.destination.engine import Engine, EngineConfig
+from postcopy.destination.statelock import STATE_LOCK_FILENAME
 from postcopy.destination.status import read_status
 from tests.fakes import FakeSource
 from tests.peers import RunningServe, running_serve, sparse_test_image
@@ -55,9 +56,13 @@ def make_state(workdir: Path, uri: str, *, snapshot: bool) -> tuple[Path, Path]:
 
 
 def fingerprint(*paths: Path) -> dict[str, str]:
+    """Every file's digest, except the state-directory lock file (receive takes the lock, and
+    records its pid there, before it reads the state it then refuses)."""
     result = {}
     for root in paths:
         for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if path.name == STATE_LOCK_FILENAME:
+                continue
             if path.is_file() and not path.is_symlink():
                 result[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
             else:

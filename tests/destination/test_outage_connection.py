@@ -22,8 +22,8 @@ import nbd
 import pytest
 
 from postcopy.destination.blockmap import LIVE_MAP_FILENAME, PRESENT
-from tests.peers import running_serve, sparse_test_image
 from tests.destination.test_receive import CHUNK, MiB, read_range, running_receive
+from tests.peers import running_serve, sparse_test_image
 
 SIZE = 32 * MiB
 SOURCE_TIMEOUT = 60  # misses wait (and hold their nbdkit thread) for the whole test

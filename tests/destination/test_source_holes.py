@@ -13,8 +13,8 @@ from pathlib import Path
 
 import nbd
 
-from tests.peers import running_nbdkit
 from tests.destination.test_receive import running_receive
+from tests.peers import running_nbdkit
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
