@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class PivotResult:
     file_node: str
     local_file: Path
     devices: tuple[str, ...]
+    reopen_seconds: float  # the blockdev-reopen round trip: QEMU drains the node and switches
 
 
 @dataclass(frozen=True)
@@ -446,8 +448,10 @@ async def pivot_disk(
         await client.execute("blockdev-add", plan.file_options)
     except QMPCommandError as exc:
         raise PivotRefused(f"QEMU cannot open {local_file}: {exc.description}") from None
+    started = time.monotonic()
     try:
         await client.execute("blockdev-reopen", {"options": [plan.reopen_options]})
+        reopen_seconds = time.monotonic() - started
     except QMPCommandError as exc:
         await client.execute("blockdev-del", {"node-name": plan.file_node_name})
         raise PivotRolledBack(
@@ -463,5 +467,10 @@ async def pivot_disk(
                 f"{plan.nbd_node.name}: {exc.description}"
             ) from None
     return PivotResult(
-        plan.format_node.name, plan.nbd_node.name, plan.file_node_name, local_file, plan.devices
+        plan.format_node.name,
+        plan.nbd_node.name,
+        plan.file_node_name,
+        local_file,
+        plan.devices,
+        reopen_seconds,
     )
