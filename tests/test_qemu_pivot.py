@@ -19,11 +19,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from postcopy.config import NbdEndpoint
+from postcopy.config import NbdEndpoint, parse_config
+from postcopy.integrations import qemu as qemu_args
 from postcopy.integrations import qemu_pivot
 from postcopy.integrations.qemu_pivot import PivotRefused, PivotRolledBack, pivot_disk, read_disks
 from postcopy.qmp import QMPClient, open_qmp
@@ -296,6 +298,82 @@ async def test_drive_with_generated_node_names_is_refused(short_dir: Path, raw_d
             assert "\n" not in str(refused.value)
             assert await _node_summary(client) == before
             assert _log_lines(raw_disk, "Disconnect") == 0
+
+
+@pytest.mark.parametrize(
+    ("disk_args", "message"),
+    [
+        (
+            lambda d: [
+                *_nbd_blockdevs(d)[:2],
+                "-blockdev",
+                "driver=copy-on-read,node-name=d0,file=d0-nbd",
+            ],
+            "node d0 above d0-nbd is a copy-on-read node; the pivot handles raw and qcow2",
+        ),
+        (
+            lambda d: [*_nbd_blockdevs(d)[:2], "-device", "virtio-blk-pci,drive=d0-nbd"],
+            "is used by a device or job (root); expected one format node's file",
+        ),
+        (
+            # -drive with explicit names: not on the command line as -blockdev, so the options
+            # blockdev-reopen needs are unknown.
+            lambda d: [
+                "-drive",
+                "if=none,id=x,node-name=d0,format=raw,file.node-name=d0-nbd,file.driver=nbd,"
+                f"file.server.type=unix,file.server.path={d.socket},file.export=",
+            ],
+            "node d0 is not a -blockdev of QEMU's command line",
+        ),
+    ],
+    ids=["filter-node", "no-format-node", "drive-with-names"],
+)
+async def test_disks_of_other_shapes_are_refused_unchanged(
+    short_dir: Path, raw_disk: Disk, disk_args: Any, message: str
+) -> None:
+    with nbdkit_serving(raw_disk), qemu_running(short_dir, disk_args(raw_disk), "q35") as qemu:
+        async with qmp_session(qemu) as client:
+            before = await _node_summary(client)
+            with pytest.raises(PivotRefused) as refused:
+                await pivot_disk(client, NbdEndpoint(socket=raw_disk.socket), raw_disk.local)
+            assert message in str(refused.value) and "\n" not in str(refused.value)
+            assert await _node_summary(client) == before
+            assert _log_lines(raw_disk, "Disconnect") == 0
+
+
+async def test_the_disk_of_a_rewritten_drive_line_can_be_pivoted(short_dir: Path) -> None:
+    """`postcopy config --qemu-args` output (from a -drive line) is what the pivot recognises."""
+    image = short_dir / "guest.raw"
+    with open(image, "wb") as handle:
+        handle.truncate(SIZE)
+    _fill(image, 0, 64 * KiB, 0x3C)
+    policy = parse_config(
+        f'[domains.qg]\nmode = "postcopy"\nsocket_dir = "{short_dir}"\n'
+        f'disks = [{{device = "vda", source_image = "{image}", dest_file = "{image}"}}]\n',
+        "t.toml",
+    ).domain("qg")
+    line = f"-M q35 -drive file={image},format=raw,if=virtio,cache=none,discard=unmap"
+    argv, _ = qemu_args.parse_qemu_args(qemu_args.rewrite_qemu_args(line, policy).text)
+    endpoint = policy.dest_endpoint(policy.disk("vda"))
+    assert endpoint.socket is not None
+    served = short_dir / "served.raw"
+    shutil.copyfile(image, served)
+    _fill(image, MiB, 64 * KiB, 0xC3)  # only the local file has it
+    disk = Disk(served, image, endpoint.socket, short_dir / "nbdkit.log")
+    with nbdkit_serving(disk), qemu_running(short_dir, argv[2:], "q35") as qemu:
+        async with qmp_session(qemu) as client:
+            result = await pivot_disk(client, endpoint, image)
+            assert result.format_node == "vda" and result.old_nbd_node == "vda-nbd"
+            [state] = await read_disks(client)
+            assert (state.protocol_driver, state.filename) == ("file", str(image))
+            assert state.device is not None and "virtio-backend" in state.device
+            nodes = await client.execute("query-named-block-nodes", {"flat": True})
+            assert {n["node-name"]: n["cache"]["direct"] for n in nodes} == {
+                "vda": True,
+                result.file_node: True,
+            }
+            assert _pattern_ok(await qemu_io(client, qemu, "vda", "read -P 0xc3 1M 64k"))
+            await _wait_disconnect(disk)
 
 
 async def test_local_file_of_another_size_is_refused(short_dir: Path, raw_disk: Disk) -> None:
