@@ -453,7 +453,13 @@ async def pivot_disk(
         await client.execute("blockdev-reopen", {"options": [plan.reopen_options]})
         reopen_seconds = time.monotonic() - started
     except QMPCommandError as exc:
-        await client.execute("blockdev-del", {"node-name": plan.file_node_name})
+        try:
+            await client.execute("blockdev-del", {"node-name": plan.file_node_name})
+        except QMPCommandError as cleanup:
+            raise PivotError(
+                f"QEMU refused to reopen {plan.format_node.name} ({exc.description}) and to "
+                f"remove the added node {plan.file_node_name} ({cleanup.description})"
+            ) from None
         raise PivotRolledBack(
             f"QEMU refused to reopen {plan.format_node.name} on {local_file}: {exc.description}"
         ) from None
