@@ -375,6 +375,30 @@ def test_qemu_drive_devices_keep_their_bus_unit_and_slot_order() -> None:
     )
 
 
+def test_qemu_virtio_drive_left_alone_keeps_its_slot_before_a_converted_one() -> None:
+    args = (
+        "-drive file=/shared.img,format=raw,if=virtio "
+        "-drive file=/var/lib/images/qemu-guest.raw,format=raw,if=virtio "
+        "-drive file=/scratch.img,format=raw,if=virtio,addr=0x9 "
+        "-device e1000 -hdb /var/lib/images/qemu-guest-home.qcow2"
+    )
+    result = qemu.rewrite_qemu_args(args, _qemu_policy())
+    new_args, _ = parse_qemu_args(result.text)
+    devices = [new_args[i + 1] for i, arg in enumerate(new_args) if arg == "-device"]
+    drives = [new_args[i + 1] for i, arg in enumerate(new_args) if arg == "-drive"]
+    assert drives == [
+        "file=/shared.img,format=raw,if=none,id=virtio0",
+        "file=/scratch.img,format=raw,if=virtio,addr=0x9",  # after the converted one: as it was
+    ]
+    assert devices == [
+        "e1000",
+        "ide-hd,drive=home,bus=ide.0,unit=1",
+        "virtio-blk-pci,drive=virtio0",
+        "virtio-blk-pci,drive=disk0",
+    ]
+    assert qemu.rewrite_qemu_args(result.text, _qemu_policy()).text == result.text
+
+
 def test_qemu_drive_on_a_bus_qemu_builds_itself_keeps_the_drive_form() -> None:
     args = "-drive file=/var/lib/images/qemu-guest.raw,if=scsi,format=raw,aio=native"
     policy = _qemu_policy()

@@ -307,34 +307,31 @@ def test_xl_target_uri_is_openable_by_qemu(short_dir: Path, raw_image: Path) -> 
         assert "Pattern verification failed" not in result.stdout
 
 
-def _ide_devices(qtree: str) -> list[tuple[str, str, str]]:
-    """(model, bus, unit) of every IDE disk in HMP `info qtree` output."""
-    found = []
-    bus = ""
-    model = ""
-    for line in qtree.splitlines():
-        text = line.strip()
-        if text.startswith("bus: "):
-            bus = text.split()[1]
-        elif text.startswith("dev: "):
-            model = text.split()[1].rstrip(",")
-        elif text.startswith("unit = ") and model in ("ide-hd", "ide-cd"):
-            found.append((model, bus, text.split()[2]))
-    return sorted(found)
-
-
-def _guest_layout(qmp: QMPClient) -> Any:
-    async def read() -> tuple[list[Any], list[tuple[str, str, str]]]:
-        pci = await qmp.execute("query-pci")
-        slots = [
-            (d["slot"], d["function"], d["id"]["vendor"], d["id"]["device"])
-            for bus in pci
-            for d in bus["devices"]
-        ]
-        qtree = await qmp.execute("human-monitor-command", {"command-line": "info qtree"})
-        return slots, _ide_devices(str(qtree))
-
-    return read()
+async def _guest_layout(qmp: QMPClient, images: dict[str, str]) -> tuple[list[Any], list[Any]]:
+    """The PCI functions, and where each disk sits: (PCI devfn or IDE bus and unit, its image).
+    `images` maps an NBD socket path to the image it serves, so both sides name disks alike."""
+    pci = await qmp.execute("query-pci")
+    functions = [
+        (d["slot"], d["function"], d["id"]["vendor"], d["id"]["device"])
+        for bus in pci
+        for d in bus["devices"]
+    ]
+    placed = []
+    for block in await qmp.execute("query-block"):
+        if not block.get("inserted") or not block.get("qdev"):
+            continue
+        filename = block["inserted"]["file"]
+        image = next((i for sock, i in images.items() if sock in filename), filename)
+        qdev = block["qdev"]
+        if qdev.endswith("/virtio-backend"):
+            proxy = qdev.rsplit("/", 1)[0]
+            devfn = await qmp.execute("qom-get", {"path": proxy, "property": "addr"})
+            placed.append((f"pci devfn {devfn}", image))
+        else:
+            bus = await qmp.execute("qom-get", {"path": qdev, "property": "parent_bus"})
+            unit = await qmp.execute("qom-get", {"path": qdev, "property": "unit"})
+            placed.append((f"{bus.rsplit('/', 1)[1]} unit {unit}", image))
+    return functions, sorted(placed)
 
 
 @pytest.mark.parametrize("machine", ["pc", "q35"])
@@ -345,9 +342,12 @@ async def test_converted_drives_accept_a_migration_from_the_drive_command_line(
     rewritten -blockdev line: the devices sit at the same PCI slots and IDE bus/unit."""
     second = short_dir / "second.raw"
     shutil.copyfile(raw_image, second)
+    shared = short_dir / "shared.raw"  # a virtio disk that is not a policy disk, before one
+    shutil.copyfile(raw_image, shared)
     original = [
         "qemu-system-x86_64", "-accel", "tcg", "-machine", machine, "-nodefaults",
         "-display", "none", "-S",
+        "-drive", f"file={shared},format=raw,if=virtio",
         "-drive", f"file={raw_image},format=raw,if=virtio,cache=writeback",
         "-device", "virtio-rng-pci",
         "-drive", f"file={second},format=raw,media=disk",  # if=ide, the first free index
@@ -363,6 +363,7 @@ async def test_converted_drives_accept_a_migration_from_the_drive_command_line(
     assert result.changed == ("vda", "hdc")
     rewritten, _ = qemu.parse_qemu_args(result.text)
     assert "-hdc" not in rewritten and sum(arg == "-blockdev" for arg in rewritten) == 4
+    assert f"file={shared},format=raw,if=none,id=virtio0" in rewritten
 
     migration = short_dir / "migration.sock"
     with (
@@ -373,8 +374,12 @@ async def test_converted_drives_accept_a_migration_from_the_drive_command_line(
     ):
         with trio.fail_after(120):
             async with open_qmp(source_qmp) as source, open_qmp(dest_qmp) as dest:
-                source_layout = await _guest_layout(source)
-                assert len(source_layout[1]) == 2  # the -drive and -hdc disks
+                images = {
+                    str(policy.dest_endpoint(disk).socket): str(disk.source_image)
+                    for disk in policy.disks
+                }
+                source_layout = await _guest_layout(source, images)
+                assert len(source_layout[1]) == 4  # 2 virtio (one not a policy disk), 2 IDE
                 await source.execute("migrate", {"uri": f"unix:{migration}"})
                 while True:
                     status = (await source.execute("query-migrate")).get("status")
@@ -384,7 +389,7 @@ async def test_converted_drives_accept_a_migration_from_the_drive_command_line(
                 assert status == "completed"
                 while (await dest.execute("query-migrate")).get("status") != "completed":
                     await trio.sleep(0.05)
-                assert await _guest_layout(dest) == source_layout
+                assert await _guest_layout(dest, images) == source_layout
 
 
 @contextlib.contextmanager

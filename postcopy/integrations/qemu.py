@@ -197,10 +197,18 @@ def domain_name(text: str) -> str | None:
 
 
 class _Rewriter:
-    def __init__(self, domain: DomainPolicy, name: str, q35: bool) -> None:
+    def __init__(
+        self, domain: DomainPolicy, name: str, q35: bool, virtio_of_policy: list[bool]
+    ) -> None:
         self.domain = domain
         self.matcher = DiskMatcher(domain, name)
         self.q35 = q35
+        # For each if=virtio -drive in order: is it a policy disk (converted, its device placed
+        # explicitly at the end)? A drive left as -drive before one of those must then be
+        # placed explicitly too, or the converted device would take its PCI slot.
+        self._virtio_of_policy = virtio_of_policy
+        self._virtio_seen = 0
+        self._virtio_units: set[int] = set()
         self.changed: list[str] = []
         self.notes: list[str] = []
         self.deferred: list[str] = []  # arguments that go after all others
@@ -222,12 +230,15 @@ class _Rewriter:
         pairs = split_qemu_opts(value)
         options = dict(pairs)
         index = self._ide_index(options)
+        virtio_unit = self._virtio_unit(options)
         device = self._already_ours(options, "file.") or options.get("id")
         disk = self.matcher.match(device, [options.get("file"), options.get("file.filename")])
         if disk is None:
             if index is not None and not {"index", "bus", "unit"} & options.keys():
                 # Pin the slot QEMU would pick, since converted drives no longer take one.
                 return [option, join_qemu_opts([*pairs, ("index", str(index))])]
+            if virtio_unit is not None and any(self._virtio_of_policy[self._virtio_seen :]):
+                return self._place_virtio_drive(option, pairs, virtio_unit)
             return [option, value]
         self.changed.append(disk.device)
         interface = options.get("if", "ide")
@@ -238,6 +249,35 @@ class _Rewriter:
             )
             return [option, self._drive_on_nbd(disk, pairs)]
         return self._drive_to_blockdev(disk, options, index)
+
+    def _virtio_unit(self, options: dict[str, str]) -> int | None:
+        """The unit of an if=virtio -drive as QEMU assigns it; counts the drive as seen."""
+        if options.get("if") != "virtio":
+            return None
+        self._virtio_seen += 1
+        try:
+            unit = int(options.get("index", options.get("unit", "-1")))
+        except ValueError:
+            unit = -1
+        if unit < 0:
+            unit = 0
+            while unit in self._virtio_units:
+                unit += 1
+        self._virtio_units.add(unit)
+        return unit
+
+    def _place_virtio_drive(self, option: str, pairs: Opts, unit: int) -> list[str]:
+        """A drive left as -drive, made `if=none` with its virtio-blk-pci placed explicitly
+        (under the id QEMU would have given it), in QEMU's order."""
+        options = dict(pairs)
+        drive_id = options.get("id") or f"virtio{unit}"
+        kept = [(k, v) for k, v in pairs if k not in ("if", "addr", "index", "unit")]
+        properties: Opts = [("drive", drive_id)]
+        if "addr" in options:
+            properties.append(("addr", options["addr"]))
+        self.deferred += ["-device", join_qemu_opts([("virtio-blk-pci", ""), *properties])]
+        new = [*kept, ("if", "none")] + ([] if "id" in options else [("id", drive_id)])
+        return [option, join_qemu_opts(new)]
 
     def _ide_index(self, options: dict[str, str]) -> int | None:
         """The IDE index of an if=ide -drive, as QEMU assigns it (explicit, or the first free)."""
@@ -428,6 +468,26 @@ def _on(flag: bool) -> str:
     return "on" if flag else "off"
 
 
+def _virtio_drives_of_policy(args: list[str], domain: DomainPolicy) -> list[bool]:
+    """For each if=virtio -drive in order, whether it is one of the domain's policy disks."""
+    peek = DiskMatcher(domain, "<peek>")  # a matcher of its own: the rewrite's stays unused
+    found = []
+    for option, value in zip(args, args[1:], strict=False):
+        if "-" + option.lstrip("-") != "-drive":
+            continue
+        options = dict(split_qemu_opts(value))
+        if options.get("if") != "virtio":
+            continue
+        try:
+            disk = peek.match(
+                options.get("id"), [options.get("file"), options.get("file.filename")]
+            )
+        except UserError:
+            disk = None  # the rewrite reports the duplicate
+        found.append(disk is not None)
+    return found
+
+
 def _is_q35(args: list[str]) -> bool:
     """Whether `-machine`/`-M` names a q35 machine (whose AHCI has one unit per IDE bus)."""
     for option, value in zip(args, args[1:], strict=False):
@@ -443,7 +503,7 @@ def rewrite_qemu_args(text: str, domain: DomainPolicy, name: str = "<qemu args>"
     if not domain.is_postcopy:
         return Rewrite(text, (), (not_postcopy_note(domain),))
     args, style = parse_qemu_args(text)
-    rewriter = _Rewriter(domain, name, _is_q35(args))
+    rewriter = _Rewriter(domain, name, _is_q35(args), _virtio_drives_of_policy(args, domain))
     out: list[str] = []
     index = 0
     while index < len(args):
