@@ -370,7 +370,8 @@ def test_qemu_drive_devices_keep_their_bus_unit_and_slot_order() -> None:
         "-device", "virtio-blk-pci,drive=home,addr=0x7,serial=HOME1,write-cache=off",
     ]  # fmt: skip
     assert result.notes == (
-        "-drive of disk0: no format given, raw assumed",
+        "-drive of disk0: no format given, raw (assumed: the image is not readable here; "
+        "add format= if it is not raw)",
         "-drive of home: no -blockdev form for bps=100: dropped",
     )
 
@@ -397,6 +398,28 @@ def test_qemu_virtio_drive_left_alone_keeps_its_slot_before_a_converted_one() ->
         "virtio-blk-pci,drive=disk0",
     ]
     assert qemu.rewrite_qemu_args(result.text, _qemu_policy()).text == result.text
+
+
+def test_qemu_drive_without_format_gets_the_format_of_its_image(tmp_path: Path) -> None:
+    """-hdX gives no format; a format node must name one, and raw over qcow2 would be wrong."""
+    home = tmp_path / "home.qcow2"
+    root = tmp_path / "root.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(home), "1M"], check=True)
+    root.write_bytes(bytes(4096))
+    policy = parse_config(
+        f'[domains.g]\nmode = "postcopy"\nsocket_dir = "/run/pc"\n'
+        f'disks = [{{device = "hda", source_image = "{root}"}}, '
+        f'{{device = "hdb", source_image = "{home}"}}]\n',
+        "q.toml",
+    ).domain("g")
+    result = qemu.rewrite_qemu_args(f"-hda {root} -hdb {home}", policy)
+    new_args, _ = parse_qemu_args(result.text)
+    assert "driver=raw,node-name=hda,file=hda-nbd" in new_args
+    assert "driver=qcow2,node-name=hdb,file=hdb-nbd" in new_args
+    assert result.notes == (
+        "-drive of hda: no format given, raw (the image has no qcow2 header)",
+        "-drive of hdb: no format given, qcow2 (from the image's header)",
+    )
 
 
 def test_qemu_drive_on_a_bus_qemu_builds_itself_keeps_the_drive_form() -> None:

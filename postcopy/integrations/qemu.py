@@ -13,7 +13,9 @@ the disk definitions whose image is one of the domain's policy disks:
   file with `blockdev-reopen` (QEMU 7.2 refuses to reopen the `#blockNNN` nodes of a `-drive`).
   The guest must see the same device at the same address, which migration needs: `if=virtio`
   becomes `virtio-blk-pci` (with `addr=` if the drive had one), added after every other
-  argument since QEMU creates `-drive` devices after the `-device` ones (the PCI slots stay);
+  argument since QEMU creates `-drive` devices after the `-device` ones (the PCI slots stay;
+  a virtio `-drive` left alone before a converted one becomes `if=none` with its device placed
+  the same way, or the converted disk would take its slot);
   `if=ide` (the default) becomes `ide-hd`/`ide-cd` on the bus and unit of its `index`/`bus`/
   `unit` (two units a bus on `pc`, one on `q35`'s AHCI). `cache=` becomes `cache.direct`/
   `cache.no-flush` on both nodes and `write-cache=off` on the device for the writethrough
@@ -27,6 +29,8 @@ the disk definitions whose image is one of the domain's policy disks:
   keeping the node name (so a format node `-blockdev driver=qcow2,file=N` above it and the
   `-device ...,drive=` binding stay valid) and the generic block options.
 - `-hda IMG` (and `-hdb`..`-hdd`) is converted as `-drive file=IMG,index=N,media=disk`.
+  A drive without `format=` gets the format QEMU would probe (qcow2 if the image, where it can
+  be read, has a qcow2 header; else raw), with a note: a format node must name its driver.
 
 A disk is matched by `id`/`node-name` (or `hda`..) equal to the policy's device, or by its image
 path. `image_opts()` and `nbd_uri()` give the `--image-opts` string and the URI for one disk, for
@@ -328,8 +332,8 @@ class _Rewriter:
             )
         fmt = options.get("format") or options.get("driver")
         if not fmt:
-            fmt = "raw"
-            self.notes.append(f"-drive of {disk.device}: no format given, raw assumed")
+            fmt, how = _probe_format(options.get("file") or options.get("file.filename"))
+            self.notes.append(f"-drive of {disk.device}: no format given, {fmt} ({how})")
         shared: Opts = []  # options both nodes take, as -drive gave them to the whole chain
         write_cache = True
         mode = options.get("cache")
@@ -462,6 +466,23 @@ class _Rewriter:
         self.changed.append(disk.device)
         options = {"file": image, "index": str(index), "media": "disk"}
         return self._drive_to_blockdev(disk, options, index)
+
+
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def _probe_format(image: str | None) -> tuple[str, str]:
+    """The format QEMU would probe for a -drive without one: qcow2 or raw, and how it was told.
+    A -blockdev format node must name its driver, and raw over a qcow2 image would show the
+    guest its metadata, so the image's header is read where it can be."""
+    try:
+        with open(image or "", "rb") as handle:
+            magic = handle.read(4)
+    except OSError:
+        return "raw", "assumed: the image is not readable here; add format= if it is not raw"
+    if magic == _QCOW2_MAGIC:
+        return "qcow2", "from the image's header"
+    return "raw", "the image has no qcow2 header"
 
 
 def _on(flag: bool) -> str:
