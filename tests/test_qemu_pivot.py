@@ -263,6 +263,19 @@ async def test_pivot_keeps_a_qcow2_format_node(short_dir: Path) -> None:
             await _wait_disconnect(disk)
 
 
+async def test_a_relative_local_path_means_ours_not_qemus(
+    short_dir: Path, raw_disk: Disk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with nbdkit_serving(raw_disk), qemu_running(short_dir, _nbd_blockdevs(raw_disk)) as qemu:
+        monkeypatch.chdir(short_dir)  # QEMU runs in another directory
+        async with qmp_session(qemu) as client:
+            result = await pivot_disk(
+                client, NbdEndpoint(socket=raw_disk.socket), Path(raw_disk.local.name)
+            )
+            assert result.local_file == raw_disk.local
+            assert (result.file_node, "file", str(raw_disk.local)) in await _node_summary(client)
+
+
 # --- disks the pivot does not recognise: one-line error, nothing changed ----------------------
 
 

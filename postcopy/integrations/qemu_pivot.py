@@ -347,6 +347,7 @@ async def find_pivot_plan(
     aio: str | None = None,
 ) -> PivotPlan:
     """Find the disk served on `endpoint` and check that it can be pivoted; change nothing."""
+    local_file = Path(os.path.abspath(local_file))  # QEMU's working directory is not ours
     where = endpoint.uri()
     nodes = await read_block_graph(client)
     matches = []
@@ -444,6 +445,7 @@ async def pivot_disk(
 ) -> PivotResult:
     """Switch the disk QEMU reads from `endpoint` onto `local_file` (see the module docstring)."""
     plan = await find_pivot_plan(client, endpoint, local_file, command_line=command_line, aio=aio)
+    local_file = Path(plan.file_options["filename"])
     try:
         await client.execute("blockdev-add", plan.file_options)
     except QMPCommandError as exc:
