@@ -50,6 +50,7 @@ from typing import Any
 
 from postcopy.config import NbdEndpoint
 from postcopy.errors import PostcopyError
+from postcopy.integrations.qemu import split_qemu_opts
 from postcopy.qmp import QMPClient, QMPCommandError
 
 __all__ = [
@@ -296,8 +297,6 @@ def _nest(flat: Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 def blockdev_options_from_args(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The options of every `-blockdev` in a QEMU command line, by node name (QMP typed)."""
-    from postcopy.integrations.qemu import split_qemu_opts
-
     found: dict[str, dict[str, Any]] = {}
     for option, value in zip(argv, argv[1:], strict=False):
         if "-" + option.lstrip("-") != "-blockdev":
