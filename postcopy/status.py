@@ -55,8 +55,13 @@ def write_status(state_dir: Path, record: dict[str, Any]) -> None:
     """Replace the status record atomically (readers see the old or the new one, whole)."""
     path = status_path(state_dir)
     temp = path.with_name(f".{STATUS_FILENAME}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(record, sort_keys=True) + "\n")
-    os.rename(temp, path)
+    try:
+        temp.write_text(json.dumps(record, sort_keys=True) + "\n")
+        os.rename(temp, path)
+    except BaseException:
+        # a full disk: leave no half-written temporary file behind (it would hold the space)
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def read_status(state_dir: Path) -> dict[str, Any]:
