@@ -20,7 +20,8 @@ The file is NOT durable state: it is rewritten from the snapshot and journal at 
 file renamed into place) and never read back.  It is safe to share because a PRESENT bit is set
 only after the chunk's data was written to the local file and bits are never cleared; on x86 the
 map store cannot pass the older data write (stores are not reordered with older stores), so a
-reader that sees the bit reads complete data.
+reader that sees the bit reads complete data.  When a sync fails (see Failures) the mapping is
+cleared (the map keeps its bits in a private copy): the filter then serves nothing.
 
 Persistence (in the state directory) is a snapshot plus an append-only journal:
 
@@ -245,6 +246,7 @@ class BlockMap:
         self._journal_header_bytes = len(identity.encode(JOURNAL_MAGIC)) + _CRC.size
         # why a sync failed (then nothing is ever persisted again), or None
         self._durability_failure: str | None = None
+        self._withdrawn_mirror: mmap.mmap | None = None
         self._follows_snapshot = False  # the journal began with the snapshot marker
         # tests: called with the name of each durability step as it completes ("captured",
         # "data-synced", "journal-written" (records written, not yet fsync'd), "map-persisted")
@@ -543,7 +545,22 @@ class BlockMap:
     def _fail_durability(self, reason: str) -> DurabilityError:
         if self._durability_failure is None:
             self._durability_failure = reason
+            self._withdraw_live_mirror()
         return DurabilityError(self._durability_failure)
+
+    def _withdraw_live_mirror(self) -> None:
+        """After a failed sync the local file cannot be trusted: a chunk made PRESENT since the
+        last good sync reads back stale bytes once its pages leave the page cache.  The map keeps
+        its bits in a private copy and clears the shared mapping, so that the C filter serves
+        nothing more and every read reaches the engine (which refuses it)."""
+        with self.lock:
+            mirror = self._states
+            if not isinstance(mirror, mmap.mmap):
+                return
+            self._states = bytearray(mirror)
+            mirror[:] = bytes(len(mirror))
+            # not closed: a lock-free reader may still hold it (it now reads "missing")
+            self._withdrawn_mirror = mirror
 
     def make_durable(self, sync_data: Callable[[], None], *, compact: bool = False) -> None:
         """Persist every change marked so far, in the one safe order:

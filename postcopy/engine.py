@@ -38,7 +38,9 @@ to the data file goes through `_write_local`, `_punch_hole` or `_zero_allocated`
 through `_sync_data`, so that a test's `DataFileObserver` can simulate a power loss exactly.
 A failed sync (of the data file or of the map) fails the engine for good, whoever hit it (the
 periodic task or a guest flush): Linux reports a writeback error only once, so a later sync's
-success proves nothing.  From then on every flush, FUA, write, zero and trim fails with EIO,
+success proves nothing.  From then on every flush, FUA, read, write, zero and trim fails with
+EIO (reads too: a chunk fetched or written since the last good sync may read back stale bytes
+once its pages are evicted; the block map stops the C filter's fast path as well),
 nothing more is fetched or persisted (the map on disk keeps only what was provably durable, so a
 restart fetches the rest again), and the status says `failed` with the reason.
 
@@ -397,7 +399,8 @@ class Engine:
             raise
 
     def _refuse_if_failed(self) -> None:
-        """After a failed sync nothing written can become durable: refuse changes (EIO)."""
+        """After a failed sync the local file cannot be trusted (what it reads back since the
+        last good sync may be stale) and nothing written can become durable: refuse (EIO)."""
         failure = self.map.durability_failure
         if failure is not None:
             raise EngineIOError(errno.EIO, failure)
@@ -423,6 +426,7 @@ class Engine:
         length = len(buf)
         if length == 0:
             return
+        self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, length)
         if not self.map.all_present(first, end):
             started = time.monotonic()

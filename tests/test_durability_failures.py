@@ -35,6 +35,7 @@ from postcopy import status
 from postcopy.blockmap import (
     GUEST_WRITTEN,
     JOURNAL_FILENAME,
+    LIVE_MAP_FILENAME,
     PRESENT,
     SOURCE_HOLE,
     BlockMap,
@@ -467,6 +468,11 @@ def test_failed_periodic_data_sync_fails_every_later_flush_and_restart_refetches
         with pytest.raises(OSError) as refused:
             engine.pwrite(b"C" * CHUNK, 9 * CHUNK, fua=True)
         assert refused.value.errno == errno.EIO
+        with pytest.raises(OSError) as unreadable:  # chunk 5's pages may be gone: no reads
+            engine.pread_into(bytearray(CHUNK), 5 * CHUNK)
+        assert unreadable.value.errno == errno.EIO
+        live_map = (state_dir / LIVE_MAP_FILENAME).read_bytes()
+        assert live_map == bytes(len(live_map))  # the C filter serves nothing either
         record = engine.statistics()
         assert record["state"] == "failed"
         assert "data file sync failed" in record["error"]
@@ -516,6 +522,9 @@ def test_receive_on_a_disk_that_runs_out_fails_flush_with_eio_and_restart_refetc
             with pytest.raises(nbd.Error) as flush_failed:
                 handle.flush()
             assert flush_failed.value.errnum == errno.EIO, (record, receiver.log())
+            with pytest.raises(nbd.Error) as read_failed:  # not even from the C filter
+                handle.pread(CHUNK, 0)
+            assert read_failed.value.errnum == errno.EIO
             handle.shutdown()
             record = receiver.wait_status(lambda r: r["state"] == "failed")
             assert re.search("sync failed", record["error"]), record
