@@ -5,15 +5,19 @@
 (write a temporary file, fsync it, rename it into place, fsync the directory), so that the
 declaration survives a crash once the call returns, and a reader never sees a half-made file.
 The engine polls `is_source_frozen` (a single `stat`) and opens the gate when it turns true.
+A declaration that fails (a full disk, a failed fsync) is a one-line `UserError` and leaves no
+new gate file behind: when the rename happened but the directory's fsync failed, the file is
+removed again, so that a gate that may not survive a crash is not acted upon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from postcopy.errors import UserError
-from postcopy.fsutil import write_file_atomically
+from postcopy.fsutil import SyncError, write_file_atomically
 
 SOURCE_FROZEN_FILENAME = "source-frozen"
 
@@ -31,7 +35,17 @@ def declare_source_frozen(state_dir: Path) -> None:
     state_dir = Path(state_dir)
     if not state_dir.is_dir():
         raise UserError(f"state directory {state_dir} does not exist")
-    write_file_atomically(source_frozen_path(state_dir), b"frozen\n")
+    path = source_frozen_path(state_dir)
+    existed = os.path.lexists(path)
+    try:
+        write_file_atomically(path, b"frozen\n")
+    except OSError as exc:
+        if isinstance(exc, SyncError) and not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise UserError(
+            f"cannot declare the source frozen in {state_dir}: {exc.strerror or exc}"
+        ) from None
 
 
 def is_source_frozen(state_dir: Path) -> bool:

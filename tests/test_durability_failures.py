@@ -31,7 +31,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from postcopy import status
+from postcopy import fsutil, source_gate, status
 from postcopy.blockmap import (
     GUEST_WRITTEN,
     JOURNAL_FILENAME,
@@ -42,6 +42,8 @@ from postcopy.blockmap import (
     MapIdentity,
 )
 from postcopy.engine import Engine, EngineConfig
+from postcopy.errors import UserError
+from postcopy.fsutil import SyncError
 from tests.fakes import FakeSource
 from tests.peers import running_serve
 from tests.test_receive import Receiver, connect, receive_command
@@ -350,6 +352,36 @@ def test_status_write_on_a_full_filesystem_leaves_no_temporary_file(tmp_path: Pa
             status.write_status(fs, {"state": "failed", "error": "x" * 3 * PAGE})
         assert sorted(p.name for p in fs.iterdir()) == ["filler", "status.json"]
         assert status.read_status(fs)["state"] == "fetching"  # the old record, whole
+
+
+def test_source_frozen_on_a_full_filesystem_is_one_line_and_leaves_no_gate(
+    tmp_path: Path,
+) -> None:
+    with mounted_tmpfs(tmp_path / "fs", "64k") as fs:
+        state_dir = fs / "state"
+        state_dir.mkdir()
+        fill_filesystem(fs)
+        done = subprocess.run(
+            [sys.executable, "-m", "postcopy.cli", "source-frozen", "--state-dir", str(state_dir)],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "No space left on device" in done.stderr
+        assert list(state_dir.iterdir()) == []
+
+
+def test_source_frozen_whose_directory_sync_fails_leaves_no_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename happened but may not survive a crash: the engine must not open its gate on it."""
+
+    def failing_directory_sync(directory: Path) -> None:
+        raise SyncError(errno.EIO, "directory writeback failed")
+
+    monkeypatch.setattr(fsutil, "fsync_directory", failing_directory_sync)
+    with pytest.raises(UserError, match="directory writeback failed"):
+        source_gate.declare_source_frozen(tmp_path)
+    assert not source_gate.is_source_frozen(tmp_path)
 
 
 # ----- BlockMap.run_from under concurrent bit-setting ----------------------------------------
