@@ -666,8 +666,13 @@ class BlockMap:
         header += marker + _CRC.pack(zlib.crc32(marker))
         journal_path = self.state_dir / JOURNAL_FILENAME
         self._replace_file(journal_path, header)
-        # not O_APPEND: Linux's pwrite appends on an O_APPEND descriptor, whatever the offset
-        new_fd = os.open(journal_path, os.O_WRONLY)
+        try:
+            # not O_APPEND: Linux's pwrite appends on an O_APPEND descriptor, whatever the offset
+            new_fd = os.open(journal_path, os.O_WRONLY)
+        except OSError as exc:  # appends to the old (replaced) file would be lost
+            raise self._fail_durability(
+                f"cannot open the new journal: {exc.strerror or exc}"
+            ) from exc
         old_fd, self._journal_fd = self._journal_fd, new_fd
         if old_fd >= 0:
             os.close(old_fd)

@@ -560,6 +560,11 @@ def test_receive_on_a_disk_that_runs_out_fails_flush_with_eio_and_restart_refetc
             handle.shutdown()
             record = receiver.wait_status(lambda r: r["state"] == "failed")
             assert re.search("sync failed", record["error"]), record
+            progress = subprocess.run(
+                [sys.executable, "-m", "postcopy.cli", "fetch-progress", "--state-dir",
+                 str(real_state)], capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert re.search("failed.*sync failed", progress.stdout), progress
         remount_with_room(mnt, backing, "64m")
         with receive_at(uri, dest, real_state, tmp_path) as again:
             record = again.wait_status(lambda r: r["state"] == "complete", timeout=60)
