@@ -571,6 +571,7 @@ class BlockMap:
         3. persist map: append the captured changes to the journal and fsync it, or write the
            captured copy as a new snapshot and start an empty journal.
 
+        When the snapshot cannot be written (ENOSPC...), the captured changes go to the journal.
         The data is synced even when no map change is pending: a guest flush after overwriting
         chunks that were already PRESENT and guest-written changes no bit, yet must be durable.
         On failure the captured changes are put back, so the next call retries them, unless a
@@ -600,7 +601,16 @@ class BlockMap:
                     return
                 # step 3: persist map
                 if snapshot is not None:
-                    self._write_snapshot(snapshot)
+                    try:
+                        self._write_snapshot(snapshot)
+                    except DurabilityError:
+                        raise
+                    except OSError:
+                        # a write error (a full disk): compaction is only an optimization, the
+                        # journal may still take the few records that matter
+                        if not captured:
+                            raise
+                        self._append_journal(captured)
                 else:
                     self._append_journal(captured)
                 self._probe("map-persisted")

@@ -314,6 +314,22 @@ def test_journal_append_on_a_full_filesystem_leaves_no_half_record(tmp_path: Pat
         reopened.close()
 
 
+def test_compaction_on_a_full_filesystem_persists_through_the_journal(tmp_path: Path) -> None:
+    """A snapshot needs new blocks; the journal's last page still has room for a record."""
+    with mounted_tmpfs(tmp_path / "fs", "256k") as fs:
+        state_dir = fs / "state"
+        state_dir.mkdir()
+        block_map = BlockMap.open(state_dir, identity())
+        fill_filesystem(fs)
+        block_map.mark_present(3, 4, guest_written=True)
+        block_map.make_durable(lambda: None, compact=True)  # a guest flush: it must succeed
+        assert block_map.pending_changes == 0
+        block_map.close()
+        reopened = BlockMap.open(state_dir, identity())
+        assert list(reopened.guest_written_ranges()) == [(3, 4)]
+        reopened.close()
+
+
 def test_live_map_on_a_full_filesystem_is_refused_at_open_not_a_crash(tmp_path: Path) -> None:
     """live.map is a shared mapping: a store into a page the filesystem cannot allocate kills
     the process with SIGBUS.  Its blocks are allocated at open, so a full disk is a StateError."""
