@@ -17,11 +17,12 @@ The engine opens its map with `live_mirror=True`: then the bytes live in a MAP_S
 `live.map` in the state directory instead of the bytearray, so that the nbdkit filter
 `plugin/fastpath.c` (same process, its own read-only mapping) serves reads of PRESENT chunks in C.
 The file is NOT durable state: it is rewritten from the snapshot and journal at every open (a new
-file renamed into place) and never read back.  It is safe to share because a PRESENT bit is set
-only after the chunk's data was written to the local file and bits are never cleared; on x86 the
-map store cannot pass the older data write (stores are not reordered with older stores), so a
-reader that sees the bit reads complete data.  When a sync fails (see Failures) the mapping is
-cleared (the map keeps its bits in a private copy): the filter then serves nothing.
+file renamed into place, its blocks allocated then) and never read back.  It is safe to share
+because a PRESENT bit is set only after the chunk's data was written to the local file and bits
+are never cleared; on x86 the map store cannot pass the older data write (stores are not
+reordered with older stores), so a reader that sees the bit reads complete data.  When a sync
+fails (see Failures) the mapping is cleared (the map keeps its bits in a private copy): the
+filter then serves nothing.
 
 Persistence (in the state directory) is a snapshot plus an append-only journal:
 
@@ -105,8 +106,6 @@ _MISSING_RUN = re.compile(b"[\x00\x02\x04\x06]+")
 _PRESENT_RUN = re.compile(b"[\x01\x03\x05\x07]+")
 _GUEST_WRITTEN_RUN = re.compile(b"[\x04-\x07]+")
 _NOT_GUEST_WRITTEN_BYTE = re.compile(b"[\x00-\x03]")
-_MISSING_HOLE_RUN = re.compile(b"[\x02\x06]+")
-_MISSING_DATA_RUN = re.compile(b"[\x00\x04]+")
 # The run at a position, whatever its class, in ONE match, so that the class is decided from the
 # same bytes as the run (a chunk may turn PRESENT at any moment).  The alternatives follow the
 # only transitions bits allow (missing data -> missing hole -> present, never back): even if the
