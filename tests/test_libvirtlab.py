@@ -31,6 +31,7 @@ from postcopy.kit.libvirtlab import (
     guest_domain_xml,
     open_libvirt_hosts,
     prepare_machine,
+    process_identity,
     processes_in_network_namespace,
 )
 from tests.guest.fixtures import guest_boot_files_fixture, guest_layout_fixture  # noqa: F401
@@ -40,40 +41,36 @@ PASS_TIMEOUT = 30.0
 ROUNDS_ON_B = 2
 
 
+def _own_network_namespaces() -> set[str]:
+    """The network namespaces of labs made by this process (postcopy.netns tags their names
+    with the maker's pid): other tests may make and remove their own meanwhile."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    names = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+    return {
+        n
+        for n in names
+        if n.startswith(("pclv-a-", "pclv-b-")) and n[7:].startswith(f"{os.getpid():x}")
+    }
+
+
 def _machine_state() -> dict[str, Any]:
     """What the lab must leave as it found it, seen from the machine's own namespaces."""
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     with open("/proc/self/mountinfo") as mountinfo:
         mount_points = {line.split()[4] for line in mountinfo}
-    daemons = {
-        ident
-        for entry in os.listdir("/proc")
-        if entry.isdigit() and _command_name(entry) == "libvirtd"
-        if (ident := _process_identity(int(entry))) is not None
-    }
     children = {
         ident
         for entry in os.listdir("/proc")
         if entry.isdigit() and _parent(entry) == os.getpid()
-        if (ident := _process_identity(int(entry))) is not None
+        if (ident := process_identity(int(entry))) is not None
     }
     return {
-        "libvirtd processes": daemons,
+        "network namespaces of this test's labs": _own_network_namespaces(),
         "children of this test": children,
-        "netns": netns.stdout,
         "libvirt dirs": {d: sorted(os.listdir(d)) for d in LIBVIRT_DIRS},
         "mounts under libvirt dirs": sorted(
             m for m in mount_points for d in LIBVIRT_DIRS if m == d or m.startswith(d + "/")
         ),
     }
-
-
-def _command_name(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as comm:
-            return comm.read().strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
 
 
 def _parent(pid: str) -> int:
@@ -84,20 +81,9 @@ def _parent(pid: str) -> int:
         return 0
 
 
-def _process_identity(pid: int) -> tuple[int, str] | None:
-    """(pid, start time) of a live process, so a recycled pid is not mistaken for it; None for
-    a process that is gone or a zombie (dead, waiting for init, which adopted it, to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None if fields[0] in ("Z", "X") else (pid, fields[19])
-
-
 def _lab_processes(lab: LibvirtLab) -> set[tuple[int, str]]:
     pids = [p for host in lab.hosts for p in processes_in_network_namespace(host.network.namespace)]
-    return {ident for pid in pids if (ident := _process_identity(pid)) is not None}
+    return {ident for pid in pids if (ident := process_identity(pid)) is not None}
 
 
 def _running_names(connection: Any) -> list[str]:
@@ -133,8 +119,18 @@ def _keeps_passing_on_b(console: GuestConsole, domain_on_b: Any) -> None:
     assert console.failures() == [], console.tail()
 
 
+@pytest.fixture(name="capabilities_cache")
+def capabilities_cache_fixture(pytestconfig: pytest.Config) -> Path | None:
+    """Where the labs keep libvirt's QEMU probe results between runs (pytest's cache)."""
+    cache = pytestconfig.cache
+    return None if cache is None else cache.mkdir("libvirtlab-qemu-capabilities")
+
+
 def test_guest_migrates_between_two_libvirtd_with_shared_and_copied_storage(
-    tmp_path: Path, guest_boot_files: GuestBootFiles, guest_layout: GuestLayout
+    tmp_path: Path,
+    guest_boot_files: GuestBootFiles,
+    guest_layout: GuestLayout,
+    capabilities_cache: Path | None,
 ) -> None:
     prepare_machine()  # the one-time machine set-up (user, mount points) is not a leftover
     before = _machine_state()
@@ -143,9 +139,11 @@ def test_guest_migrates_between_two_libvirtd_with_shared_and_copied_storage(
     timings: dict[str, float] = {}
     seen_processes: set[tuple[int, str]] = set()
     started = time.monotonic()
-    with open_libvirt_hosts(tmp_path / "lab") as lab:
+    with open_libvirt_hosts(tmp_path / "lab", capabilities_cache=capabilities_cache) as lab:
         timings["lab up"] = time.monotonic() - started
         on_a, on_b = lab.host_a.connect(), lab.host_b.connect()
+        lab_namespaces = {host.network.namespace for host in lab.hosts}
+        assert _own_network_namespaces() == lab_namespaces
         assert on_a.getHostname() == "libvirtlab-a" and on_b.getHostname() == "libvirtlab-b"
         # Each host has its own /etc/libvirt on a tmpfs; the machine's is untouched.
         inside = lab.host_a.run(["/usr/bin/findmnt", "-n", "-o", "FSTYPE", "/etc/libvirt"])
@@ -161,6 +159,9 @@ def test_guest_migrates_between_two_libvirtd_with_shared_and_copied_storage(
         timings["shared: migrate"] = _migrate_p2p(domain, lab, libvirt.VIR_MIGRATE_UNSAFE)
         assert _running_names(on_a) == []
         assert _running_names(on_b) == ["pclv-shared"]
+        # virsh inside B's namespaces reaches B's daemon on its own Unix socket.
+        listed = lab.host_b.run(["/usr/bin/virsh", "-c", "qemu:///system", "list", "--name"])
+        assert listed.stdout.split() == ["pclv-shared"]
         on_b_domain = on_b.lookupByName("pclv-shared")
         assert on_b_domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         stats = on_b_domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
@@ -202,7 +203,7 @@ def test_guest_migrates_between_two_libvirtd_with_shared_and_copied_storage(
 
     assert _machine_state() == before
     assert len(seen_processes) >= 3  # the two daemons and at least one QEMU were watched
-    survivors = {ident for pid, _ in seen_processes if (ident := _process_identity(pid))}
+    survivors = {ident for pid, _ in seen_processes if (ident := process_identity(pid))}
     assert survivors & seen_processes == set()
     print("libvirt lab timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
 

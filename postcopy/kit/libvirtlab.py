@@ -28,6 +28,11 @@ process, taking the tmpfs mounts with them; `open_two_hosts` then removes the ne
 A process that survives all that is an error (`LibvirtLabError`).  The files under `workdir`
 (configs, daemon logs, QEMU logs, images) belong to the caller.
 
+A fresh libvirtd probes QEMU for ~4 s before its first domain can start.  Given a
+`capabilities_cache` directory, the lab copies the probe results out of the daemons' tmpfs at
+the end and into the next lab's fresh caches at the start; libvirt checks each entry against
+QEMU, itself and the kernel and probes again when it is stale.
+
 Machine set-up, idempotent (what Debian's libvirt-daemon-system would do, which we do not
 install): the `libvirt-qemu` user the QEMU driver insists on, and the empty mount points of
 `LIBVIRT_DIRS`.
@@ -69,6 +74,7 @@ LIBVIRT_DIRS = (
     "/var/log/libvirt",
 )
 IMAGES_INSIDE = Path("/var/lib/libvirt/images")  # the host's own images/ directory, inside it
+CAPABILITIES_INSIDE = Path("/var/cache/libvirt/qemu/capabilities")  # the QEMU driver's probe cache
 QEMU_USER = "libvirt-qemu"
 START_TIMEOUT = 20.0  # seconds for both daemons to answer (they need ~0.5 s on an idle machine)
 STOP_TIMEOUT = 5.0  # seconds for the lab's processes to exit after SIGTERM, then after SIGKILL
@@ -77,7 +83,8 @@ CLONE_NEWNET = 0x40000000
 
 
 class LibvirtLabError(RuntimeError):
-    """The lab could not be built or torn down; the message is one line and names the log."""
+    """The lab could not be built or torn down, or a command in a host failed; the message is
+    one line and names the log where there is one."""
 
 
 @dataclass
@@ -88,6 +95,7 @@ class LibvirtHost:
     network: TestHost  # the network namespace, the veth end and its address
     directory: Path  # WORKDIR/host-a: configs, logs, images
     host_uuid: str
+    capabilities_cache: Path | None = None  # QEMU probe results kept between labs
     process: subprocess.Popen[bytes] | None = None
     _connections: list[Any] = field(default_factory=list)
 
@@ -136,10 +144,18 @@ class LibvirtHost:
     def run(
         self, argv: Sequence[str], timeout: float = 30.0, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """Run `argv` inside the host; its output is captured as text."""
-        return subprocess.run(
-            self.command(argv), capture_output=True, text=True, timeout=timeout, check=check
+        """Run `argv` inside the host; its output is captured as text.  With `check`, a
+        non-zero exit is a LibvirtLabError that carries the command's last line of stderr."""
+        done = subprocess.run(
+            self.command(argv), capture_output=True, text=True, timeout=timeout, check=False
         )
+        if check and done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["(no stderr)"]
+            raise LibvirtLabError(
+                f"host {self.name}: {shlex.join(argv)} exited with status {done.returncode}: "
+                f"{lines[-1]}"
+            )
+        return done
 
     def connect(self) -> Any:
         """A python3-libvirt connection (`libvirt.virConnect`) to this host's daemon; the lab
@@ -266,11 +282,39 @@ def _start_script(host: LibvirtHost) -> str:
         f"mount --bind {q(str(host.qemu_logs))} /var/log/libvirt/qemu",
         f"cp {q(str(d / 'libvirtd.conf'))} {q(str(d / 'qemu.conf'))} /etc/libvirt/",
         f"mount --bind {q(str(d / 'hosts'))} /etc/hosts",
+        *_seed_capabilities_lines(host),
         f"hostname {q(host.hostname)}",
         # The default pid file lies outside the tmpfs mounts: two daemons would fight over it.
         "exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _seed_capabilities_lines(host: LibvirtHost) -> list[str]:
+    """Script lines that copy kept QEMU probe results into the host's fresh cache, sparing its
+    first domain start the ~4 s probe.  libvirt checks every entry (QEMU's and its own ctime,
+    the kernel, the microcode, ...) and probes again when one is stale, so an old file costs
+    only the probe it was meant to save."""
+    cache = host.capabilities_cache
+    if cache is None or not any(cache.glob("*.xml")):
+        return []
+    q = shlex.quote
+    return [f"mkdir -p {CAPABILITIES_INSIDE}", f"cp {q(str(cache))}/*.xml {CAPABILITIES_INSIDE}/"]
+
+
+def _keep_capabilities(host: LibvirtHost) -> None:
+    """Copy the daemon's QEMU probe results out of its tmpfs (reached through /proc/PID/root)
+    into `capabilities_cache`, each file atomically, for the next lab."""
+    cache = host.capabilities_cache
+    if cache is None or host.process is None or host.process.poll() is not None:
+        return
+    inside = Path(f"/proc/{host.process.pid}/root") / CAPABILITIES_INSIDE.relative_to("/")
+    with contextlib.suppress(OSError):  # a cache that cannot be kept only costs time
+        cache.mkdir(parents=True, exist_ok=True)
+        for entry in inside.glob("*.xml"):
+            partial = cache / f".{entry.name}.{os.getpid()}"
+            shutil.copyfile(entry, partial)
+            os.replace(partial, cache / entry.name)
 
 
 def _write_host_files(host: LibvirtHost, hosts_file: str) -> Path:
@@ -370,36 +414,66 @@ def _signal_all(pids: Sequence[int], signum: int) -> None:
             os.kill(pid, signum)
 
 
+def process_identity(pid: int) -> tuple[int, str] | None:
+    """(pid, start time) of a live process, so that a recycled pid is not taken for it; None
+    for a process that is gone or a zombie (dead, waiting for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in ("Z", "X") else (pid, fields[19])
+
+
 def _stop_everything(hosts: Sequence[LibvirtHost]) -> None:
-    """SIGTERM, then SIGKILL, every process in the lab's network namespaces; reap the daemons.
-    The network namespaces are pinned by their /run/netns files until open_two_hosts removes
-    them, so a namespace seen here cannot be a recycled one holding someone else's processes."""
+    """SIGTERM, then SIGKILL, every process in the lab's network namespaces; reap the daemons;
+    then wait until each of them has finished exiting (a dying process leaves its namespaces
+    before it lets go of its memory and files).  The network namespaces are pinned by their
+    /run/netns files until open_two_hosts removes them, so a namespace seen here cannot be a
+    recycled one holding someone else's processes."""
     namespaces = [host.network.namespace for host in hosts]
+    seen: set[tuple[int, str]] = set()
     for signum in (signal.SIGTERM, signal.SIGKILL):
+        signalled: set[int] = set()
         deadline = time.monotonic() + STOP_TIMEOUT
         while True:
             for host in hosts:
                 if host.process is not None:
                     host.process.poll()  # reap the daemon, so that it stops being listed
             pids = [pid for ns in namespaces for pid in processes_in_network_namespace(ns)]
+            seen.update(ident for pid in pids if (ident := process_identity(pid)) is not None)
             if not pids or time.monotonic() > deadline:
                 break
-            _signal_all(pids, signum)
+            _signal_all([pid for pid in pids if pid not in signalled], signum)
+            signalled.update(pids)
             time.sleep(POLL_SECONDS)
         if not pids:
-            return
-    raise LibvirtLabError(f"processes of the libvirt lab survived SIGKILL: {sorted(pids)}")
+            break
+    else:
+        raise LibvirtLabError(f"processes of the libvirt lab survived SIGKILL: {sorted(pids)}")
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while exiting := [pid for pid, start in seen if process_identity(pid) == (pid, start)]:
+        if time.monotonic() > deadline:
+            raise LibvirtLabError(
+                f"processes of the libvirt lab still exiting after {STOP_TIMEOUT} s: {exiting}"
+            )
+        time.sleep(POLL_SECONDS)
 
 
 @contextmanager
 def open_libvirt_hosts(
-    workdir: Path, *, start_timeout: float = START_TIMEOUT
+    workdir: Path,
+    *,
+    start_timeout: float = START_TIMEOUT,
+    capabilities_cache: Path | None = None,
 ) -> Iterator[LibvirtLab]:
     """Build Host A and Host B, each with a running libvirtd; tear both down on exit.
 
     `workdir` receives host-a/ and host-b/ (configs, daemon logs, QEMU logs, images/), which
-    stay for the caller.  Raises LibvirtLabError (one line, naming the log) when a daemon does
-    not answer within `start_timeout` seconds."""
+    stay for the caller.  `capabilities_cache`, if given, is a directory where the daemons'
+    QEMU probe results are kept between labs (read at start, written at the end).  Raises
+    LibvirtLabError (one line, naming the log) when a daemon does not answer within
+    `start_timeout` seconds."""
     if os.geteuid() != 0:
         raise LibvirtLabError("the libvirt lab needs root (namespaces, mounts, libvirtd)")
     if shutil.which("libvirtd") is None:
@@ -415,7 +489,13 @@ def open_libvirt_hosts(
     prepare_machine()
     with open_two_hosts(prefix="pclv") as two:
         hosts = [
-            LibvirtHost(name, network, workdir / f"host-{name.lower()}", str(uuid.uuid4()))
+            LibvirtHost(
+                name,
+                network,
+                workdir / f"host-{name.lower()}",
+                str(uuid.uuid4()),
+                capabilities_cache,
+            )  # fmt: skip
             for name, network in (("A", two.host_a), ("B", two.host_b))
         ]
         hosts_file = "127.0.0.1 localhost\n" + "".join(
@@ -429,6 +509,7 @@ def open_libvirt_hosts(
         finally:
             for host in hosts:
                 host.close_connections()
+                _keep_capabilities(host)
             _stop_everything(hosts)
 
 
