@@ -223,3 +223,35 @@ def test_daemon_not_answering_in_time_is_one_line_naming_the_log_and_leaves_noth
     assert "not answering on qemu+tcp://169.254." in message
     assert str(tmp_path / "host-a" / "libvirtd.log") in message
     assert _machine_state() == before
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_error_inside_the_lab_propagates_and_stops_the_running_guest(
+    tmp_path: Path,
+    guest_boot_files: GuestBootFiles,
+    guest_layout: GuestLayout,
+    capabilities_cache: Path | None,
+) -> None:
+    prepare_machine()
+    before = _machine_state()
+    image = tmp_path / "guest.img"
+    prepare_disk_image(image, guest_layout, guest_boot_files)
+    watched: set[tuple[int, str]] = set()
+    with (
+        pytest.raises(_Interrupted),
+        open_libvirt_hosts(tmp_path / "lab", capabilities_cache=capabilities_cache) as lab,
+    ):
+        xml = guest_domain_xml(
+            "pclv-left", guest_boot_files, guest_layout, image, tmp_path / "serial.log"
+        )
+        domain = lab.host_a.connect().createXML(xml, 0)
+        assert domain.isActive()
+        watched = _lab_processes(lab)
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid, _ in watched}
+        assert {"libvirtd", "qemu-system-x86"} <= names  # comm is cut to 15 characters
+        raise _Interrupted
+    assert _machine_state() == before
+    assert {ident for pid, _ in watched if (ident := process_identity(pid))} & watched == set()
