@@ -122,7 +122,7 @@ def _keeps_passing_on_b(console: GuestConsole, domain_on_b: Any) -> None:
 @pytest.fixture(name="capabilities_cache")
 def capabilities_cache_fixture(pytestconfig: pytest.Config) -> Path | None:
     """Where the labs keep libvirt's QEMU probe results between runs (pytest's cache)."""
-    cache = pytestconfig.cache
+    cache = getattr(pytestconfig, "cache", None)  # absent with -p no:cacheprovider
     return None if cache is None else cache.mkdir("libvirtlab-qemu-capabilities")
 
 
