@@ -8,7 +8,7 @@ VPY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := nbdkit nbdkit-plugin-python qemu-utils libnbd-bin python3-libnbd fio nbd-server \
 	python3-venv iproute2 qemu-system-x86 busybox-static cpio gcc libc6-dev \
-	libvirt-clients libxml2-utils nbdkit-plugin-dev
+	libvirt-clients libxml2-utils nbdkit-plugin-dev debootstrap
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps venv test lint typecheck demo bench clean
