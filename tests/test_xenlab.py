@@ -1,26 +1,44 @@
 """The nested Xen lab: a PVH domU on a kernel NBD disk runs the self-checking workload, keeps
 passing across `xl migrate ... localhost`, and the old qdisk+URI disk form is shown not to work.
 
-One lab (Xen 4.17 + Debian dom0 in QEMU/TCG, `postcopy.kit.xenlab`) is booted for the module. The
-timings (set-up, boot, domU start, migration, the guest-visible pause) are printed and written to
-`xenlab-timings.txt` in the lab's work directory; nothing asserts on them.
+The tests marked `xen` (`make test-xen`) build the lab (as root, cached) and boot one instance
+(Xen 4.17 + Debian dom0 in QEMU/TCG, `postcopy.kit.xenlab`) for the module.  The timings (set-up,
+boot, domU start, migration, the guest-visible pause, QEMU's peak memory) are printed and written
+to `xenlab-timings.txt` in the lab's work directory; nothing asserts on them.  The unmarked tests
+check the kit's own logic without a lab and run in `make test`.
 """
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from postcopy.guestkit.build import ensure_guest_boot_files
+from postcopy.guestkit.build import ensure_guest_boot_files, modinfo_depends
 from postcopy.guestkit.qemu import GuestLayout, expected_preboot_bytes, prepare_disk_image
-from postcopy.kit.xenlab.build import LabFiles, ensure_lab
-from postcopy.kit.xenlab.lab import DomuConsole, LabError, XenLab, domu_config, run_xen_lab
+from postcopy.kit.xenlab.build import (
+    LabBuildError,
+    LabFiles,
+    ensure_lab,
+    installed_version,
+    module_load_order,
+)
+from postcopy.kit.xenlab.lab import (
+    DomuConsole,
+    LabError,
+    XenLab,
+    domu_config,
+    qemu_command,
+    run_xen_lab,
+)
 
-pytestmark = [pytest.mark.xen, pytest.mark.timeout(1200)]
+in_the_lab = pytest.mark.xen
 
 # Bounds, not expectations: under TCG on a loaded 2-core machine a domU takes ~70 s to its first
 # pass and `xl migrate` ~85 s (unloaded: ~15 s and ~10-15 s).
@@ -30,6 +48,109 @@ QDISK_LOG_TIMEOUT = 120
 QDISK_GRACE_SECONDS = 20
 PASSES_AFTER_MIGRATION = 3
 TIMINGS: dict[str, float] = {}
+
+
+# ---- the kit's logic, without a lab --------------------------------------------------------
+
+
+def _module_tree(tmp_path: Path, builtin: list[str]) -> Path:
+    """A kernel module tree of the guest kit's real virtio modules, in nested folders."""
+    modules = ensure_guest_boot_files().kernel.parent / "modules"
+    root = tmp_path / "lib/modules/6.1.0-test"
+    for index, module in enumerate(sorted(modules.glob("*.ko"))):
+        folder = root / "kernel" / f"drivers{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, folder / module.name.replace("_", "-"))  # file names with dashes
+    (root / "modules.builtin").write_text("".join(f"kernel/{name}.ko\n" for name in builtin))
+    return root
+
+
+def test_module_load_order_puts_dependencies_first_and_skips_built_ins(tmp_path: Path) -> None:
+    root = _module_tree(tmp_path, builtin=[])
+    order = module_load_order(root, ("virtio_blk", "virtio_pci"))
+    names = [path.name.removesuffix(".ko").replace("-", "_") for path in order]
+    assert {"virtio_blk", "virtio_pci", "virtio", "virtio_ring"} <= set(names)
+    assert len(names) == len(set(names))
+    for position, path in enumerate(order):
+        for dependency in modinfo_depends(path.read_bytes()):
+            assert names.index(dependency.replace("-", "_")) < position, (path.name, dependency)
+    built_in = module_load_order(_module_tree(tmp_path / "b", builtin=["virtio-ring"]), ("virtio",))
+    assert [path.name for path in built_in] == ["virtio.ko"]
+
+
+def test_module_load_order_names_a_missing_module(tmp_path: Path) -> None:
+    with pytest.raises(LabBuildError, match="xen_blkback"):
+        module_load_order(_module_tree(tmp_path, builtin=[]), ("virtio_pci", "xen_blkback"))
+
+
+def test_installed_version_reads_dpkg_status(tmp_path: Path) -> None:
+    status = tmp_path / "var/lib/dpkg/status"
+    status.parent.mkdir(parents=True)
+    status.write_text(
+        "Package: xen-utils-common\nStatus: install ok installed\nVersion: 1\n\n"
+        "Package: xen-utils-4.17\nStatus: install ok installed\nDescription: x\n"
+        " Version: not-this\nVersion: 4.17.5+72-g01140da4e8-1\n\n"
+        "Package: gone\nStatus: deinstall ok config-files\nVersion: 2\n"
+    )
+    assert installed_version(tmp_path, "xen-utils-4.17") == "4.17.5+72-g01140da4e8-1"
+    with pytest.raises(LabBuildError, match="gone"):
+        installed_version(tmp_path, "gone")
+
+
+def test_domu_console_reads_markers_from_both_logs_and_waits_for_whole_lines(
+    tmp_path: Path,
+) -> None:
+    console = DomuConsole(tmp_path, "du")
+    assert console.poll() == []  # no log yet
+    source = tmp_path / "guest-du.log"
+    source.write_bytes(b"POSTCOPY-GUEST INIT ready\r\nPOSTCOPY-GUEST PASS 1 OK written=1\r\nPOST")
+    assert [(m.pass_number, m.ok) for m in console.poll()] == [(1, True)]
+    with open(source, "ab") as log:
+        log.write(b"COPY-GUEST PASS 2 OK written=2\r\n")
+    (tmp_path / "guest-du--incoming.log").write_bytes(
+        b"POSTCOPY-GUEST PASS 3 FAIL written-data slot=7\r\n"
+    )
+    assert [(m.pass_number, m.ok) for m in console.poll()] == [(2, True), (3, False)]
+    assert [m.detail for m in console.failures()] == ["written-data slot=7"]
+    assert console.poll() == []  # nothing read twice
+
+
+def test_domu_config_and_qemu_command_carry_the_facts(tmp_path: Path) -> None:
+    files = LabFiles(
+        hypervisor=tmp_path / "lab/xen",
+        dom0_kernel=tmp_path / "lab/vmlinuz",
+        dom0_initramfs=tmp_path / "lab/dom0-initrd.gz",
+        rootfs=tmp_path / "rootfs",
+        domu_kernel=tmp_path / "lab/domu-vmlinux",
+        domu_initramfs=tmp_path / "lab/domu-initrd.gz",
+        workload_tool=tmp_path / "workload",
+        kernel_version="6.1.0-57-amd64",
+        kernel_package_version="6.1.192-3",
+        xen_version="4.17.5",
+        cache_dir=tmp_path / "lab",
+    )
+    config = domu_config(files, "du", "phy:/dev/nbd0,xvda,w", GuestLayout())
+    assert 'type = "pvh"' in config  # PV domUs cannot live-migrate with Debian's Xen
+    assert 'kernel = "/xenlab/domu-vmlinux"' in config
+    assert "console=hvc0" in config and "ttyS0" not in config
+    assert "pgw.dev=/dev/xvda" in config and "disk = [ 'phy:/dev/nbd0,xvda,w' ]" in config
+    command = qemu_command(files, tmp_path, memory_mib=1536, dom0_mib=512)
+    assert command[command.index("-cpu") + 1] == "qemu64,+svm,+npt"  # no NPT: no HAP, no PVH
+    shares = [command[i + 1] for i, arg in enumerate(command) if arg == "-virtfs"]
+    assert [share.split("mount_tag=")[1].split(",")[0] for share in shares] == [
+        "root",
+        "kit",
+        "ctl",
+    ]
+    assert shares[0].endswith(",readonly=on") and not shares[2].endswith(",readonly=on")
+    modules = command[command.index("-initrd") + 1]
+    assert (
+        modules
+        == f"{files.dom0_kernel} console=hvc0 earlyprintk=xen loglevel=5,{files.dom0_initramfs}"
+    )
+
+
+# ---- in the lab ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module", name="lab_files")
@@ -51,11 +172,48 @@ def lab_fixture(lab_files: LabFiles, tmp_path_factory: pytest.TempPathFactory) -
         with run_xen_lab(lab_files, workdir) as lab:
             TIMINGS["boot: QEMU start to dom0 ready"] = lab.boot_seconds
             yield lab
+            TIMINGS["QEMU peak RSS MiB"] = _peak_rss_kib(lab.process.pid) / 1024
         assert lab.process.poll() is not None  # QEMU is gone when the context ends
     finally:
         report = "".join(f"{name}: {value:.1f}\n" for name, value in TIMINGS.items())
         (workdir / "xenlab-timings.txt").write_text(report)
         print("\nxenlab timings\n" + report)
+
+
+def _peak_rss_kib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1])
+    return 0.0
+
+
+@in_the_lab
+def test_the_built_lab_holds_what_dom0_and_the_domu_need(lab_files: LabFiles) -> None:
+    def listing(initramfs: Path) -> list[str]:
+        archive = gzip.decompress(initramfs.read_bytes())
+        cpio = ["cpio", "-it", "--quiet"]
+        return (
+            subprocess.run(cpio, input=archive, capture_output=True, check=True)
+            .stdout.decode()
+            .split()
+        )
+
+    dom0 = listing(lab_files.dom0_initramfs)
+    for name in ("init", "bin/busybox", "dev/console", "lib/modules/load-order"):
+        assert name in dom0
+    assert {"lib/modules/9p.ko", "lib/modules/9pnet_virtio.ko", "lib/modules/overlay.ko"} <= set(
+        dom0
+    )
+    domu = listing(lab_files.domu_initramfs)
+    assert {"init", "bin/workload", "lib/modules/xen-blkfront.ko"} <= set(domu)
+    assert lab_files.hypervisor.read_bytes()[:5] == b"\x7fELF\x01"  # multiboot ELF32, gunzipped
+    for tool in ("usr/sbin/xl", "usr/bin/nbdkit", "usr/sbin/nbd-client", "usr/sbin/dmsetup"):
+        assert (lab_files.rootfs / tool).exists(), tool
+    modules = lab_files.rootfs / "lib/modules" / lab_files.kernel_version
+    dependencies = (modules / "modules.dep").read_text()
+    for module in ("xen-blkback.ko", "nbd.ko", "dm-mod.ko", "loop.ko"):
+        assert f"/{module}:" in dependencies, module
+    assert not list((lab_files.rootfs / "usr/share/doc").iterdir())  # trimmed
 
 
 def _nbd_disk(lab: XenLab, image: Path, name: str, device: str) -> None:
@@ -84,6 +242,8 @@ def _wait_passes(
         time.sleep(0.2)
 
 
+@in_the_lab
+@pytest.mark.timeout(1200)
 def test_pvh_domu_on_kernel_nbd_keeps_passing_across_xl_migrate_localhost(lab: XenLab) -> None:
     layout = GuestLayout()
     host_a = lab.ctl / "host-a"
@@ -141,6 +301,8 @@ def test_pvh_domu_on_kernel_nbd_keeps_passing_across_xl_migrate_localhost(lab: X
         assert disk.read(layout.work_kib[1] * 1024).count(0) < layout.work_kib[1] * 1024
 
 
+@in_the_lab
+@pytest.mark.timeout(900)
 def test_qdisk_backend_cannot_open_an_nbd_uri(lab: XenLab) -> None:
     """The form `postcopy config --xl` used to write: QEMU 7.2's xen-block stats the target as a
     file, the backend never connects, and `xl create` still succeeds; the guest finds no disk."""
