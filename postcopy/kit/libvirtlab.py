@@ -1,6 +1,6 @@
 """Two real libvirtd "hosts" on this one machine, for tests of libvirt migrations (needs root).
 
-How it works: `open_libvirt_hosts(workdir)` takes Host A and Host B from `postcopy.netns` (two
+How it works: `open_libvirt_hosts(workdir)` takes Host A and Host B from `postcopy.kit.netns` (two
 network namespaces joined by a veth pair, link-local addresses, loopback up) and starts one real
 libvirtd in each, no systemd.  Each daemon is launched as
 
@@ -37,9 +37,9 @@ Machine set-up, idempotent (what Debian's libvirt-daemon-system would do, which 
 install): the `libvirt-qemu` user the QEMU driver insists on, and the empty mount points of
 `LIBVIRT_DIRS`.
 
-`guest_domain_xml` describes the project's TCG test guest (postcopy.guestkit) as a libvirt domain;
-`GuestConsole` reads its serial log (one file both QEMUs append to, so it reads straight across a
-migration) and waits for the workload's PASS lines with the guest kit's parser.
+`guest_domain_xml` describes the project's TCG test guest (postcopy.kit.guestkit) as a libvirt
+domain; `GuestConsole` reads its serial log (one file both QEMUs append to, so it reads straight
+across a migration) and waits for the workload's PASS lines with the guest kit's parser.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postcopy.guestkit.build import GuestBootFiles
-from postcopy.guestkit.qemu import MARKER_RE, GuestError, GuestLayout, Marker
-from postcopy.netns import TestHost, open_two_hosts
+from postcopy.kit.guestkit.build import GuestBootFiles
+from postcopy.kit.guestkit.qemu import MARKER_RE, GuestError, GuestLayout, Marker
+from postcopy.kit.netns import TestHost, open_two_hosts
 
 # The daemon's state directories; each host gets a tmpfs over every one of them.
 LIBVIRT_DIRS = (

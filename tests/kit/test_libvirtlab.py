@@ -20,8 +20,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from postcopy.guestkit.build import GuestBootFiles
-from postcopy.guestkit.qemu import GuestLayout, prepare_disk_image
+from postcopy.kit.guestkit.build import GuestBootFiles
+from postcopy.kit.guestkit.qemu import GuestLayout, prepare_disk_image
 from postcopy.kit.libvirtlab import (
     IMAGES_INSIDE,
     LIBVIRT_DIRS,
@@ -42,7 +42,7 @@ ROUNDS_ON_B = 2
 
 
 def _own_network_namespaces() -> set[str]:
-    """The network namespaces of labs made by this process (postcopy.netns tags their names
+    """The network namespaces of labs made by this process (postcopy.kit.netns tags their names
     with the maker's pid): other tests may make and remove their own meanwhile."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     names = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
