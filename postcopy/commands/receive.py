@@ -15,7 +15,7 @@ import argparse
 import math
 from pathlib import Path
 
-from nbdsrv.uri import parse_nbd_uri
+from nbdsrv.uri import parse_host_port, parse_nbd_uri
 from postcopy.destination.blockmap import check_chunk_size
 from postcopy.destination.receive import DEFAULT_THREADS, ReceiveConfig, run_receive
 from postcopy.errors import UserError
@@ -78,10 +78,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise UserError(f"bad listen address {text!r}: expected HOST:PORT")
-    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
+    try:
+        return parse_host_port(text, default_host="0.0.0.0", allow_port_zero=True)
+    except ValueError:
+        raise UserError(f"bad listen address {text!r}: expected HOST:PORT") from None
 
 
 def _seconds(option: str, text: str) -> float:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
+from nbdsrv.uri import parse_host_port
 from postcopy.errors import UserError
 
 __all__ = [
@@ -142,14 +143,6 @@ def parse_nbd_address(text: str) -> NbdEndpoint:
         f"{text!r} is not nbd://HOST[:PORT], nbds://HOST[:PORT], "
         "nbd+unix:///?socket=PATH or unix:PATH"
     )
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host, int(port_text)
 
 
 @dataclass(frozen=True)
