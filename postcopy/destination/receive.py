@@ -24,11 +24,10 @@ and runs the plugin alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.resources
 import os
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import sysconfig
@@ -41,6 +40,7 @@ import trio
 
 import nbdsrv
 import postcopy
+from nbdsrv import listeners
 from postcopy.destination.blockmap import (
     DEFAULT_CHUNK_SIZE,
     JOURNAL_FILENAME,
@@ -217,21 +217,16 @@ def completed_size(config: ReceiveConfig) -> int | None:
 
 
 def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on (nbdkit would not replace it); UserError for a
+    live socket or another kind of file."""
     try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise UserError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody listens: a stale socket nbdkit would not replace
-        return
-    finally:
-        probe.close()
-    raise UserError(f"socket {path} is in use by another server")
+        listeners.remove_stale_socket(str(path))
+    except FileExistsError:
+        raise UserError(f"{path} exists and is not a socket") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"socket {path} is in use by another server") from None
+        raise UserError(f"cannot check socket {path}: {exc.strerror or exc}") from None
 
 
 def fastpath_filter_path() -> Path | None:
