@@ -74,6 +74,9 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from nbdsrv.backend import FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE
+from nbdsrv.backend import FALLOC_FL_ZERO_RANGE as _FALLOC_FL_ZERO_RANGE
+from nbdsrv.backend import fallocate, punch_hole
 from nbdsrv.errors import CommandError
 from nbdsrv.uri import NBDAddress, parse_nbd_uri
 from postcopy.destination import gate as source_gate
@@ -110,25 +113,6 @@ UNREACHABLE_GRACE_SECONDS = 1.0
 BLOCKING_RETRY_SECONDS = 1.0
 # at most this many blocking source connections (one per nbdkit worker thread that missed)
 MAX_BLOCKING_SOURCES = 16
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Linux fallocate(2) with a mode (Python's os module offers only posix_fallocate)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-
 
 # The C fast path (plugin/fastpath.c) reads the live map on nbdkit's threads without the GIL: it
 # load-acquires a chunk's byte and, when PRESENT is set, preads the chunk from the data file.  For
