@@ -305,10 +305,13 @@ class DestinationSettings:
 
 
 def _settings() -> tuple[Setting, ...]:
-    return tuple(
+    settings = tuple(
         Setting(name=f.name, default=f.default, **f.metadata["setting"])
         for f in fields(DestinationSettings)
     )
+    for setting in settings:  # a receive flag is an option that turns something on
+        assert not (Scope.RECEIVE in setting.scope and setting.is_flag and setting.default), setting
+    return settings
 
 
 SETTINGS = _settings()
@@ -359,9 +362,7 @@ def receive_arguments(settings: DestinationSettings) -> list[str]:
         if value is None or (value == setting.default and not setting.explicit):
             continue
         if setting.is_flag:
-            if not value:
-                raise ValueError(f"{setting.option} cannot be turned off")  # no such option
-            arguments.append(setting.option)
+            arguments.append(setting.option)  # on: a receive flag's default is off
         else:
             arguments += [setting.option, setting.kind.format(value)]
     return arguments
