@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -143,6 +144,9 @@ class Peer:
 
     def begin_stop(self) -> None: ...
 
+    def wait_stopping(self) -> None:
+        """Until the stop has taken effect (new connections are refused)."""
+
     def wait_stopped(self) -> None: ...
 
     def close(self) -> None: ...
@@ -210,6 +214,9 @@ class ServePeer(Peer):
         assert self.serve is not None
         self.serve.process.send_signal(signal.SIGTERM)
 
+    def wait_stopping(self) -> None:
+        self.wait_stopped()  # serve closes its connections and exits
+
     def wait_stopped(self) -> None:
         assert self.serve is not None
         self.serve.process.wait(STOP_TIMEOUT)
@@ -262,6 +269,22 @@ class NbdkitPeer(Peer):
     def begin_stop(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
+
+    def wait_stopping(self) -> None:
+        """nbdkit stays until its clients leave, but stops accepting: a new connection waits in
+        the listen backlog, never greeted (a running nbdkit greets at once)."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(1.0)
+                try:
+                    probe.connect(self.socket_path)
+                    if probe.recv(8) != b"NBDMAGIC":
+                        return
+                except OSError:
+                    return
+            time.sleep(0.02)
+        raise TimeoutError("nbdkit still greets new clients after SIGTERM")
 
     def wait_stopped(self) -> None:
         assert self.process is not None
@@ -519,6 +542,7 @@ async def test_a_link_re_sends_a_read_across_a_source_restart(own_peer: Peer) ->
         with trio.fail_after(10):
             await link.pread_into(bytearray(10), 0)
         own_peer.begin_stop()
+        await trio.to_thread.run_sync(own_peer.wait_stopping)
         read_done = trio.Event()
 
         async def read() -> None:
