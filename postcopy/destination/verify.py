@@ -159,7 +159,10 @@ class VerifyReport:
 
 def destination_of(state_dir: Path) -> Path:
     """The destination file recorded in the state directory's status record (`dest`)."""
-    record = read_status(state_dir)
+    try:
+        record = read_status(state_dir)
+    except UserError as exc:
+        raise VerifyInputError(f"{exc}; name the destination file (--dest)") from None
     dest = record.get("dest")
     if not isinstance(dest, str) or not dest:
         raise VerifyInputError(f"the status record of {state_dir} names no destination file")
