@@ -46,7 +46,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,8 @@ class VerifyReport:
     bytes_read: int
     mismatch_count: int
     mismatch_offsets: tuple[int, ...]  # byte offsets of the first `max_listed` mismatches
-    seconds: float
-    receive_running: bool
+    seconds: float = field(compare=False)  # how long it took: not part of the outcome
+    receive_running: bool = False
 
     @property
     def matched(self) -> bool:
@@ -137,6 +137,23 @@ class VerifyReport:
             "receive_running": self.receive_running,
         }
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> VerifyReport:
+        """The report back from `to_record()` (e.g. `postcopy verify --json` run on B over ssh
+        by `postcopy migrate` on A); ValueError when the record is not one."""
+        try:
+            return cls(
+                state_dir=Path(record["state_dir"]),
+                dest=Path(record["dest"]),
+                algorithm=str(record["algorithm"]),
+                mismatch_offsets=tuple(int(offset) for offset in record["mismatch_offsets"]),
+                seconds=float(record["seconds"]),
+                receive_running=bool(record["receive_running"]),
+                **{name: int(record[name]) for name in _COUNT_FIELDS},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a verify report: {exc!r}") from None
+
     def summary(self) -> str:
         """One line for people."""
         rate = self.bytes_read / self.seconds / (1 << 20) if self.seconds else 0.0
@@ -155,6 +172,12 @@ class VerifyReport:
             f"MISMATCH: {self.mismatch_count} chunk(s) of {format_size(self.chunk_size)} differ "
             f"from the source at byte offsets {listed} ({counts}); keep the source"
         )
+
+
+_COUNT_FIELDS = (
+    "chunk_size", "image_size", "chunk_count", "chunks_compared", "chunks_skipped_guest_written",
+    "chunks_written_during_verify", "hole_chunks", "bytes_read", "mismatch_count",
+)
 
 
 def destination_of(state_dir: Path) -> Path:

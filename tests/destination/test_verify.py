@@ -5,6 +5,7 @@ block map and a real file) to pin each rule, and a disk really migrated by `post
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -20,13 +21,14 @@ from postcopy.destination.verify import (
     DestinationInUseError,
     DestinationNotComplete,
     VerifyInputError,
+    VerifyReport,
     verify_destination,
 )
 from postcopy.errors import StateError
 from postcopy.source.digest import compute_digests
 from tests.destination.test_receive import running_receive
 from tests.destination.test_state_lock import fingerprint
-from tests.peers import running_serve, sparse_test_image
+from tests.peers import running_qemu_nbd, running_serve, sparse_test_image
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNK = 64 * KiB
@@ -120,7 +122,9 @@ def test_many_mismatches_are_counted_and_the_first_ones_listed(
     assert report.mismatch_count == 60
     assert report.mismatch_offsets == tuple(chunk * CHUNK for chunk in range(0, 10, 2))
     assert "and 55 more" in report.summary()
-    assert report.to_record()["mismatch_offsets_truncated"] is True
+    record = report.to_record()
+    assert record["mismatch_offsets_truncated"] is True and record["result"] == "mismatch"
+    assert VerifyReport.from_record(json.loads(json.dumps(record))) == report
 
 
 def test_a_guest_written_chunk_that_differs_is_skipped_not_a_mismatch(
@@ -228,6 +232,18 @@ def test_a_destination_open_as_a_disk_image_elsewhere_is_in_use(
     finally:
         os.close(fd)
     assert verify_destination(state_dir, compute_digests(source, CHUNK), dest=dest).matched
+
+
+def test_a_destination_opened_by_qemu_is_in_use(tmp_path: Path, source: Path) -> None:
+    """The real thing: qemu-nbd (QEMU's block layer, as B's QEMU after a pivot) holds the file."""
+    state_dir, dest = make_destination(tmp_path, source)
+    before = fingerprint(state_dir, dest)
+    with (
+        running_qemu_nbd(dest, read_only=False),
+        pytest.raises(DestinationInUseError, match="locks it as a disk image"),
+    ):
+        verify_destination(state_dir, compute_digests(source, CHUNK), dest=dest)
+    assert fingerprint(state_dir, dest) == before
 
 
 def test_a_destination_served_under_another_state_dir_is_in_use(
