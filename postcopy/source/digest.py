@@ -15,7 +15,9 @@ worker thread, and each chunk is hashed from a memoryview of it; with `threads` 
 take successive blocks (hashlib releases the GIL on large inputs, and preadv releases it too).
 `hash_chunk_runs` is the shared engine: `compute_digests` runs it over every chunk of the image,
 the verifier over the chunks it compares.  An image whose size or mtime changes while it is read
-is refused (`ImageChangedError`): the source must be frozen.
+is refused (`ImageChangedError`): the source must be frozen.  That check is a cheap guard, not a
+proof (an overwrite within one tick of the file system's clock keeps the mtime): freezing the
+source is the caller's job.
 
 Algorithms (both 16 bytes per chunk, so 16 bytes cross the link per 64 KiB chunk, 1/4096 of the
 data): `sha256-128`, SHA-256 truncated to 128 bits, the default (with the SHA extensions of

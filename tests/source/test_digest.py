@@ -16,6 +16,7 @@ from postcopy.errors import UserError
 from postcopy.source.digest import (
     DigestFormatError,
     DigestList,
+    ImageChangedError,
     allocation_runs,
     compute_digests,
     zero_digest,
@@ -211,3 +212,30 @@ def test_a_missing_image_or_a_directory_is_refused(tmp_path: Path) -> None:
         compute_digests(tmp_path / "absent.img")
     with pytest.raises(UserError, match="neither a regular file"):
         compute_digests(Path("/dev/null"))
+
+
+@pytest.mark.parametrize("late_change", ["grows", "mtime"])
+def test_an_image_written_while_it_is_digested_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late_change: str
+) -> None:
+    """The domain on A still writing (here: between the read and the final check) is noticed by
+    the size or the mtime (set explicitly: a write within one clock tick keeps the mtime)."""
+    import postcopy.source.digest as digest_module
+
+    image = tmp_path / "live.img"
+    image.write_bytes(os.urandom(4 * CHUNK))
+    os.utime(image, ns=(10**18, 10**18))
+    real_hash_chunk_runs = digest_module.hash_chunk_runs
+
+    def hash_then_guest_writes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        stats = real_hash_chunk_runs(*args, **kwargs)
+        if late_change == "grows":
+            with open(image, "ab") as f:
+                f.write(b"late write")
+        else:
+            os.utime(image, ns=(10**18, 10**18 + 1))
+        return stats
+
+    monkeypatch.setattr(digest_module, "hash_chunk_runs", hash_then_guest_writes)
+    with pytest.raises(ImageChangedError, match="is its domain still running"):
+        compute_digests(image, CHUNK)
