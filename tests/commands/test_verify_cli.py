@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from postcopy.source.digest import compute_digests
+from tests.destination.test_receive import running_receive
 from tests.destination.test_state_lock import fingerprint
 from tests.destination.test_verify import CHUNK, MiB, make_destination, overwrite
-from tests.peers import sparse_test_image
+from tests.peers import running_serve, sparse_test_image
 
 POSTCOPY = [sys.executable, "-m", "postcopy.cli"]
 
@@ -148,3 +149,27 @@ def test_digest_refuses_to_write_binary_to_a_terminal(tmp_path: Path, source: Pa
         os.close(follower)
         os.close(leader)
     assert result.returncode == 2 and b"binary" in result.stderr
+
+
+def test_a_real_migration_verifies_with_the_commands_then_a_corrupted_chunk_is_exit_1(
+    tmp_path: Path,
+) -> None:
+    """serve -> receive, then `postcopy digest` on A's image piped into `postcopy verify` on B's
+    state directory while receive still runs (the destination comes from its status record)."""
+    image = tmp_path / "a.img"
+    sparse_test_image(image, 16 * MiB, seed=21)
+    workdir = tmp_path / "b"
+    workdir.mkdir()
+    with running_serve(image) as serve, running_receive(serve.uri, workdir) as receiver:
+        receiver.wait_complete(timeout=60)
+        digest_file = tmp_path / "a.digests"
+        assert postcopy("digest", "-o", str(digest_file), str(image)).returncode == 0
+        verify = ["verify", "--state-dir", str(receiver.state_dir), "--digests", "-"]
+        matched = postcopy(*verify, stdin=digest_file.read_bytes())
+        assert matched.returncode == 0, matched.stderr
+        assert b"match: " in matched.stdout
+        overwrite(receiver.dest, 100 * CHUNK + 3, b"\x99")
+        mismatched = postcopy(*verify, "--json", stdin=digest_file.read_bytes())
+        assert mismatched.returncode == 1, mismatched.stderr
+        record = json.loads(mismatched.stdout)
+        assert record["mismatch_offsets"] == [100 * CHUNK] and record["receive_running"]
