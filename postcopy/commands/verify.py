@@ -7,7 +7,10 @@ chunk the guest has not written on B is compared (`postcopy.destination.verify`)
 mismatch (the first N byte offsets are named, with the count), 2 when the two cannot be compared
 (digests of another chunk size or image size, a corrupt or truncated digest file, a disk that is
 not complete, a destination written around the block map), with one line on stderr and nothing
-changed.  `--json` prints the report as one JSON object on stdout instead of the summary line.
+changed.  `--json` prints the report as one JSON object on stdout instead of the summary line
+(`"result"`: `match` or `mismatch`), or, on exit 2, `{"result": "error", "kind": ..., "error":
+...}` with kind `not-complete` (try again once receive has made the map durable), `in-use`,
+`bad-digests` or `bad-input`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-from postcopy.destination.verify import verify_destination
+from postcopy.destination.verify import (
+    DestinationInUseError,
+    DestinationNotComplete,
+    verify_destination,
+)
 from postcopy.errors import UserError
-from postcopy.source.digest import DEFAULT_THREADS, DigestList
+from postcopy.source.digest import DEFAULT_THREADS, DigestFormatError, DigestList
 
 # A digest file is 16 bytes per chunk: 4 MiB per 16 GiB of disk at 64 KiB chunks.  Refuse to read
 # more than this (a wrong file, /dev/zero) before parsing it.
@@ -59,7 +66,29 @@ def read_digest_file(name: str) -> DigestList:
     return DigestList.decode(data, what=what)
 
 
+def error_kind(exc: UserError) -> str:
+    """What kind of refusal this is, for tools reading `--json` (a caller may retry
+    `not-complete` after a few seconds; the others need a person)."""
+    if isinstance(exc, DestinationNotComplete):
+        return "not-complete"
+    if isinstance(exc, DestinationInUseError):
+        return "in-use"
+    if isinstance(exc, DigestFormatError):
+        return "bad-digests"
+    return "bad-input"
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return verify(args)
+    except UserError as exc:
+        if args.json:  # tools get a record too; the one line still goes to stderr
+            record = {"result": "error", "error": str(exc), "kind": error_kind(exc)}
+            print(json.dumps(record, sort_keys=True))
+        raise
+
+
+def verify(args: argparse.Namespace) -> int:
     if args.max_listed < 0:
         raise UserError("--max-listed must be 0 or more")
     if args.threads < 1:

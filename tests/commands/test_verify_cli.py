@@ -137,6 +137,11 @@ def test_verify_of_a_disk_that_is_not_complete_is_exit_2(tmp_path: Path, source:
                       "--dest", str(dest))  # fmt: skip
     assert result.returncode == 2
     assert b"not durably present yet (1 chunks)" in result.stderr
+    as_json = postcopy("verify", "--state-dir", str(state_dir), "--digests", str(digest_file),
+                       "--dest", str(dest), "--json")  # fmt: skip
+    assert as_json.returncode == 2 and as_json.stderr.count(b"\n") == 1
+    record = json.loads(as_json.stdout)
+    assert record["result"] == "error" and record["kind"] == "not-complete"
     assert fingerprint(state_dir, dest) == before
 
 
