@@ -29,11 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -48,10 +48,12 @@ from postcopy.kit.guestkit.qemu import (
     prepare_disk_image,
     run_qemu_guest,
 )
+from postcopy.kit.processes import start_logged, stop_process
 
 BOOT_TIMEOUT = 30.0
 URI_RE = re.compile(r"nbd(\+unix)?://\S+")
 POLL_SECONDS = 0.02
+T = TypeVar("T")
 
 # The hosts are joined by a relay limited to ~100 MB/s (nbdkit's rate filter; bits/s), so the
 # drain of the 176 MiB of data lasts ~2 s and the guest passes on B while it runs.
@@ -64,16 +66,6 @@ SCENARIO_LAYOUT = GuestLayout(
     work_kib=(161 * 1024, 16 * 1024),
     zero_kib=(177 * 1024, 8 * 1024),
 )
-
-
-def _terminate(process: subprocess.Popen[bytes], name: str) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
 
 
 def _tail(path: Path, size: int = 2000) -> str:
@@ -116,24 +108,40 @@ def layout_for_disk_size(size: int) -> GuestLayout:
     )
 
 
+def _wait_started(
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], T | None],
+    log: Path,
+    timeout: float,
+    failure: str,
+) -> T:
+    """Poll `ready()` until it returns something (returned); GuestError with `failure` and the
+    log's tail when `process` exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = ready()
+        if result is not None:
+            return result
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise GuestError(f"{failure}:\n{_tail(log)}")
+        time.sleep(POLL_SECONDS)
+
+
+def _socket_exists(socket: Path) -> Callable[[], bool | None]:
+    return lambda: socket.exists() or None
+
+
 @contextmanager
 def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str]:
     """`postcopy serve` exporting `image` read-only on `socket`; yields the NBD URI."""
     log = workdir / "serve.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "postcopy.cli", "serve", "--socket", str(socket), str(image)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-        )  # fmt: skip
+    command = [sys.executable, "-m", "postcopy.cli", "serve", "--socket", str(socket), str(image)]
+    process = start_logged(command, log)
     try:
-        deadline = time.monotonic() + 15
-        while not socket.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"postcopy serve did not start:\n{_tail(log)}")
-            time.sleep(POLL_SECONDS)
+        _wait_started(process, _socket_exists(socket), log, 15, "postcopy serve did not start")
         yield f"nbd+unix:///?socket={socket}"
     finally:
-        _terminate(process, "serve")
+        stop_process(process)
 
 
 @contextmanager
@@ -149,19 +157,12 @@ def run_rate_limited_link(
         "nbdkit", "-f", "-U", str(link_socket), "--filter=rate", "nbd",
         f"socket={source_socket}", f"rate={rate}", "burstiness=0.2",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
+    process = start_logged(command, log)
     try:
-        deadline = time.monotonic() + 15
-        while not link_socket.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"nbdkit relay did not start:\n{_tail(log)}")
-            time.sleep(POLL_SECONDS)
+        _wait_started(process, _socket_exists(link_socket), log, 15, "nbdkit relay did not start")
         yield f"nbd+unix:///?socket={link_socket}"
     finally:
-        _terminate(process, "link")
+        stop_process(process)
 
 
 @dataclass
@@ -196,22 +197,15 @@ def run_postcopy_receive(
         "--dest", str(dest), "--state-dir", str(state_dir), "--socket", str(socket),
         "--wait-for-source", *extra_args,
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
+    process = start_logged(command, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            match = URI_RE.search(_tail(log, 10000))
-            if match:
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"postcopy receive printed no URI:\n{_tail(log)}")
-            time.sleep(POLL_SECONDS)
+        match = _wait_started(
+            process, lambda: URI_RE.search(_tail(log, 10000)), log, 30,
+            "postcopy receive printed no URI",
+        )  # fmt: skip
         yield ReceiveProcess(match.group(0), process, state_dir, log)
     finally:
-        _terminate(process, "receive")
+        stop_process(process)
 
 
 @dataclass
