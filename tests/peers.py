@@ -3,6 +3,7 @@
     with running_serve(image, writable=True) as serve:      # `postcopy serve` on a Unix socket
         subprocess.run(["nbdinfo", serve.uri], check=True)
     with running_nbdkit(["memory", "64M"]) as nbdkit: ...   # any nbdkit plugin and arguments
+    with running_receive_command(argv, log) as (process, uri): ...  # until it prints its URI
 
 Every server is started with a bounded wait for readiness and is terminated (then killed) when
 the `with` block ends, whatever happens inside.  `sparse_test_image` writes a deterministic image of
@@ -18,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,11 +28,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from postcopy.kit.processes import read_line
+from postcopy.kit.processes import read_line, stop_process
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+RECEIVE_START_TIMEOUT = 60.0  # receive bounds its own start-up; this only guards a hung one
+RECEIVE_STOP_TIMEOUT = 15.0
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -102,14 +106,17 @@ def files_identical(first: str | os.PathLike[str], second: str | os.PathLike[str
 
 
 def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-    if process.poll() is None:
-        process.send_signal(sig)
+    return stop_process(process, timeout=STOP_TIMEOUT, kill_timeout=STOP_TIMEOUT, sig=sig)
+
+
+def unix_socket_accepts(path: str | os.PathLike[str]) -> bool:
+    """Does something accept connections on the Unix socket `path` (not just: does it exist)?"""
+    with socket.socket(socket.AF_UNIX) as probe:
         try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
-    return process.returncode
+            probe.connect(os.fspath(path))
+        except OSError:
+            return False
+        return True
 
 
 def _wait_for_socket(path: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -233,6 +240,37 @@ def running_qemu_nbd(image: str | os.PathLike[str], *, read_only: bool = True) -
             yield f"nbd+unix:///?socket={socket_path}"
         finally:
             _stop(process)
+
+
+@contextlib.contextmanager
+def running_receive_command(
+    command: Sequence[str],
+    log_path: Path,
+    *,
+    expect: str | tuple[str, ...] = "nbd+unix://",
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run a `postcopy receive` command line (stderr into `log_path`) until it prints its NBD URI
+    (which must start with `expect`); yields the process and the URI.  SIGTERM (then SIGKILL)
+    and its stdout closed when the `with` block ends."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=cwd, env=env)
+    try:
+        try:
+            uri = read_line(process, RECEIVE_START_TIMEOUT)
+        except TimeoutError as exc:
+            log = log_path.read_text()
+            raise AssertionError(f"receive printed no URI ({exc}): {log}") from None
+        if not uri.startswith(expect):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)  # let it finish writing why
+            raise AssertionError(f"no URI printed: {uri!r}: {log_path.read_text()}")
+        yield process, uri
+    finally:
+        stop_process(process, timeout=RECEIVE_STOP_TIMEOUT, kill_timeout=RECEIVE_STOP_TIMEOUT)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def require_tools(*names: str) -> None:

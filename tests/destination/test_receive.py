@@ -26,7 +26,7 @@ import nbd
 import pytest
 
 from postcopy.destination.blockmap import BlockMap, MapIdentity
-from tests.peers import require_tools, running_serve, sparse_test_image
+from tests.peers import require_tools, running_receive_command, running_serve, sparse_test_image
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -80,25 +80,9 @@ def running_receive(
     log_path = workdir / f"receive-{time.monotonic_ns()}.log"
     where = ["--listen", listen] if listen else ["--socket", str(socket_path)]
     command = receive_command(source, dest, state_dir, *where, *extra)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode().strip()  # receive bounds its own start-up
-        if not line.startswith(("nbd+unix://", "nbd://")):
-            process.wait(10)
-            raise AssertionError(f"no URI printed: {line!r}: {log_path.read_text()}")
-        yield Receiver(process, line, state_dir, dest, log_path)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+    started = running_receive_command(command, log_path, expect=("nbd+unix://", "nbd://"))
+    with started as (process, uri):
+        yield Receiver(process, uri, state_dir, dest, log_path)
 
 
 def connect(uri: str) -> nbd.NBD:

@@ -43,6 +43,7 @@ from tests.peers import (
     RunningServe,
     files_identical,
     running_nbdkit,
+    running_receive_command,
     running_serve,
     serve_command,
     sparse_test_image,
@@ -734,12 +735,7 @@ def test_receive_drains_a_tls_source_named_by_an_nbds_uri(
             "--state-dir", str(state_dir), "--socket", str(tmp_path / "d.sock"),
         ]
         log_path = tmp_path / "receive.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline().decode().strip()
-            assert line.startswith("nbd+unix://"), log_path.read_text()
+        with running_receive_command(command, log_path) as (process, uri):
             deadline = time.monotonic() + 60
             state = ""
             while state != "complete":
@@ -749,19 +745,9 @@ def test_receive_drains_a_tls_source_named_by_an_nbds_uri(
                     state = json.loads((state_dir / "status.json").read_text())["state"]
                 time.sleep(0.05)
             handle = nbd.NBD()
-            handle.connect_uri(line)
+            handle.connect_uri(uri)
             assert handle.pread(65536, 0) == image.read_bytes()[:65536]
             handle.shutdown()
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
         assert served_requests_so_far(serve) > 0
     assert files_identical(image, dest)
 
