@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,13 @@ def file_extents(path: str | os.PathLike[str]) -> list[tuple[int, int, bool]]:
     finally:
         os.close(fd)
     return runs
+
+
+def fill_bytes(path: str | os.PathLike[str], offset: int, length: int, byte: int) -> None:
+    """Overwrite [offset, offset+length) of an existing file with `byte`."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes([byte]) * length)
 
 
 def files_identical(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
@@ -240,6 +247,27 @@ def running_qemu_nbd(image: str | os.PathLike[str], *, read_only: bool = True) -
             yield f"nbd+unix:///?socket={socket_path}"
         finally:
             _stop(process)
+
+
+@contextlib.contextmanager
+def running_until_ready(
+    command: Sequence[str], log_path: Path, ready: Callable[[], bool], timeout: float, what: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command` (stdin from /dev/null, stdout and stderr into `log_path`) and wait up to
+    `timeout` seconds for `ready()` (e.g. its socket accepts); RuntimeError with the log when it
+    exits or the time is up first.  SIGTERM (then SIGKILL) when the `with` block ends."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if process.poll() is not None or time.monotonic() > deadline:
+                log_text = log_path.read_text(errors="replace")
+                raise RuntimeError(f"{what} did not start: {log_text}")
+            time.sleep(0.02)
+        yield process
+    finally:
+        stop_process(process)
 
 
 @contextlib.contextmanager
