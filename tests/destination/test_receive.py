@@ -9,6 +9,7 @@ guest did not write, the local file's allocation, and the status record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -89,6 +90,18 @@ def connect(uri: str) -> nbd.NBD:
     handle = nbd.NBD()
     handle.connect_uri(uri)
     return handle
+
+
+def seconds_until_eio(handle: nbd.NBD, length: int, offset: int) -> float:
+    """Read through `handle`, which must fail with EIO (libnbd names the errno); returns how
+    many seconds the failing read took."""
+    started = time.monotonic()
+    try:
+        handle.pread(length, offset)
+    except nbd.Error as exc:
+        assert exc.errno == errno.errorcode[errno.EIO], exc
+        return time.monotonic() - started
+    raise AssertionError(f"a read of {length} bytes at {offset} succeeded; EIO was expected")
 
 
 def read_range(path: Path, offset: int, length: int) -> bytes:
