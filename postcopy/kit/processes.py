@@ -4,7 +4,8 @@ read its output line by line with a deadline.
 `start_logged` starts a command in a session of its own (a Ctrl-C on the terminal reaches only
 the caller, which stops its children on the way out) with stdin from /dev/null and stdout and
 stderr into one log file.  `stop_process` sends SIGTERM, waits, then SIGKILLs and reaps: a child
-that ignores SIGTERM is never left behind.
+that ignores SIGTERM is never left behind.  `status_record` and `wait_for_status` read the status
+record a running `postcopy receive` keeps in its state directory (`{}` while there is none).
 
 `read_line` reads the child's stdout one byte at a time straight from the file descriptor, so no
 buffered bytes are left behind for a later reader, and gives up after `timeout` seconds: a child
@@ -14,12 +15,13 @@ closes its stdout.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,36 @@ def read_line(process: subprocess.Popen[Any], timeout: float) -> str:
                 break
             data += byte
     return data.decode(errors="replace").strip()
+
+
+def status_record(state_dir: Path) -> dict[str, Any]:
+    """The status record of the receive using `state_dir`; {} when there is none (yet) or it is
+    being replaced."""
+    try:
+        return dict(json.loads((Path(state_dir) / "status.json").read_text()))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def wait_for_status(
+    process: subprocess.Popen[Any],
+    state_dir: Path,
+    condition: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    *,
+    poll_seconds: float = 0.05,
+    describe: Callable[[], str] = lambda: "",
+) -> dict[str, Any]:
+    """Poll the status record of `process` (a receive using `state_dir`) until `condition`
+    holds; returns that record.  ChildProcessError when the process exits first, TimeoutError
+    after `timeout` seconds; both say what `describe()` returns (a log's tail, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = status_record(state_dir)
+        if record and condition(record):
+            return record
+        if process.poll() is not None:
+            raise ChildProcessError(f"receive exited with {process.returncode}: {describe()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"status never matched; last {record}; {describe()}")
+        time.sleep(poll_seconds)

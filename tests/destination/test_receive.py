@@ -27,6 +27,7 @@ import nbd
 import pytest
 
 from postcopy.destination.blockmap import BlockMap, MapIdentity
+from postcopy.kit.processes import status_record, wait_for_status
 from tests.peers import require_tools, running_receive_command, running_serve, sparse_test_image
 
 MiB = 1024 * 1024
@@ -42,22 +43,12 @@ class Receiver:
     log_path: Path
 
     def status(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.state_dir / "status.json").read_text()))
-        except (FileNotFoundError, ValueError):
-            return {}
+        return status_record(self.state_dir)
 
     def wait_status(self, condition: Any, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            record = self.status()
-            if record and condition(record):
-                return record
-            if self.process.poll() is not None:
-                raise AssertionError(f"receive exited {self.process.returncode}: {self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"status never matched; last {record}; log {self.log()}")
-            time.sleep(0.05)
+        return wait_for_status(
+            self.process, self.state_dir, condition, timeout, describe=lambda: f"log {self.log()}"
+        )
 
     def wait_complete(self, timeout: float = 30.0) -> dict[str, Any]:
         return self.wait_status(lambda r: r["state"] == "complete", timeout)

@@ -21,7 +21,6 @@ fail.  Every process started here is terminated on the way out.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -48,7 +47,7 @@ from postcopy.kit.guestkit.qemu import (
     prepare_disk_image,
     run_qemu_guest,
 )
-from postcopy.kit.processes import start_logged, stop_process
+from postcopy.kit.processes import start_logged, status_record, stop_process
 
 BOOT_TIMEOUT = 30.0
 URI_RE = re.compile(r"nbd(\+unix)?://\S+")
@@ -108,23 +107,23 @@ def layout_for_disk_size(size: int) -> GuestLayout:
     )
 
 
-def _wait_started(
-    process: subprocess.Popen[bytes],
-    ready: Callable[[], T | None],
-    log: Path,
-    timeout: float,
-    failure: str,
-) -> T:
-    """Poll `ready()` until it returns something (returned); GuestError with `failure` and the
-    log's tail when `process` exits or `timeout` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = ready()
-        if result is not None:
-            return result
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise GuestError(f"{failure}:\n{_tail(log)}")
-        time.sleep(POLL_SECONDS)
+@contextmanager
+def _running(
+    command: Sequence[str], log: Path, ready: Callable[[], T | None], timeout: float, failure: str
+) -> Iterator[tuple[subprocess.Popen[bytes], T]]:
+    """Start `command` with its output in `log` and poll `ready()` until it returns something;
+    yields the process and that.  GuestError with `failure` and the log's tail when the process
+    exits or `timeout` seconds pass first.  The process is stopped when the block ends."""
+    process = start_logged(command, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while (result := ready()) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise GuestError(f"{failure}:\n{_tail(log)}")
+            time.sleep(POLL_SECONDS)
+        yield process, result
+    finally:
+        stop_process(process)
 
 
 def _socket_exists(socket: Path) -> Callable[[], bool | None]:
@@ -136,12 +135,8 @@ def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str
     """`postcopy serve` exporting `image` read-only on `socket`; yields the NBD URI."""
     log = workdir / "serve.log"
     command = [sys.executable, "-m", "postcopy.cli", "serve", "--socket", str(socket), str(image)]
-    process = start_logged(command, log)
-    try:
-        _wait_started(process, _socket_exists(socket), log, 15, "postcopy serve did not start")
+    with _running(command, log, _socket_exists(socket), 15, "postcopy serve did not start"):
         yield f"nbd+unix:///?socket={socket}"
-    finally:
-        stop_process(process)
 
 
 @contextmanager
@@ -157,12 +152,8 @@ def run_rate_limited_link(
         "nbdkit", "-f", "-U", str(link_socket), "--filter=rate", "nbd",
         f"socket={source_socket}", f"rate={rate}", "burstiness=0.2",
     ]  # fmt: skip
-    process = start_logged(command, log)
-    try:
-        _wait_started(process, _socket_exists(link_socket), log, 15, "nbdkit relay did not start")
+    with _running(command, log, _socket_exists(link_socket), 15, "nbdkit relay did not start"):
         yield f"nbd+unix:///?socket={link_socket}"
-    finally:
-        stop_process(process)
 
 
 @dataclass
@@ -173,11 +164,7 @@ class ReceiveProcess:
     log: Path
 
     def status(self) -> dict[str, Any]:
-        try:
-            record: dict[str, Any] = json.loads((self.state_dir / "status.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return record
+        return status_record(self.state_dir)
 
 
 @contextmanager
@@ -197,15 +184,13 @@ def run_postcopy_receive(
         "--dest", str(dest), "--state-dir", str(state_dir), "--socket", str(socket),
         "--wait-for-source", *extra_args,
     ]  # fmt: skip
-    process = start_logged(command, log)
-    try:
-        match = _wait_started(
-            process, lambda: URI_RE.search(_tail(log, 10000)), log, 30,
-            "postcopy receive printed no URI",
-        )  # fmt: skip
+
+    def printed_uri() -> re.Match[str] | None:
+        return URI_RE.search(_tail(log, 10000))
+
+    with _running(command, log, printed_uri, 30, "postcopy receive printed no URI") as started:
+        process, match = started
         yield ReceiveProcess(match.group(0), process, state_dir, log)
-    finally:
-        stop_process(process)
 
 
 @dataclass
