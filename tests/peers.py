@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import random
 import shutil
@@ -299,6 +300,20 @@ def running_receive_command(
         stop_process(process, timeout=RECEIVE_STOP_TIMEOUT, kill_timeout=RECEIVE_STOP_TIMEOUT)
         if process.stdout is not None:
             process.stdout.close()
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """`postcopy ARGV...` run in this process (`postcopy.cli.main`): its exit status (a
+    SystemExit's too; 2 for one with a message) and what it wrote to stderr (stdout dropped)."""
+    from postcopy.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return code, stderr.getvalue()
 
 
 def require_tools(*names: str) -> None:
