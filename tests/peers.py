@@ -302,6 +302,17 @@ def running_receive_command(
             process.stdout.close()
 
 
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes from a blocking socket; ConnectionError when it closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
 def run_cli(argv: list[str]) -> tuple[int, str]:
     """`postcopy ARGV...` run in this process (`postcopy.cli.main`): its exit status (a
     SystemExit's too; 2 for one with a message) and what it wrote to stderr (stdout dropped)."""

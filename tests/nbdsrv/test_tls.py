@@ -42,6 +42,7 @@ from nbdsrv.tls import server_ssl_context
 from tests.peers import (
     RunningServe,
     files_identical,
+    recv_exact,
     running_nbdkit,
     running_receive_command,
     running_serve,
@@ -231,16 +232,6 @@ def test_optional_tls_serves_plaintext_options() -> None:
 # -- postcopy serve against real TLS clients ----------------------------------------------------
 
 
-def _receive_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
 def plaintext_probe(socket_path: str) -> tuple[list[int], bytes]:
     """Speak plaintext NBD to a server: LIST, STRUCTURED_REPLY, INFO and GO, then EXPORT_NAME.
     Returns the option reply types and every byte received after EXPORT_NAME (until EOF)."""
@@ -248,7 +239,7 @@ def plaintext_probe(socket_path: str) -> tuple[list[int], bytes]:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(socket_path)
-        wire.parse_server_greeting(_receive_exactly(sock, wire.SERVER_GREETING_SIZE))
+        wire.parse_server_greeting(recv_exact(sock, wire.SERVER_GREETING_SIZE))
         sock.sendall(wire.build_client_flags(CLIENT_FLAGS))
         info = wire.build_info_request(wire.InfoRequest(""))
         options = [
@@ -260,10 +251,10 @@ def plaintext_probe(socket_path: str) -> tuple[list[int], bytes]:
         for option, data in options:
             sock.sendall(wire.build_option(option, data))
             header = wire.parse_option_reply_header(
-                _receive_exactly(sock, wire.OPTION_REPLY_HEADER_SIZE)
+                recv_exact(sock, wire.OPTION_REPLY_HEADER_SIZE)
             )
             assert header.option == option
-            _receive_exactly(sock, header.length)
+            recv_exact(sock, header.length)
             replies.append(header.reply_type)
         sock.sendall(wire.build_option(k.Option.EXPORT_NAME, b""))
         after = b""
