@@ -111,27 +111,14 @@ class _TomlKeyLines:
         start = self.pos
         for quote_mark in ('"""', "'''"):
             if self._peek(3) == quote_mark:
-                end = self.pos + 3
-                while True:
-                    end = self.text.index(quote_mark, end)
-                    if quote_mark == '"""' and _escaped(self.text, end):
-                        end += 1
-                        continue
-                    break
+                end = _closing_quote(self.text, quote_mark, self.pos + 3)
                 # Up to two extra quotes may close the string ("""a"""" is 'a"').
                 while self.text[end + 3 : end + 4] == quote_mark[0]:
                     end += 1
                 self.pos = end + 3
                 return str(tomllib.loads("v = " + self.text[start : self.pos])["v"])
         quote_mark = self.text[self.pos]
-        end = self.pos + 1
-        while True:
-            end = self.text.index(quote_mark, end)
-            if quote_mark == '"' and _escaped(self.text, end):
-                end += 1
-                continue
-            break
-        self.pos = end + 1
+        self.pos = _closing_quote(self.text, quote_mark, self.pos + 1) + 1
         return str(tomllib.loads("v = " + self.text[start : self.pos])["v"])
 
     def _read_key(self) -> list[str]:
@@ -236,6 +223,19 @@ class _TomlKeyLines:
                 self.pos += 1
                 match = re.compile(r"[^,\]}\s#]+").match(self.text, self.pos)
                 self.pos = match.end() if match else self.pos
+
+
+def _closing_quote(text: str, quote_mark: str, start: int) -> int:
+    """Where `quote_mark` (one or three quotes) next closes a string, searching from `start`;
+    in a basic ("...") string a quote after an odd run of backslashes is escaped and skipped.
+    ValueError when nothing closes it."""
+    end = start
+    while True:
+        end = text.index(quote_mark, end)
+        if quote_mark[0] == '"' and _escaped(text, end):
+            end += 1
+            continue
+        return end
 
 
 def _escaped(text: str, index: int) -> bool:
