@@ -62,8 +62,9 @@ from pathlib import Path
 from typing import Any
 
 from postcopy.kit.guestkit.build import GuestBootFiles
-from postcopy.kit.guestkit.qemu import MARKER_RE, GuestError, GuestLayout, Marker
+from postcopy.kit.guestkit.qemu import ConsoleLog, GuestError, GuestLayout, Marker
 from postcopy.kit.netns import TestHost, open_two_hosts
+from postcopy.kit.processes import start_logged
 
 # The daemon's state directories; each host gets a tmpfs over every one of them.
 LIBVIRT_DIRS = (
@@ -354,11 +355,7 @@ def _start_daemon(host: LibvirtHost, script: Path) -> None:
         "ip", "netns", "exec", host.network.namespace,
         "unshare", "--mount", "--uts", "--propagation", "private", "/bin/sh", str(script),
     ]  # fmt: skip
-    with open(host.directory / "libvirtd.stderr", "wb") as stderr:
-        host.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            start_new_session=True,
-        )  # fmt: skip
+    host.process = start_logged(command, host.directory / "libvirtd.stderr")
 
 
 def _wait_until_answering(hosts: Sequence[LibvirtHost], timeout: float) -> None:
@@ -569,28 +566,14 @@ class GuestConsole:
     serial_log: Path
     alive: Callable[[], bool] | None = None
     markers: list[Marker] = field(default_factory=list)
-    _read_offset: int = 0
-    _partial: bytes = b""
+    _console: ConsoleLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._console = ConsoleLog(self.serial_log)
 
     def poll(self) -> list[Marker]:
         """Read new console output; return the markers it added."""
-        try:
-            with open(self.serial_log, "rb") as serial:
-                serial.seek(self._read_offset)
-                data = serial.read()
-        except FileNotFoundError:
-            return []
-        self._read_offset += len(data)
-        now = time.monotonic()
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        new = []
-        for line in lines:
-            match = MARKER_RE.search(line.decode(errors="replace"))
-            if match:
-                new.append(
-                    Marker(int(match.group(1)), match.group(2) == "OK", match.group(3).strip(), now)
-                )
+        new = self._console.read_markers()
         self.markers.extend(new)
         return new
 
