@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -300,35 +301,35 @@ class LibvirtMigration:
 
     async def run(self, switchover: SwitchoverHook) -> MigrationFigures:
         """Migrate, run `switchover`, resume B's domain; the figures.  Raises MigrationRolledBack
-        (the domain runs on A) or SwitchoverFailed (it is paused on B)."""
+        (the domain runs on A) or SwitchoverFailed (it is paused on B).  A cancellation or a
+        KeyboardInterrupt while libvirt's job runs aborts it and goes on as itself (no
+        exception group: there is no nursery here)."""
         self._name = await _in_thread("libvirt on A", self.source_domain.name)
         self._uuid = await _in_thread("libvirt on A", self.source_domain.UUID)
         await self._preflight()
         started = time.monotonic()
-        done = trio.Event()
+        finished = threading.Event()  # libvirt's call returned
         outcome: dict[str, Any] = {}
 
-        async def job() -> None:
+        def job() -> None:
             try:
-                outcome["domain"] = await trio.to_thread.run_sync(self._migrate_blocking)
+                outcome["domain"] = self._migrate_blocking()
             except LibvirtDriverError as error:
                 outcome["error"] = error
             finally:
-                done.set()
+                finished.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(job)
-            try:
-                nursery.start_soon(self._watch, done, outcome)
-                await done.wait()
-            except BaseException:  # a cancellation or Ctrl-C while libvirt's job runs
-                with trio.CancelScope(shield=True):
-                    await self._abort(done)
-                    if "domain" in outcome:  # too late: the job completed, A is gone
-                        await self._switch_over(outcome["domain"], switchover, started)
-                    else:
-                        self.rollback = await self._roll_back("interrupted (Ctrl-C or cancel)")
-                raise
+        threading.Thread(target=job, name=f"migrate {self._name}", daemon=True).start()
+        try:
+            await self._watch(finished, outcome)
+        except BaseException:  # a cancellation or Ctrl-C while libvirt's job runs
+            with trio.CancelScope(shield=True):
+                await self._abort(finished)
+                if "domain" in outcome:  # too late: the job completed, A is gone
+                    await self._switch_over(outcome["domain"], switchover, started)
+                else:
+                    self.rollback = await self._roll_back("interrupted (Ctrl-C or cancel)")
+            raise
         if "domain" not in outcome:
             reason = str(outcome.get("check") or outcome["error"])
             self.rollback = await self._roll_back(reason)
@@ -353,12 +354,12 @@ class LibvirtMigration:
                 f"B already has a domain {self._name!r} (or its UUID): nothing was changed"
             )
 
-    async def _watch(self, done: trio.Event, outcome: dict[str, Any]) -> None:
-        """While the job runs: note when A's domain stops running; run the caller's check and
-        abort the job when it fails."""
+    async def _watch(self, finished: threading.Event, outcome: dict[str, Any]) -> None:
+        """Until libvirt's call returned: note when A's domain stops running; run the caller's
+        check, and abort the job when it fails."""
         libvirt = _libvirt()
         next_check = time.monotonic() + CHECK_SECONDS
-        while not done.is_set():
+        while not finished.is_set():
             if self._paused_at is None:
                 try:
                     state, _ = await trio.to_thread.run_sync(self.source_domain.state)
@@ -366,25 +367,23 @@ class LibvirtMigration:
                     state = None  # undefined already: the job completed
                 if state != libvirt.VIR_DOMAIN_RUNNING:
                     self._paused_at = time.monotonic()
-            if self.check is not None and time.monotonic() >= next_check:
+            if self.check is not None and "check" not in outcome and time.monotonic() >= next_check:
                 try:
                     await self.check()
                 except PostcopyError as error:
                     outcome["check"] = f"aborted: {error}"
                     with trio.CancelScope(shield=True):
-                        await self._abort(done)
-                    return
+                        await self._abort(finished)
                 next_check = time.monotonic() + CHECK_SECONDS
             await trio.sleep(WATCH_SECONDS)
 
-    async def _abort(self, done: trio.Event) -> None:
+    async def _abort(self, finished: threading.Event) -> None:
         """virDomainAbortJob until libvirt's job is over (its call returned)."""
         deadline = time.monotonic() + ABORT_SECONDS
-        while not done.is_set():
+        while not finished.is_set():
             with contextlib.suppress(LibvirtDriverError):  # no job yet, or over already
                 await _in_thread("libvirt on A: abort", self.source_domain.abortJob)
-            with trio.move_on_after(ABORT_RETRY_SECONDS):
-                await done.wait()
+            await trio.to_thread.run_sync(finished.wait, ABORT_RETRY_SECONDS)
             if time.monotonic() > deadline:
                 raise LibvirtDriverError(
                     f"libvirt's migration job of {self._name} did not end within {ABORT_SECONDS} s "
