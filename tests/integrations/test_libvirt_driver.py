@@ -78,7 +78,7 @@ START_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 90.0
 ROUNDS_AFTER_PIVOT = 3
 SLOW_MIB_PER_S = 8  # caps the failure tests' memory copy, so that libvirt's job lasts a while
-DRAIN_CAP = "64M"  # the main test's drain: a few seconds, so that the guest passes meanwhile
+DRAIN_CAP = "40M"  # the main test's drain: ~4 s, so that the guest passes meanwhile
 # Latency histogram bins (ns) for the pivot's longest I/O stall: 1, 5, 10, 20, 50 ... 1000 ms.
 BOUNDARIES_NS = [ms * 1_000_000 for ms in (1, 5, 10, 20, 50, 100, 200, 500, 1000)]
 POLL = 0.02
@@ -94,8 +94,71 @@ def lab_fixture(
     cache = getattr(pytestconfig, "cache", None)
     capabilities = None if cache is None else cache.mkdir("libvirtlab-qemu-capabilities")
     workdir = tmp_path_factory.mktemp("libvirt-driver-lab")
+    _start_event_loop()  # before any connection: those opened later get domain events
     with open_libvirt_hosts(workdir, capabilities_cache=capabilities) as lab:
         yield lab
+
+
+_EVENT_LOOP: list[threading.Thread] = []
+
+
+def _start_event_loop() -> None:
+    """libvirt's default event loop, in a thread, once per process."""
+    if _EVENT_LOOP:
+        return
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    thread = threading.Thread(target=run, name="libvirt events", daemon=True)
+    thread.start()
+    _EVENT_LOOP.append(thread)
+
+
+@dataclass
+class PauseClock:
+    """The guest's real pause across a migration, from libvirt's lifecycle events: the domain
+    SUSPENDED on A until RESUMED on B, each timed when this process receives it.  (libvirt's
+    own downtime figure stops at B's Finish, before A's QEMU is stopped and before a domain
+    migrated with VIR_MIGRATE_PAUSED is resumed.)"""
+
+    name: str
+    suspended_on_a: float | None = None
+    resumed_on_b: float | None = None
+
+    def pause_ms(self) -> float:
+        deadline = time.monotonic() + 5  # the events arrive a little after the calls return
+        while self.resumed_on_b is None or self.suspended_on_a is None:
+            assert time.monotonic() < deadline, f"no lifecycle events: {self}"
+            time.sleep(POLL)
+        return (self.resumed_on_b - self.suspended_on_a) * 1000
+
+
+@contextlib.contextmanager
+def pause_clock(on_a: Any, on_b: Any, name: str) -> Iterator[PauseClock]:
+    clock = PauseClock(name)
+
+    def on_a_event(_c: Any, domain: Any, event: int, _detail: int, _o: Any) -> None:
+        if domain.name() == name and event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+            clock.suspended_on_a = clock.suspended_on_a or time.monotonic()
+
+    def on_b_event(_c: Any, domain: Any, event: int, _detail: int, _o: Any) -> None:
+        if domain.name() == name and event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
+            clock.resumed_on_b = clock.resumed_on_b or time.monotonic()
+
+    lifecycle = libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE
+    registered = [
+        (on_a, on_a.domainEventRegisterAny(None, lifecycle, on_a_event, None)),
+        (on_b, on_b.domainEventRegisterAny(None, lifecycle, on_b_event, None)),
+    ]
+    try:
+        yield clock
+    finally:
+        for connection, callback in registered:
+            with contextlib.suppress(libvirt.libvirtError):
+                connection.domainEventDeregisterAny(callback)
 
 
 @pytest.fixture(name="short_dir")
@@ -338,8 +401,10 @@ def test_domain_moves_to_the_lazy_destination_pivots_and_boots_from_its_local_fi
             domain_a, on_b, rewrite, dest_uri=lab.host_b.uri,
             migrate_uri=lab.host_b.migration_uri, check=_receive_runs(receive),
         )  # fmt: skip
-        result = trio.run(migration.run, _source_frozen_hook(receive, calls))
-        resumed = time.monotonic()
+        with pause_clock(on_a, on_b, name) as clock:
+            result = trio.run(migration.run, _source_frozen_hook(receive, calls))
+            resumed = time.monotonic()
+            guest_paused_ms = clock.pause_ms()
         domain_b = migration.dest_domain
         io_deadline = resumed + 20
         while guest_io_operations(domain_b, ["vda"]) == 0:
@@ -372,6 +437,7 @@ def test_domain_moves_to_the_lazy_destination_pivots_and_boots_from_its_local_fi
         completed = time.monotonic()
         on_b_so_far = [m for m in console.markers if m.pass_number > last_on_a]
         during_drain = [m for m in on_b_so_far if m.seen_at <= completed]
+        assert during_drain and all(m.ok for m in during_drain), console.tail()
         _passes_from_now(console, 1)
 
         # The pivot through libvirt's monitor passthrough.
@@ -448,7 +514,8 @@ def test_domain_moves_to_the_lazy_destination_pivots_and_boots_from_its_local_fi
 
     figures["postcopy"] = (
         f"running on B {result.wall_seconds:.2f} s after the call (libvirt job "
-        f"{result.job_ms:.0f} ms), downtime {result.downtime_ms:.0f} ms (libvirt's own figure "
+        f"{result.job_ms:.0f} ms), guest paused {guest_paused_ms:.0f} ms (events; the "
+        f"driver's figure {result.downtime_ms:.0f} ms, libvirt's own "
         f"{result.libvirt_downtime_ms:.0f} ms; A paused until the call returned "
         f"{result.downtime_ms - result.switchover_ms:.0f} ms, then the hook and the resume "
         f"{result.switchover_ms:.0f} ms), first "
@@ -476,27 +543,22 @@ def _libvirt_copy_storage_peer(
         empty.truncate(layout.disk_size)
     console = GuestConsole(name, tmp_path / "peer.serial.log")
     xml = guest_domain_xml(name, boot_files, layout, IMAGES_INSIDE / image, console.serial_log)
-    _, domain_a = _boot_on_a(lab, xml, console)
+    on_a, _ = _boot_on_a(lab, xml, console)
     on_b = lab.host_b.connect()
     virsh = [
         "/usr/bin/virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p",
         "--copy-storage-all", "--persistent", "--undefinesource", name, lab.host_b.uri,
         "--migrateuri", lab.host_b.migration_uri,
     ]  # fmt: skip
-    started = time.monotonic()
-    migrating = subprocess.Popen(lab.host_a.command(virsh), stderr=subprocess.PIPE)
-    running_at = None
-    while migrating.poll() is None:
-        if running_at is None:
-            with contextlib.suppress(libvirt.libvirtError):
-                if on_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING:
-                    running_at = time.monotonic()
-        time.sleep(POLL)
-    total = time.monotonic() - started
-    assert migrating.returncode == 0, migrating.stderr.read() if migrating.stderr else ""
+    with pause_clock(on_a, on_b, name) as clock:
+        started = time.monotonic()
+        migrating = lab.host_a.run(virsh, timeout=120, check=False)
+        total = time.monotonic() - started
+        guest_paused_ms = clock.pause_ms()
+    assert migrating.returncode == 0, migrating.stderr
+    assert clock.resumed_on_b is not None
+    running_at = clock.resumed_on_b
     domain_b = on_b.lookupByName(name)
-    if running_at is None:
-        running_at = time.monotonic()
     stats = domain_b.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
     console.alive = domain_b.isActive
     _passes_from_now(console, 1)
@@ -504,7 +566,8 @@ def _libvirt_copy_storage_peer(
     domain_b.undefine()
     return (
         f"running on B {running_at - started:.2f} s after the call, total {total:.2f} s "
-        f"(libvirt job {stats['time_elapsed']} ms, libvirt's downtime {stats['downtime']} ms)"
+        f"(libvirt job {stats['time_elapsed']} ms), guest paused {guest_paused_ms:.0f} ms "
+        f"(events; libvirt's own downtime figure {stats['downtime']} ms)"
     )
 
 
@@ -594,11 +657,15 @@ def _assert_guest_runs_on_a_and_b_holds_nothing(lab: LibvirtLab, guest: GuestOnA
     assert not disk.dest_file.exists()
 
 
-def _new_migration(lab: LibvirtLab, guest: GuestOnA, receive: Receive) -> LibvirtMigration:
+def _new_migration(
+    lab: LibvirtLab, guest: GuestOnA, receive: Receive, mode: str = "p2p", slow: bool = True
+) -> LibvirtMigration:
+    """p2p: A's libvirtd reaches B's (dest_uri); direct: this process drives both."""
     return LibvirtMigration(
         guest.domain, lab.host_b.connect(), destination_xml(guest.domain, guest.policy),
-        dest_uri=lab.host_b.uri, migrate_uri=lab.host_b.migration_uri,
-        bandwidth_mib=SLOW_MIB_PER_S, check=_receive_runs(receive),
+        dest_uri=lab.host_b.uri if mode == "p2p" else None,
+        migrate_uri=lab.host_b.migration_uri,
+        bandwidth_mib=SLOW_MIB_PER_S if slow else None, check=_receive_runs(receive),
     )  # fmt: skip
 
 
@@ -624,18 +691,21 @@ def test_ctrl_c_during_libvirts_job_aborts_it_and_the_guest_stays_on_a(
     rollback = migration.rollback
     assert rollback is not None and migration.dest_domain is None
     assert rollback.source_running and rollback.destination_clean, rollback
+    print(f"\nCtrl-C: {rollback!r}")
     _assert_guest_runs_on_a_and_b_holds_nothing(lab, guest_on_a)
 
 
 def test_a_receive_killed_during_libvirts_job_aborts_it_and_the_guest_stays_on_a(
     lab: LibvirtLab, guest_on_a: GuestOnA, tmp_path: Path
 ) -> None:
+    """In direct mode (this process drives both daemons); the other failures go p2p."""
     calls: list[float] = []
     with (
         serving_on_a(lab, guest_on_a.policy, tmp_path),
         receiving_on_b(lab, guest_on_a.policy, tmp_path) as receive,
     ):
-        migration = _new_migration(lab, guest_on_a, receive)
+        migration = _new_migration(lab, guest_on_a, receive, mode="direct")
+        assert migration.mode == "direct"
         with (
             once_memory_flows(guest_on_a.domain, receive.process.kill) as errors,
             pytest.raises(MigrationRolledBack) as caught,
@@ -649,6 +719,7 @@ def test_a_receive_killed_during_libvirts_job_aborts_it_and_the_guest_stays_on_a
     assert calls == []
     rollback = caught.value.rollback
     assert rollback.source_running and rollback.destination_clean, rollback
+    print(f"\nreceive killed: {rollback!r}")
     _assert_guest_runs_on_a_and_b_holds_nothing(lab, guest_on_a)
 
 
@@ -668,12 +739,38 @@ def test_b_libvirtd_stopped_before_the_migration_is_one_line_and_changes_nothing
         _remove_receive_paths(receive)
         message = str(caught.value)
         assert "\n" not in message and message.startswith("libvirt on B: "), message
+        print(f"\nB's libvirtd stopped: {message}")
         assert calls == [] and migration.dest_domain is None
         # With its daemon gone, nothing at all runs in B any more.
         assert processes_in_network_namespace(lab.host_b.network.namespace) == []
     finally:
         lab.host_b.start_daemon()
     _assert_guest_runs_on_a_and_b_holds_nothing(lab, guest_on_a)
+
+
+def test_direct_mode_moves_the_guest_that_stayed_on_a(
+    lab: LibvirtLab, guest_on_a: GuestOnA, tmp_path: Path
+) -> None:
+    """After the failures, the same guest migrates in direct mode (last: it leaves A)."""
+    calls: list[float] = []
+    with (
+        serving_on_a(lab, guest_on_a.policy, tmp_path),
+        receiving_on_b(lab, guest_on_a.policy, tmp_path) as receive,
+    ):
+        migration = _new_migration(lab, guest_on_a, receive, mode="direct", slow=False)
+        figures = trio.run(migration.run, _source_frozen_hook(receive, calls))
+        assert figures.mode == "direct" and len(calls) == 1
+        assert _domain_names(guest_on_a.connection) == []
+        domain_b = migration.dest_domain
+        assert domain_b.state()[0] == libvirt.VIR_DOMAIN_RUNNING and domain_b.isPersistent()
+        guest_on_a.console.alive = domain_b.isActive
+        _passes_from_now(guest_on_a.console, 2)
+        domain_b.destroy()
+        domain_b.undefine()
+    print(
+        f"\ndirect mode: running on B {figures.wall_seconds:.2f} s after the call, downtime "
+        f"{figures.downtime_ms:.0f} ms (libvirt's {figures.libvirt_downtime_ms:.0f} ms)"
+    )
 
 
 # --- units: the XML back to the local file ----------------------------------------------------
