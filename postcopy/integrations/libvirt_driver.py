@@ -36,7 +36,8 @@ receive --wait-for-source` per disk):
    finds above the nbd node.  The pivot reads the format node's options from QEMU's command
    line: the monitor's `peer_pid` is QEMU's pid from libvirt's pid file
    (/run/libvirt/qemu/DOMAIN.pid on B, `qemu_pid`).  libvirt marks a domain whose monitor was
-   used this way tainted (custom-monitor); the result's notes say so.
+   used this way tainted (custom-monitor); the result's notes say so.  Run it on B (the pid
+   file and /proc are B's).
 5. `persist_local_disks`: B's persistent definition rewritten by
    `integrations.libvirt.rewrite_libvirt_local` (each NBD disk a file disk on its dest_file, the
    rest as it was) and defined again (virDomainDefineXML), so that B boots from its own files.
@@ -397,7 +398,7 @@ class LibvirtMigration:
         source_running = False
         try:
             state, why = await trio.to_thread.run_sync(self.source_domain.state)
-            if state == libvirt.VIR_DOMAIN_PAUSED:
+            if state == libvirt.VIR_DOMAIN_PAUSED and why == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
                 await trio.to_thread.run_sync(self.source_domain.resume)
                 notes.append(f"resumed {self._name} on A (libvirt left it paused, reason {why})")
                 state, _ = await trio.to_thread.run_sync(self.source_domain.state)
@@ -441,9 +442,11 @@ class LibvirtMigration:
             libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED,
         )
         try:
-            await switchover()
-            await _in_thread(f"libvirt on B: resume {self._name}", dest_domain.resume)
-        except PostcopyError as error:
+            # Shielded: a Ctrl-C now would leave the guest paused, and A's copy is gone already.
+            with trio.CancelScope(shield=True):
+                await switchover()
+                await _in_thread(f"libvirt on B: resume {self._name}", dest_domain.resume)
+        except Exception as error:
             raise SwitchoverFailed(
                 f"{self._name} moved to B and is paused there (A's copy is gone), but the "
                 f"switchover failed: {error}"
@@ -484,7 +487,12 @@ def qemu_pid(domain_name: str, root: Path = Path("/")) -> int:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError) as error:
         raise LibvirtDriverError(f"no QEMU of {domain_name} from {path}: {error}") from None
-    if f"guest={domain_name}".encode() not in b",".join(argv):
+    names = [
+        value.decode(errors="replace").split(",")[0]
+        for option, value in zip(argv, argv[1:], strict=False)
+        if option == b"-name"
+    ]
+    if names != [f"guest={domain_name}"]:
         raise LibvirtDriverError(f"process {pid} of {path} is not the QEMU of {domain_name}")
     return pid
 
@@ -570,21 +578,19 @@ async def pivot_disks(
     monitor = LibvirtMonitor(domain, pid)
     client = cast(QMPClient, monitor)  # the pivot uses execute() and peer_pid() only
     results: dict[str, PivotResult] = {}
-    try:
-        for target in targets:
-            alias = aliases.get(target.device)
-            if alias is None:
-                raise LibvirtDriverError(f"{name} has no disk {target.device} in its live XML")
-            attached = await _attached_node(monitor, alias)
-            plan = await find_pivot_plan(client, target.endpoint, target.local_file)
-            if attached != plan.format_node.name:
-                raise LibvirtDriverError(
-                    f"disk {target.device} ({alias}) of {name} uses node {attached}, but the nbd "
-                    f"node on {target.endpoint.uri()} is under {plan.format_node.name}"
-                )
-            results[target.device] = await pivot_disk(client, target.endpoint, target.local_file)
-    finally:
-        notes = (TAINT_NOTE.format(name=name),) if monitor.commands else ()
+    for target in targets:
+        alias = aliases.get(target.device)
+        if alias is None:
+            raise LibvirtDriverError(f"{name} has no disk {target.device} in its live XML")
+        attached = await _attached_node(monitor, alias)
+        plan = await find_pivot_plan(client, target.endpoint, target.local_file)
+        if attached != plan.format_node.name:
+            raise LibvirtDriverError(
+                f"disk {target.device} ({alias}) of {name} uses node {attached}, but the nbd "
+                f"node on {target.endpoint.uri()} is under {plan.format_node.name}"
+            )
+        results[target.device] = await pivot_disk(client, target.endpoint, target.local_file)
+    notes = (TAINT_NOTE.format(name=name),) if monitor.commands else ()
     return DomainPivot(results, notes)
 
 

@@ -20,7 +20,6 @@ a Ctrl-C, a receive killed and B's libvirtd stopped, and check what both hosts h
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -678,12 +677,21 @@ def test_ctrl_c_during_libvirts_job_aborts_it_and_the_guest_stays_on_a(
         receiving_on_b(lab, guest_on_a.policy, tmp_path) as receive,
     ):
         migration = _new_migration(lab, guest_on_a, receive)
-        ctrl_c = functools.partial(os.kill, os.getpid(), signal.SIGINT)  # trio: KeyboardInterrupt
+        in_run = threading.Event()  # a SIGINT outside trio.run would stop pytest itself
+
+        def ctrl_c() -> None:  # trio turns it into a KeyboardInterrupt
+            if in_run.is_set():
+                os.kill(os.getpid(), signal.SIGINT)
+
         with (
             once_memory_flows(guest_on_a.domain, ctrl_c) as errors,
             pytest.raises(KeyboardInterrupt),
         ):
-            trio.run(migration.run, _source_frozen_hook(receive, calls))
+            in_run.set()
+            try:
+                trio.run(migration.run, _source_frozen_hook(receive, calls))
+            finally:
+                in_run.clear()
         assert errors == []
         assert receive.process.poll() is None  # the receive was not what stopped it
     _remove_receive_paths(receive)
