@@ -24,18 +24,12 @@ reordered with older stores), so a reader that sees the bit reads complete data.
 fails (see Failures) the mapping is cleared (the map keeps its bits in a private copy): the
 filter then serves nothing.
 
-Persistence (in the state directory) is a snapshot plus an append-only journal:
-
-    blockmap          header (magic, version, identity) + zlib(map bytes) + crc32 of all of it
-    blockmap.journal  header (magic, version, identity, crc32) + 24-byte records
-                      (first chunk, chunk count, bits to set, crc32 of the record)
-
-A journal started by a snapshot opens with a marker record (chunk 2**64-1, count 0), so a state
-directory whose snapshot is gone, or whose journal is gone, is refused instead of silently
-forgetting PRESENT and GUEST_WRITTEN bits (which would serve the source's stale data over the
-guest's writes).
-
-Because bits are only ever set, replaying journal records is idempotent and order-free, so a crash
+Persistence (in the state directory) is a snapshot plus an append-only journal of the bits set
+since; `postcopy.destination.mapformat` describes both files byte by byte and reads them back.
+A journal started by a snapshot opens with a marker record, so a state directory whose snapshot
+is gone, or whose journal is gone, is refused instead of silently forgetting PRESENT and
+GUEST_WRITTEN bits (which would serve the source's stale data over the guest's writes).  Because
+bits are only ever set, replaying journal records is idempotent and order-free, so a crash
 between writing a new snapshot and resetting the journal is harmless.  A torn last record is
 dropped (its chunks are fetched again).  The identity (disk size, chunk size, source export size,
 export name and source id) must match, or the state is refused with a one-line `StateError`.
@@ -64,41 +58,48 @@ import errno
 import mmap
 import os
 import re
-import stat
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from postcopy.destination.mapformat import (
+    GUEST_WRITTEN,
+    JOURNAL_FILENAME,
+    LIVE_MAP_FILENAME,
+    PRESENT,
+    RECORD_SIZE,
+    SNAPSHOT_FILENAME,
+    SNAPSHOT_MARKER_RECORD,
+    SOURCE_HOLE,
+    MapIdentity,
+    check_same_disk,
+    encode_records,
+    encode_snapshot,
+    journal_header,
+    parse_journal_header,
+    read_regular_file,
+    read_snapshot,
+    replay_records,
+    stored_identity,
+)
 from postcopy.errors import StateError
 from postcopy.fsutil import SyncError, write_file_atomically
 
-PRESENT = 0x01
-SOURCE_HOLE = 0x02
-GUEST_WRITTEN = 0x04
+# The format's names that the engine, receive, verify and the tests import from here (the map's
+# bits, the file names, the identity) are re-exported: `mapformat` is the block map's own part.
+__all__ = [
+    "DEFAULT_CHUNK_SIZE", "GUEST_WRITTEN", "JOURNAL_COMPACT_BYTES", "JOURNAL_FILENAME",
+    "LIVE_MAP_FILENAME", "MAX_CHUNK_SIZE", "MIN_CHUNK_SIZE", "PRESENT", "SNAPSHOT_FILENAME",
+    "SOURCE_HOLE", "BlockMap", "DurabilityError", "MapIdentity", "check_chunk_size",
+    "stored_identity",
+]
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
-SNAPSHOT_FILENAME = "blockmap"
-LIVE_MAP_FILENAME = "live.map"
-JOURNAL_FILENAME = "blockmap.journal"
-SNAPSHOT_MAGIC = b"PCOPYMAP"
-JOURNAL_MAGIC = b"PCOPYJNL"
-FORMAT_VERSION = 1
 # Compact the journal into a snapshot once it holds this many bytes of records.
 JOURNAL_COMPACT_BYTES = 1024 * 1024
-
-_RECORD = struct.Struct("<QQBxxxI")  # first chunk, chunk count, bits set, pad, crc32 of the rest
-_RECORD_BODY = struct.Struct("<QQBxxx")
-_IDENTITY_FIXED = struct.Struct("<8sIQIQHH")  # magic, version, disk size, chunk size,
-#                                                source size, len(export name), len(source id)
-_CRC = struct.Struct("<I")
-# (first, count, bits) of the record that opens a journal started by a snapshot
-_SNAPSHOT_MARKER = (2**64 - 1, 0, 0)
 
 # A byte whose PRESENT bit is clear (values 0, 2, 4, 6): runs of them are missing chunks.
 _MISSING_BYTE = re.compile(b"[\x00\x02\x04\x06]")
@@ -120,119 +121,11 @@ _ONLY_PRESENT_BIT = bytes(b & PRESENT for b in range(256))
 _OR_TABLES = {bits: bytes(b | bits for b in range(256)) for bits in range(8)}
 
 
-@dataclass(frozen=True)
-class MapIdentity:
-    """What a state directory belongs to; a mismatch in any field refuses the state."""
-
-    disk_size: int
-    chunk_size: int
-    source_size: int
-    export_name: str
-    source_id: str
-
-    def encode(self, magic: bytes) -> bytes:
-        name = self.export_name.encode()
-        source_id = self.source_id.encode()
-        return (
-            _IDENTITY_FIXED.pack(
-                magic, FORMAT_VERSION, self.disk_size, self.chunk_size, self.source_size,
-                len(name), len(source_id),
-            )
-            + name
-            + source_id
-        )
-
-    def describe_mismatch(self, other: MapIdentity) -> str:
-        for field in ("disk_size", "chunk_size", "source_size", "export_name", "source_id"):
-            mine, theirs = getattr(self, field), getattr(other, field)
-            if mine != theirs:
-                return f"{field.replace('_', ' ')} {theirs!r} in the state, {mine!r} now"
-        return "identical"
-
-
 class DurabilityError(OSError):
     """A sync of the data file or of the map failed: the map is failed for good (errno EIO)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(errno.EIO, reason)
-
-
-def _decode_identity(data: bytes, magic: bytes, what: str) -> tuple[MapIdentity, int]:
-    """Parse an identity header; returns it and the number of bytes it used."""
-    if len(data) < _IDENTITY_FIXED.size:
-        raise StateError(f"{what} is truncated")
-    got_magic, version, disk_size, chunk_size, source_size, name_len, id_len = (
-        _IDENTITY_FIXED.unpack_from(data)
-    )
-    if got_magic != magic:
-        raise StateError(f"{what} is not a postcopy block map (bad magic)")
-    if version != FORMAT_VERSION:
-        raise StateError(
-            f"{what} has format version {version}, this postcopy reads {FORMAT_VERSION}"
-        )
-    end = _IDENTITY_FIXED.size + name_len + id_len
-    if len(data) < end:
-        raise StateError(f"{what} is truncated")
-    name = data[_IDENTITY_FIXED.size:_IDENTITY_FIXED.size + name_len].decode(errors="replace")
-    source_id = data[_IDENTITY_FIXED.size + name_len:end].decode(errors="replace")
-    return MapIdentity(disk_size, chunk_size, source_size, name, source_id), end
-
-
-def _read_regular_file(path: Path, what: str) -> bytes:
-    """The bytes of a state file; StateError for anything but a readable regular file (a fifo
-    would block the open, a directory or device is not ours to read)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StateError(f"{what} is a symbolic link, not a regular file") from None
-        raise StateError(f"cannot read {what}: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StateError(f"{what} is not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise StateError(f"cannot read {what}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def _parse_journal_header(data: bytes, what: str) -> tuple[MapIdentity, int]:
-    """The identity in a journal's header, checked against the header's checksum, and where
-    the journal's records start."""
-    identity, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
-    if len(data) < header_len + _CRC.size:
-        raise StateError(f"{what} is truncated")
-    (crc,) = _CRC.unpack_from(data, header_len)
-    if crc != zlib.crc32(memoryview(data)[:header_len]):
-        raise StateError(f"{what} is corrupt (header checksum mismatch)")
-    return identity, header_len + _CRC.size
-
-
-def _check_same_disk(state_dir: Path, identity: MapIdentity, found: MapIdentity) -> None:
-    """Refuse a state file written for another disk than `identity`."""
-    if found != identity:
-        raise StateError(
-            f"state directory {state_dir} belongs to another disk: "
-            f"{identity.describe_mismatch(found)}"
-        )
-
-
-def stored_identity(state_dir: Path) -> MapIdentity:
-    """The identity recorded in `state_dir`'s journal header (else its snapshot's), for tools
-    that inspect a state directory without knowing its disk (`postcopy verify`); pass it to
-    `BlockMap.open_read_only`, which checks the rest.  Reads only; StateError when neither
-    file is there or readable."""
-    state_dir = Path(state_dir)
-    journal_path, snapshot_path = state_dir / JOURNAL_FILENAME, state_dir / SNAPSHOT_FILENAME
-    if os.path.lexists(journal_path):
-        what = f"journal {journal_path}"
-        return _parse_journal_header(_read_regular_file(journal_path, what), what)[0]
-    if os.path.lexists(snapshot_path):
-        what = f"state file {snapshot_path}"
-        return _decode_identity(_read_regular_file(snapshot_path, what), SNAPSHOT_MAGIC, what)[0]
-    raise StateError(f"state directory {state_dir} holds no block map (no journal, no snapshot)")
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -279,7 +172,7 @@ class BlockMap:
         # bytes of records (marker included) after the journal header, up to the end of the last
         # record that was written whole and fsync'd: appends are written at that offset
         self._journal_bytes = 0
-        self._journal_header_bytes = len(identity.encode(JOURNAL_MAGIC)) + _CRC.size
+        self._journal_header_bytes = len(journal_header(identity))
         # why a sync failed (then nothing is ever persisted again), or None
         self._durability_failure: str | None = None
         self._withdrawn_mirror: mmap.mmap | None = None
@@ -333,7 +226,7 @@ class BlockMap:
         if fresh:
             states = bytearray(chunk_count)  # calloc: no page is touched yet
         else:
-            states = cls._load_snapshot(snapshot_path, identity, chunk_count)
+            states = read_snapshot(snapshot_path, identity, chunk_count)
         block_map = cls(state_dir, identity, states, fresh=fresh)
         if not os.path.lexists(journal_path):
             if not fresh:
@@ -343,10 +236,12 @@ class BlockMap:
                 )
             return block_map, None
         what = f"journal {journal_path}"
-        data = _read_regular_file(journal_path, what)
-        found, records_start = _parse_journal_header(data, what)
-        _check_same_disk(state_dir, identity, found)
-        journal_end = block_map._replay_journal(data, records_start, what)
+        data = read_regular_file(journal_path, what)
+        found, records_start = parse_journal_header(data, what)
+        check_same_disk(state_dir, identity, found)
+        journal_end, block_map._follows_snapshot = replay_records(
+            data, records_start, block_map.chunk_count, what, block_map._set_bits
+        )
         if fresh and block_map._follows_snapshot:
             raise StateError(
                 f"state file {snapshot_path} is missing but its journal continues it "
@@ -392,31 +287,11 @@ class BlockMap:
         with self.lock:
             self._states = live
 
-    @staticmethod
-    def _load_snapshot(path: Path, identity: MapIdentity, chunk_count: int) -> bytearray:
-        what = f"state file {path}"
-        data = _read_regular_file(path, what)
-        if len(data) < _CRC.size:
-            raise StateError(f"{what} is truncated")
-        (stored_crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
-        if zlib.crc32(memoryview(data)[:-_CRC.size]) != stored_crc:
-            raise StateError(f"{what} is corrupt (checksum mismatch)")
-        found, header_len = _decode_identity(data, SNAPSHOT_MAGIC, what)
-        _check_same_disk(path.parent, identity, found)
-        try:
-            states = bytearray(zlib.decompress(memoryview(data)[header_len:-_CRC.size]))
-        except zlib.error:
-            raise StateError(f"{what} is corrupt (bad compressed map)") from None
-        if len(states) != chunk_count:
-            raise StateError(f"{what} is corrupt (map length)")
-        return states
-
     def _open_journal(self, journal_end: int | None) -> None:
         """Open the journal (checked and replayed by `_load`) for appends after `journal_end`,
         cutting a torn tail; create it when there is none (`journal_end` None)."""
         path = self.state_dir / JOURNAL_FILENAME
-        header = self.identity.encode(JOURNAL_MAGIC)
-        header += _CRC.pack(zlib.crc32(header))
+        header = journal_header(self.identity)
         if journal_end is None:
             write_file_atomically(path, header)
             journal_end = len(header)
@@ -424,25 +299,6 @@ class BlockMap:
         os.ftruncate(self._journal_fd, journal_end)  # drop a torn tail
         os.lseek(self._journal_fd, journal_end, os.SEEK_SET)
         self._journal_bytes = journal_end - len(header)
-
-    def _replay_journal(self, data: bytes, start: int, what: str) -> int:
-        position = start
-        while position + _RECORD.size <= len(data):
-            first, count, bits, crc = _RECORD.unpack_from(data, position)
-            body = memoryview(data)[position:position + _RECORD_BODY.size]
-            if zlib.crc32(body) != crc:
-                if position + _RECORD.size == len(data):
-                    break  # a torn last record: its chunks will be fetched again
-                raise StateError(f"{what} is corrupt (record checksum mismatch)")
-            if (first, count, bits) == _SNAPSHOT_MARKER and position == start:
-                self._follows_snapshot = True
-                position += _RECORD.size
-                continue
-            if first + count > self.chunk_count or bits & ~0x07 or count == 0:
-                raise StateError(f"{what} is corrupt (record out of range)")
-            self._set_bits(first, first + count, bits)
-            position += _RECORD.size
-        return position
 
     def close(self) -> None:
         if self._journal_fd >= 0:
@@ -674,10 +530,7 @@ class BlockMap:
 
     def _append_journal(self, changes: list[tuple[int, int, int]]) -> None:
         """Write whole records at the end of the last good one and fsync them; all or nothing."""
-        records = bytearray()
-        for first, count, bits in changes:
-            body = _RECORD_BODY.pack(first, count, bits)
-            records += body + _CRC.pack(zlib.crc32(body))
+        records = encode_records(changes)
         good_end = self.journal_synced_bytes
         view = memoryview(records)
         try:
@@ -707,18 +560,13 @@ class BlockMap:
             ) from exc
 
     def _write_snapshot(self, states: bytes) -> None:
-        data = bytearray(self.identity.encode(SNAPSHOT_MAGIC))
-        data += zlib.compress(states, 1)
-        data += _CRC.pack(zlib.crc32(data))
-        self._replace_file(self.state_dir / SNAPSHOT_FILENAME, bytes(data))
+        self._replace_file(
+            self.state_dir / SNAPSHOT_FILENAME, encode_snapshot(self.identity, states)
+        )
         # the snapshot holds everything: start an empty journal (atomically replaced) whose
         # first record says that it continues a snapshot (so a lost snapshot is noticed)
-        header = self.identity.encode(JOURNAL_MAGIC)
-        header += _CRC.pack(zlib.crc32(header))
-        marker = _RECORD_BODY.pack(*_SNAPSHOT_MARKER)
-        header += marker + _CRC.pack(zlib.crc32(marker))
         journal_path = self.state_dir / JOURNAL_FILENAME
-        self._replace_file(journal_path, header)
+        self._replace_file(journal_path, journal_header(self.identity) + SNAPSHOT_MARKER_RECORD)
         try:
             # not O_APPEND: Linux's pwrite appends on an O_APPEND descriptor, whatever the offset
             new_fd = os.open(journal_path, os.O_WRONLY)
@@ -729,7 +577,7 @@ class BlockMap:
         old_fd, self._journal_fd = self._journal_fd, new_fd
         if old_fd >= 0:
             os.close(old_fd)
-        self._journal_bytes = _RECORD.size  # the marker
+        self._journal_bytes = RECORD_SIZE  # the marker
 
     def _replace_file(self, path: Path, data: bytes) -> None:
         """`write_file_atomically`, where a failed fsync (of the file or of the directory, after
