@@ -1,8 +1,8 @@
 /* postcopy fastpath: an nbdkit filter that serves reads of PRESENT data in C.
  *
  * How it works.  `postcopy receive` puts this filter in front of the python plugin.  The engine
- * (postcopy/destination/blockmap.py) keeps its block map, one byte per chunk, in a MAP_SHARED memory map of
- * the file `live.map` in the state directory.  This filter maps the same file read-only in
+ * (postcopy/destination/blockmap.py) keeps its block map, one byte per chunk, in a MAP_SHARED
+ * memory map of the file `live.map` in the state directory.  This filter maps the same file read-only in
  * .after_fork (the engine created it in the plugin's .config_complete, which runs first) and opens
  * the destination file O_RDONLY.  Its .pread checks the PRESENT bit (bit 0) of every chunk the
  * request touches: when all are set it pread()s the bytes straight from the destination file and
