@@ -50,6 +50,7 @@ from postcopy.destination.blockmap import (
     MapIdentity,
     check_chunk_size,
 )
+from postcopy.destination.pivoted import check_not_pivoted
 from postcopy.destination.statelock import StateLock, acquire_state_lock, lock_destination
 from postcopy.errors import StateError, UserError
 
@@ -353,6 +354,7 @@ def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
     check_nbdkit()
     with contextlib.ExitStack() as locks:
         state_lock = locks.enter_context(lock_state_dir(config))  # before anything is read
+        check_not_pivoted(config.state_dir)  # the domain uses the file directly by now
         size = completed_size(config)  # a complete disk needs no source: never probe it
         if size is None:
             size = probe_source(config.source, config.export_name)
