@@ -20,7 +20,8 @@ an unreadable disk.  With `--watch`, `--json` prints one such line per interval.
 One `--state-dir`, as before: an unusable directory is a one-line error (exit 2); a readable record
 exits 0 whatever its state (the state is in the output), and when stdout is not a terminal the
 plain output is the one-line summary
-`STATE[ (not running)]: P% present of N bytes, T transferred, F demand fetches, eta E`.
+`STATE[ (not running)]: P% present of N bytes, T transferred, F demand fetches, eta E`
+(followed by `, error: REASON` when the state is `failed`).
 
 Exit status of the other forms: 0 when every disk is readable and none failed, 1 when a disk
 failed or its writer stopped before completion, 2 when a state directory is missing or unreadable
@@ -196,11 +197,14 @@ def one_line_summary(record: dict[str, Any]) -> str:
     percent = 100.0 * record["present_bytes"] / size
     eta = record.get("eta_seconds")
     running = "" if process_alive(int(record.get("pid", 0))) else " (not running)"
-    return (
+    line = (
         f"{record['state']}{running}: {percent:.1f}% present of {record['size_bytes']} bytes, "
         f"{record['transferred_bytes']} transferred, {record['demand_fetches']} demand fetches, "
         f"eta {'-' if eta is None else f'{eta:.0f}s'}"
     )
+    if record["state"] == "failed":
+        line += ", error: " + " ".join(str(record.get("error") or "unknown").split())
+    return line
 
 
 def _console() -> Console:

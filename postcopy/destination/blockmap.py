@@ -17,10 +17,12 @@ The engine opens its map with `live_mirror=True`: then the bytes live in a MAP_S
 `live.map` in the state directory instead of the bytearray, so that the nbdkit filter
 `plugin/fastpath.c` (same process, its own read-only mapping) serves reads of PRESENT chunks in C.
 The file is NOT durable state: it is rewritten from the snapshot and journal at every open (a new
-file renamed into place) and never read back.  It is safe to share because a PRESENT bit is set
-only after the chunk's data was written to the local file and bits are never cleared; on x86 the
-map store cannot pass the older data write (stores are not reordered with older stores), so a
-reader that sees the bit reads complete data.
+file renamed into place, its blocks allocated then) and never read back.  It is safe to share
+because a PRESENT bit is set only after the chunk's data was written to the local file and bits
+are never cleared; on x86 the map store cannot pass the older data write (stores are not
+reordered with older stores), so a reader that sees the bit reads complete data.  When a sync
+fails (see Failures) the mapping is cleared (the map keeps its bits in a private copy): the
+filter then serves nothing.
 
 Persistence (in the state directory) is a snapshot plus an append-only journal:
 
@@ -42,6 +44,17 @@ Durability order lives in `BlockMap.make_durable`: changes made since the last c
 the data file is fdatasync'd (by the caller's callback), and only then are the captured changes
 appended to the journal and fsync'd (or written as a new snapshot when the journal grew large).
 A PRESENT bit therefore never reaches disk before the chunk's data does.
+
+Failures.  Linux reports a failed writeback to fsync/fdatasync once per open file and then marks
+the pages clean, so a failed sync can never be retried into a success: a failed sync of the data
+file, of the journal or of a snapshot (or its directory) makes the map *failed* for good
+(`durability_failure`): every later `make_durable` raises `DurabilityError` (EIO) without
+persisting anything, so no bit captured before the failure (or marked after it) reaches the disk,
+and a restart fetches again whatever the persisted map does not cover.  A failed *write* (ENOSPC
+on a full filesystem, EDQUOT...) is not permanent: a journal append writes whole records with
+`pwrite` at the end of the last good record and, when it fails (a short write included), cuts the
+file back there, so the journal never holds half a record followed by more records; the captured
+changes stay pending and the next `make_durable` retries them.
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postcopy.errors import StateError
-from postcopy.fsutil import write_file_atomically
+from postcopy.fsutil import SyncError, write_file_atomically
 
 PRESENT = 0x01
 SOURCE_HOLE = 0x02
@@ -93,8 +106,15 @@ _MISSING_RUN = re.compile(b"[\x00\x02\x04\x06]+")
 _PRESENT_RUN = re.compile(b"[\x01\x03\x05\x07]+")
 _GUEST_WRITTEN_RUN = re.compile(b"[\x04-\x07]+")
 _NOT_GUEST_WRITTEN_BYTE = re.compile(b"[\x00-\x03]")
-_MISSING_HOLE_RUN = re.compile(b"[\x02\x06]+")
-_MISSING_DATA_RUN = re.compile(b"[\x00\x04]+")
+# The run at a position, whatever its class, in ONE match, so that the class is decided from the
+# same bytes as the run (a chunk may turn PRESENT at any moment).  The alternatives follow the
+# only transitions bits allow (missing data -> missing hole -> present, never back): even if the
+# byte changed between two alternatives' tries (free-threaded Python), the first alternative
+# that fails cannot succeed any more and a later one must, so a match of at least one byte is
+# always found.
+_RUN_AT = re.compile(
+    b"(?P<data>[\x00\x04]+)|(?P<hole>[\x02\x06]+)|(?P<present>[\x01\x03\x05\x07]+)"
+)
 _ONLY_GUEST_WRITTEN_BIT = bytes(b & GUEST_WRITTEN for b in range(256))
 _ONLY_PRESENT_BIT = bytes(b & PRESENT for b in range(256))
 _OR_TABLES = {bits: bytes(b | bits for b in range(256)) for bits in range(8)}
@@ -128,6 +148,13 @@ class MapIdentity:
             if mine != theirs:
                 return f"{field.replace('_', ' ')} {theirs!r} in the state, {mine!r} now"
         return "identical"
+
+
+class DurabilityError(OSError):
+    """A sync of the data file or of the map failed: the map is failed for good (errno EIO)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EIO, reason)
 
 
 def _decode_identity(data: bytes, magic: bytes, what: str) -> tuple[MapIdentity, int]:
@@ -212,7 +239,13 @@ class BlockMap:
         else:  # a fresh map: nothing to count
             self._present_count = self._guest_written_count = 0
         self._journal_fd = -1
+        # bytes of records (marker included) after the journal header, up to the end of the last
+        # record that was written whole and fsync'd: appends are written at that offset
         self._journal_bytes = 0
+        self._journal_header_bytes = len(identity.encode(JOURNAL_MAGIC)) + _CRC.size
+        # why a sync failed (then nothing is ever persisted again), or None
+        self._durability_failure: str | None = None
+        self._withdrawn_mirror: mmap.mmap | None = None
         self._follows_snapshot = False  # the journal began with the snapshot marker
         # tests: called with the name of each durability step as it completes ("captured",
         # "data-synced", "journal-written" (records written, not yet fsync'd), "map-persisted")
@@ -310,7 +343,9 @@ class BlockMap:
 
     def _publish_live_map(self) -> None:
         """Move the map's bytes into a fresh shared mapping of `live.map` (written under a
-        temporary name and renamed into place, so a planted symlink is replaced, not followed)."""
+        temporary name and renamed into place, so a planted symlink is replaced, not followed;
+        its blocks allocated up front, so that a full disk refuses the open instead of killing
+        the process later)."""
         if not self.chunk_count:
             return  # an empty disk: mmap cannot map zero bytes, and there is nothing to serve
         final_path = self.state_dir / LIVE_MAP_FILENAME
@@ -322,7 +357,10 @@ class BlockMap:
                 temporary_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
             )
             try:
-                os.ftruncate(fd, self.chunk_count)  # sparse: a fresh map touches nothing
+                os.ftruncate(fd, self.chunk_count)
+                # allocated now: a store into a page of a sparse shared mapping that the
+                # filesystem cannot allocate (a full disk) is a SIGBUS, not an error
+                os.posix_fallocate(fd, 0, self.chunk_count)
                 states = self._states
                 assert isinstance(states, bytearray)  # published once, at open
                 if states.count(0) != self.chunk_count:
@@ -335,6 +373,8 @@ class BlockMap:
                 os.close(fd)
             os.replace(temporary_path, final_path)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # on a full disk it would keep the space
+                os.unlink(temporary_path)
             raise StateError(f"cannot create {final_path}: {exc.strerror}") from None
         with self.lock:
             self._states = live
@@ -439,17 +479,13 @@ class BlockMap:
 
     def run_from(self, chunk: int) -> tuple[int, bool, bool]:
         """The run of chunks from `chunk` that share its class: returns (end chunk, present,
-        source hole).  Present chunks form one class; missing ones split on SOURCE_HOLE."""
-        value = self._states[chunk]
-        if value & PRESENT:
-            pattern = _PRESENT_RUN
-        elif value & SOURCE_HOLE:
-            pattern = _MISSING_HOLE_RUN
-        else:
-            pattern = _MISSING_DATA_RUN
-        match = pattern.match(self._states, chunk)
-        assert match is not None
-        return match.end(), bool(value & PRESENT), bool(value & SOURCE_HOLE)
+        source hole).  Present chunks form one class (source hole is False for them); missing
+        ones split on SOURCE_HOLE.  Safe while other threads set bits: the class and the run
+        come from one regex match (see `_RUN_AT`)."""
+        match = _RUN_AT.match(self._states, chunk)
+        assert match is not None  # every byte value is in one of the classes (see _RUN_AT)
+        kind = match.lastgroup
+        return match.end(), kind == "present", kind == "hole"
 
     def is_source_hole(self, chunk: int) -> bool:
         return bool(self._states[chunk] & SOURCE_HOLE)
@@ -491,9 +527,11 @@ class BlockMap:
 
     @property
     def present_bytes(self) -> int:
-        count = self._present_count
+        with self.lock:  # the count and the last chunk's bit from the same moment
+            count = self._present_count
+            last_present = bool(count) and bool(self._states[self.chunk_count - 1] & PRESENT)
         total = count * self.chunk_size
-        if count and self._states[self.chunk_count - 1] & PRESENT:
+        if last_present:
             total -= self.chunk_count * self.chunk_size - self.disk_size  # the short last chunk
         return total
 
@@ -545,6 +583,31 @@ class BlockMap:
 
     # ----- durability ------------------------------------------------------------------------
 
+    @property
+    def durability_failure(self) -> str | None:
+        """Why a sync failed (the map persists nothing any more), or None."""
+        return self._durability_failure
+
+    def _fail_durability(self, reason: str) -> DurabilityError:
+        if self._durability_failure is None:
+            self._durability_failure = reason
+            self._withdraw_live_mirror()
+        return DurabilityError(self._durability_failure)
+
+    def _withdraw_live_mirror(self) -> None:
+        """After a failed sync the local file cannot be trusted: a chunk made PRESENT since the
+        last good sync reads back stale bytes once its pages leave the page cache.  The map keeps
+        its bits in a private copy and clears the shared mapping, so that the C filter serves
+        nothing more and every read reaches the engine (which refuses it)."""
+        with self.lock:
+            mirror = self._states
+            if not isinstance(mirror, mmap.mmap):
+                return
+            self._states = bytearray(mirror)
+            mirror[:] = bytes(len(mirror))
+            # not closed: a lock-free reader may still hold it (it now reads "missing")
+            self._withdrawn_mirror = mirror
+
     def make_durable(self, sync_data: Callable[[], None], *, compact: bool = False) -> None:
         """Persist every change marked so far, in the one safe order:
 
@@ -554,11 +617,16 @@ class BlockMap:
         3. persist map: append the captured changes to the journal and fsync it, or write the
            captured copy as a new snapshot and start an empty journal.
 
+        When the snapshot cannot be written (ENOSPC...), the captured changes go to the journal.
         The data is synced even when no map change is pending: a guest flush after overwriting
         chunks that were already PRESENT and guest-written changes no bit, yet must be durable.
-        On failure the captured changes are put back, so the next call retries them.
+        On failure the captured changes are put back, so the next call retries them, unless a
+        sync failed: then the map is failed for good and this and every later call raise
+        `DurabilityError` (see the module docstring).
         """
         with self._sync_lock:
+            if self._durability_failure is not None:
+                raise DurabilityError(self._durability_failure)
             compact = compact or self._journal_bytes >= JOURNAL_COMPACT_BYTES
             # step 1: capture
             with self.lock:
@@ -568,13 +636,27 @@ class BlockMap:
             try:
                 self._probe("captured")
                 # step 2: sync data (also when no bit changed: see above)
-                sync_data()
+                try:
+                    sync_data()
+                except OSError as exc:
+                    raise self._fail_durability(
+                        f"data file sync failed: {exc.strerror or exc}"
+                    ) from exc
                 self._probe("data-synced")
                 if not captured and snapshot is None:
                     return
                 # step 3: persist map
                 if snapshot is not None:
-                    self._write_snapshot(snapshot)
+                    try:
+                        self._write_snapshot(snapshot)
+                    except DurabilityError:
+                        raise
+                    except OSError:
+                        # a write error (a full disk): compaction is only an optimization, the
+                        # journal may still take the few records that matter
+                        if not captured:
+                            raise
+                        self._append_journal(captured)
                 else:
                     self._append_journal(captured)
                 self._probe("map-persisted")
@@ -589,26 +671,49 @@ class BlockMap:
 
     @property
     def journal_synced_bytes(self) -> int:
-        """Bytes of the journal file (header included) that the last fsync covered."""
-        return len(self.identity.encode(JOURNAL_MAGIC)) + _CRC.size + self._journal_bytes
+        """Bytes of the journal file (header included) that the last fsync covered: the end of
+        the last good record, where the next append is written."""
+        return self._journal_header_bytes + self._journal_bytes
 
     def _append_journal(self, changes: list[tuple[int, int, int]]) -> None:
+        """Write whole records at the end of the last good one and fsync them; all or nothing."""
         records = bytearray()
         for first, count, bits in changes:
             body = _RECORD_BODY.pack(first, count, bits)
             records += body + _CRC.pack(zlib.crc32(body))
+        good_end = self.journal_synced_bytes
         view = memoryview(records)
-        while view:
-            view = view[os.write(self._journal_fd, view):]
+        try:
+            while view:
+                written = os.pwrite(self._journal_fd, view, good_end + len(records) - len(view))
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[written:]
+        except OSError:
+            self._cut_journal_back(good_end)  # no half record stays for later ones to follow
+            raise
         self._probe("journal-written")
-        os.fdatasync(self._journal_fd)
+        try:
+            os.fdatasync(self._journal_fd)
+        except OSError as exc:
+            raise self._fail_durability(f"journal sync failed: {exc.strerror or exc}") from exc
         self._journal_bytes += len(records)
+
+    def _cut_journal_back(self, good_end: int) -> None:
+        """After a failed append: the journal ends at its last good record again."""
+        try:
+            os.ftruncate(self._journal_fd, good_end)
+            os.fsync(self._journal_fd)
+        except OSError as exc:
+            raise self._fail_durability(
+                f"cannot cut a failed journal append back: {exc.strerror or exc}"
+            ) from exc
 
     def _write_snapshot(self, states: bytes) -> None:
         data = bytearray(self.identity.encode(SNAPSHOT_MAGIC))
         data += zlib.compress(states, 1)
         data += _CRC.pack(zlib.crc32(data))
-        write_file_atomically(self.state_dir / SNAPSHOT_FILENAME, bytes(data))
+        self._replace_file(self.state_dir / SNAPSHOT_FILENAME, bytes(data))
         # the snapshot holds everything: start an empty journal (atomically replaced) whose
         # first record says that it continues a snapshot (so a lost snapshot is noticed)
         header = self.identity.encode(JOURNAL_MAGIC)
@@ -616,9 +721,25 @@ class BlockMap:
         marker = _RECORD_BODY.pack(*_SNAPSHOT_MARKER)
         header += marker + _CRC.pack(zlib.crc32(marker))
         journal_path = self.state_dir / JOURNAL_FILENAME
-        write_file_atomically(journal_path, header)
-        new_fd = os.open(journal_path, os.O_WRONLY | os.O_APPEND)
+        self._replace_file(journal_path, header)
+        try:
+            # not O_APPEND: Linux's pwrite appends on an O_APPEND descriptor, whatever the offset
+            new_fd = os.open(journal_path, os.O_WRONLY)
+        except OSError as exc:  # appends to the old (replaced) file would be lost
+            raise self._fail_durability(
+                f"cannot open the new journal: {exc.strerror or exc}"
+            ) from exc
         old_fd, self._journal_fd = self._journal_fd, new_fd
         if old_fd >= 0:
             os.close(old_fd)
         self._journal_bytes = _RECORD.size  # the marker
+
+    def _replace_file(self, path: Path, data: bytes) -> None:
+        """`write_file_atomically`, where a failed fsync (of the file or of the directory, after
+        the rename) fails the map for good; a failed write leaves the old file (retried later)."""
+        try:
+            write_file_atomically(path, data)
+        except SyncError as exc:
+            raise self._fail_durability(
+                f"sync of {path.name} failed: {exc.strerror or exc}"
+            ) from exc

@@ -36,6 +36,13 @@ Durability.  `flush()` (and FUA) call `BlockMap.make_durable` with the data file
 first, then the map.  A periodic task does the same every `sync_interval` seconds.  Every change
 to the data file goes through `_write_local`, `_punch_hole` or `_zero_allocated`, and every sync
 through `_sync_data`, so that a test's `DataFileObserver` can simulate a power loss exactly.
+A failed sync (of the data file or of the map) fails the engine for good, whoever hit it (the
+periodic task or a guest flush): Linux reports a writeback error only once, so a later sync's
+success proves nothing.  From then on every flush, FUA, read, write, zero and trim fails with
+EIO (reads too: a chunk fetched or written since the last good sync may read back stale bytes
+once its pages are evicted; the block map stops the C filter's fast path as well),
+nothing more is fetched or persisted (the map on disk keeps only what was provably durable, so a
+restart fetches the rest again), and the status says `failed` with the reason.
 
 The gate.  Until the source is frozen (`postcopy.destination.gate`), a read of a MISSING chunk is
 read from the source straight into the guest's buffer: not stored, not marked; the drain waits.
@@ -84,6 +91,7 @@ from postcopy.destination.blockmap import (
     PRESENT,
     SOURCE_HOLE,
     BlockMap,
+    DurabilityError,
     MapIdentity,
 )
 from postcopy.destination.links import (
@@ -345,8 +353,15 @@ class Engine:
                 trio.from_thread.run_sync(self._cancel_main, trio_token=self._token)
             self._thread.join(timeout)
         try:
-            self.map.make_durable(self._sync_data, compact=True)
-            self._write_status()
+            try:
+                self._make_durable(compact=True)
+            except DurabilityError:
+                pass  # failed before or now: nothing is persisted any more (the status says why)
+            finally:
+                try:
+                    self._write_status()
+                except OSError as exc:
+                    log.warning("postcopy: cannot write the status record: %s", exc)
         finally:
             self.map.close()
             os.close(self._fd)
@@ -414,11 +429,31 @@ class Engine:
         # complete: every chunk is present; the connections are closed by now
         self._links = []
         await trio.to_thread.run_sync(self._close_blocking_sources)
-        await trio.to_thread.run_sync(self._make_durable_compact)
+        try:
+            await trio.to_thread.run_sync(self._make_durable_compact)
+        except DurabilityError:
+            pass  # the engine is failed (logged, in the status)
+        except OSError as exc:  # a write error: the changes stay pending, the sync task retries
+            log.error("postcopy: cannot compact the block map: %s", exc)
         log.info("postcopy: complete, source closed")
 
     def _make_durable_compact(self) -> None:
-        self.map.make_durable(self._sync_data, compact=True)
+        self._make_durable(compact=True)
+
+    def _make_durable(self, *, compact: bool = False) -> None:
+        """`BlockMap.make_durable` with the data file's sync; a failed sync fails the engine."""
+        try:
+            self.map.make_durable(self._sync_data, compact=compact)
+        except DurabilityError as exc:
+            self._fail(exc.strerror or "a sync failed")
+            raise
+
+    def _refuse_if_failed(self) -> None:
+        """After a failed sync the local file cannot be trusted (what it reads back since the
+        last good sync may be stale) and nothing written can become durable: refuse (EIO)."""
+        failure = self.map.durability_failure
+        if failure is not None:
+            raise EngineIOError(errno.EIO, failure)
 
     # ===== calls from nbdkit's worker threads ====================================================
 
@@ -441,6 +476,7 @@ class Engine:
         length = len(buf)
         if length == 0:
             return
+        self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, length)
         if not self.map.all_present(first, end):
             started = time.monotonic()
@@ -499,6 +535,7 @@ class Engine:
         length = len(buf)
         if length == 0:
             return
+        self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, length)
         if self.map.all_present(first, end):
             self._write_local(buf, offset)
@@ -533,6 +570,7 @@ class Engine:
         """
         if count == 0:
             return
+        self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, count)
         if not self.map.all_present(first, end):
             if fast_only and self._partial_edges(offset, count, first, end):
@@ -571,6 +609,7 @@ class Engine:
         """Discard whole chunks (punch holes, mark PRESENT): advisory, partial chunks are kept."""
         if count == 0:
             return
+        self._refuse_if_failed()
         chunk = self.map.chunk_size
         first = -(-offset // chunk)
         end_offset = min(offset + count, self.size)
@@ -590,8 +629,9 @@ class Engine:
             self.flush()
 
     def flush(self) -> None:
-        """Make every acknowledged write durable: data first, then the map."""
-        self.map.make_durable(self._sync_data)
+        """Make every acknowledged write durable: data first, then the map.  EIO for good once
+        a sync has failed."""
+        self._make_durable()
 
     def _punch_hole(self, offset: int, length: int) -> None:
         if self._data_observer is not None:
@@ -1061,7 +1101,7 @@ class Engine:
         slots = trio.Semaphore(config.drain_requests_in_flight)
         cursor = 0
         async with trio.open_nursery() as nursery:
-            while not self.map.is_complete:
+            while not self.map.is_complete and self._failure is None:
                 await slots.acquire()
                 await self._wait_demand_quiet()
                 if self._bucket is not None:
@@ -1227,12 +1267,16 @@ class Engine:
     # ===== durability and status =================================================================
 
     async def _sync_task(self) -> None:
-        while True:
+        while self.map.durability_failure is None:
             await trio.sleep(self.config.sync_interval)
             if self.map.pending_changes:
                 try:
-                    await trio.to_thread.run_sync(self.map.make_durable, self._sync_data)
-                except OSError as exc:  # kept pending; a guest flush reports it as an error
+                    await trio.to_thread.run_sync(self._make_durable)
+                except DurabilityError:
+                    return  # the engine is failed for good (logged, in the status)
+                except OSError as exc:
+                    # a write error (ENOSPC...): the journal is back at its last good record
+                    # and the changes stay pending; retried here, and a guest flush reports it
                     log.error("postcopy: cannot make the block map durable: %s", exc)
 
     async def _status_task(self) -> None:
@@ -1250,16 +1294,17 @@ class Engine:
                     await trio.to_thread.run_sync(
                         status.write_status, self.config.state_dir, record
                     )
-                except OSError as exc:
+                except OSError as exc:  # retried at the next tick
                     log.warning("postcopy: cannot write the status record: %s", exc)
-                last_record, last_written = record, now
+                else:
+                    last_record, last_written = record, now
             await trio.sleep(self.config.status_interval)
 
     def _write_status(self) -> None:
         status.write_status(self.config.state_dir, self.statistics())
 
     def state(self) -> str:
-        if self._failure is not None:
+        if self._failure is not None or self.map.durability_failure is not None:
             return "failed"
         if self.map.is_complete:
             return "complete"
@@ -1321,7 +1366,11 @@ class Engine:
             "bandwidth_bytes_per_second": self.config.bandwidth,
             "source_down_seconds": round(down, 3),
             "unreachable_timeout_seconds": self.config.unreachable_timeout,
-            "error": self._failure or (errors[0] if errors and down > 0 else None),
+            "error": (
+                self._failure
+                or self.map.durability_failure
+                or (errors[0] if errors and down > 0 else None)
+            ),
             "chunk_size": self.map.chunk_size,
             "guest_written_chunks": self.map.guest_written_count,
             "source": self.config.source_uri,

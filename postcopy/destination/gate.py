@@ -8,15 +8,19 @@ The engine polls `is_source_frozen` (a single `stat`) and opens the gate when it
 Declaring is the one write into a state directory that does not conflict with its live engine,
 so it takes no lock (`postcopy.destination.statelock`): it is how an operator opens the gate of a
 running receive.
+A declaration that fails (a full disk, a failed fsync) is a one-line `UserError` and leaves no
+new gate file behind: when the rename happened but the directory's fsync failed, the file is
+removed again, so that a gate that may not survive a crash is not acted upon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from postcopy.errors import UserError
-from postcopy.fsutil import write_file_atomically
+from postcopy.fsutil import SyncError, write_file_atomically
 
 SOURCE_FROZEN_FILENAME = "source-frozen"
 
@@ -34,7 +38,17 @@ def declare_source_frozen(state_dir: Path) -> None:
     state_dir = Path(state_dir)
     if not state_dir.is_dir():
         raise UserError(f"state directory {state_dir} does not exist")
-    write_file_atomically(source_frozen_path(state_dir), b"frozen\n")
+    path = source_frozen_path(state_dir)
+    existed = os.path.lexists(path)
+    try:
+        write_file_atomically(path, b"frozen\n")
+    except OSError as exc:
+        if isinstance(exc, SyncError) and not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise UserError(
+            f"cannot declare the source frozen in {state_dir}: {exc.strerror or exc}"
+        ) from None
 
 
 def is_source_frozen(state_dir: Path) -> bool:

@@ -5,6 +5,10 @@ at least twice a second while anything changes, and every 5 s otherwise.  Reader
 (`fetch-progress`, tools) call `read_status`.  Fields (all present in every record):
 
     state                    waiting-for-source | fetching | source-unreachable | complete | failed
+                             (failed: the source changed identity, or a sync of the local file
+                             or of the block map failed; after a failed sync every flush, read
+                             and write gets EIO, and a restart of receive once the disk is fixed
+                             fetches again whatever was not durable; `error` says which)
     size_bytes               disk size
     present_bytes            bytes whose chunks are PRESENT (fetched, holes, or guest-written)
     missing_bytes            size_bytes - present_bytes
@@ -55,8 +59,13 @@ def write_status(state_dir: Path, record: dict[str, Any]) -> None:
     """Replace the status record atomically (readers see the old or the new one, whole)."""
     path = status_path(state_dir)
     temp = path.with_name(f".{STATUS_FILENAME}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(record, sort_keys=True) + "\n")
-    os.rename(temp, path)
+    try:
+        temp.write_text(json.dumps(record, sort_keys=True) + "\n")
+        os.rename(temp, path)
+    except BaseException:
+        # a full disk: leave no half-written temporary file behind (it would hold the space)
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def read_status(state_dir: Path) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -108,6 +110,18 @@ class QMPClient:
     @property
     def is_closed(self) -> bool:
         return self._closed_reason is not None
+
+    def peer_pid(self) -> int | None:
+        """The pid of the QEMU at the other end of a Unix socket (SO_PEERCRED), else None."""
+        sock = getattr(self._stream, "socket", None)
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid = int(struct.unpack("3i", creds)[0])
+        return pid if pid > 0 else None
 
     async def _read_greeting(self) -> None:
         while True:

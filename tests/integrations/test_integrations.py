@@ -273,36 +273,42 @@ def _qemu_policy() -> DomainPolicy:
     ).domain("qemu-guest")
 
 
-def test_qemu_rewrite_swaps_only_the_protocol_layer() -> None:
+def test_qemu_rewrite_gives_each_disk_named_blockdev_nodes() -> None:
     original = (DATA / "qemu-guest.args.sh").read_text()
     result = qemu.rewrite_qemu_args(original, _qemu_policy())
     assert result.changed == ("disk0", "home")
     old_args, _ = parse_qemu_args(original)
     new_args, style = parse_qemu_args(result.text)
-    assert style == "shell" and len(new_args) == len(old_args)
-    changed = {i for i, (a, b) in enumerate(zip(old_args, new_args, strict=True)) if a != b}
-    drive = old_args.index("-drive") + 1
-    blockdev = old_args.index("-blockdev") + 1
-    assert changed == {drive, blockdev}
-    assert split_qemu_opts(new_args[drive]) == [
-        ("file.driver", "nbd"),
-        ("file.server.type", "unix"),
-        ("file.server.path", "/run/pc/qemu-guest-disk0.sock"),
-        ("file.export", "qemu-guest-disk0"),
-        ("format", "raw"),
-        ("if", "none"),
-        ("id", "disk0"),
-        ("cache", "none"),
-        ("discard", "unmap"),
+    assert style == "shell"
+    drive = old_args.index("-drive")
+    # The -drive becomes an nbd node and a raw node named after its id, in its place; the
+    # -device that names drive=disk0 is unchanged.
+    assert new_args[:drive] == old_args[:drive]
+    assert new_args[drive : drive + 4] == [
+        "-blockdev",
+        "driver=nbd,node-name=disk0-nbd,server.type=unix,"
+        "server.path=/run/pc/qemu-guest-disk0.sock,export=qemu-guest-disk0,"
+        "cache.direct=on,cache.no-flush=off,discard=unmap",
+        "-blockdev",
+        "driver=raw,node-name=disk0,file=disk0-nbd,cache.direct=on,cache.no-flush=off,"
+        "discard=unmap",
     ]
-    assert any("aio=native" in note for note in result.notes)
-    assert json.loads(new_args[blockdev]) == {
-        "driver": "nbd",
-        "server": {"type": "unix", "path": "/run/pc/qemu-guest-home.sock"},
-        "export": "qemu-guest-home",
-        "node-name": "home-file",
-        "cache": {"direct": True},
-    }
+    assert new_args[drive + 4 :] == [
+        json.dumps(
+            {
+                "driver": "nbd",
+                "server": {"type": "unix", "path": "/run/pc/qemu-guest-home.sock"},
+                "export": "qemu-guest-home",
+                "node-name": "home-file",
+                "cache": {"direct": True},
+            },
+            separators=(",", ":"),
+        )
+        if arg.startswith('{"driver":"file"')
+        else arg
+        for arg in old_args[drive + 2 :]
+    ]
+    assert result.notes == ("-drive of disk0: no -blockdev form for aio=native: dropped",)
     assert "console=ttyS0 root=/dev/vda1" in new_args  # a value with a space stays one argument
     assert qemu.rewrite_qemu_args(result.text, _qemu_policy()).text == result.text
 
@@ -323,10 +329,115 @@ def test_qemu_blockdev_keyvalue_form_and_hd_shorthand() -> None:
         "export=qemu-guest-home,node-name=h,read-only=on",
         "-blockdev",
         "driver=qcow2,file=h,node-name=home-fmt",
-        "-drive",
-        "index=0,media=disk,file.driver=nbd,file.server.type=unix,"
-        "file.server.path=/run/pc/qemu-guest-disk0.sock,file.export=qemu-guest-disk0",
+        "-blockdev",
+        "driver=nbd,node-name=disk0-nbd,server.type=unix,"
+        "server.path=/run/pc/qemu-guest-disk0.sock,export=qemu-guest-disk0",
+        "-blockdev",
+        "driver=raw,node-name=disk0,file=disk0-nbd",
+        "-device",
+        "ide-hd,drive=disk0,bus=ide.0,unit=0",
     ]
+
+
+def test_qemu_drive_devices_keep_their_bus_unit_and_slot_order() -> None:
+    """if=ide: the bus and unit of its index (one unit a bus on q35); drives left as -drive get
+    the index QEMU gave them; if=virtio: virtio-blk-pci after every -device, as QEMU orders it."""
+    policy = _qemu_policy()
+    args = (
+        "-M q35 -drive file=/x.iso,media=cdrom "
+        "-hdb /var/lib/images/qemu-guest.raw "
+        "-drive file=/var/lib/images/qemu-guest-home.qcow2,format=qcow2,if=virtio,"
+        "cache=writethrough,bps=100,serial=HOME1,addr=0x7 "
+        "-device e1000"
+    )
+    result = qemu.rewrite_qemu_args(args, policy)
+    new_args, _ = parse_qemu_args(result.text)
+    assert new_args == [
+        "-M", "q35",
+        "-drive", "file=/x.iso,media=cdrom,index=0",
+        "-blockdev",
+        "driver=nbd,node-name=disk0-nbd,server.type=unix,"
+        "server.path=/run/pc/qemu-guest-disk0.sock,export=qemu-guest-disk0",
+        "-blockdev", "driver=raw,node-name=disk0,file=disk0-nbd",
+        "-device", "ide-hd,drive=disk0,bus=ide.1,unit=0",
+        "-blockdev",
+        "driver=nbd,node-name=home-nbd,server.type=unix,"
+        "server.path=/run/pc/qemu-guest-home.sock,export=qemu-guest-home,"
+        "cache.direct=off,cache.no-flush=off",
+        "-blockdev",
+        "driver=qcow2,node-name=home,file=home-nbd,cache.direct=off,cache.no-flush=off",
+        "-device", "e1000",
+        "-device", "virtio-blk-pci,drive=home,addr=0x7,serial=HOME1,write-cache=off",
+    ]  # fmt: skip
+    assert result.notes == (
+        "-drive of disk0: no format given, raw (assumed: the image is not readable here; "
+        "add format= if it is not raw)",
+        "-drive of home: no -blockdev form for bps=100: dropped",
+    )
+
+
+def test_qemu_virtio_drive_left_alone_keeps_its_slot_before_a_converted_one() -> None:
+    args = (
+        "-drive file=/shared.img,format=raw,if=virtio "
+        "-drive file=/var/lib/images/qemu-guest.raw,format=raw,if=virtio "
+        "-drive file=/scratch.img,format=raw,if=virtio,addr=0x9 "
+        "-device e1000 -hdb /var/lib/images/qemu-guest-home.qcow2"
+    )
+    result = qemu.rewrite_qemu_args(args, _qemu_policy())
+    new_args, _ = parse_qemu_args(result.text)
+    devices = [new_args[i + 1] for i, arg in enumerate(new_args) if arg == "-device"]
+    drives = [new_args[i + 1] for i, arg in enumerate(new_args) if arg == "-drive"]
+    assert drives == [
+        "file=/shared.img,format=raw,if=none,id=virtio0",
+        "file=/scratch.img,format=raw,if=virtio,addr=0x9",  # after the converted one: as it was
+    ]
+    assert devices == [
+        "e1000",
+        "ide-hd,drive=home,bus=ide.0,unit=1",
+        "virtio-blk-pci,drive=virtio0",
+        "virtio-blk-pci,drive=disk0",
+    ]
+    assert qemu.rewrite_qemu_args(result.text, _qemu_policy()).text == result.text
+
+
+def test_qemu_drive_without_format_gets_the_format_of_its_image(tmp_path: Path) -> None:
+    """-hdX gives no format; a format node must name one, and raw over qcow2 would be wrong."""
+    home = tmp_path / "home.qcow2"
+    root = tmp_path / "root.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(home), "1M"], check=True)
+    root.write_bytes(bytes(4096))
+    policy = parse_config(
+        f'[domains.g]\nmode = "postcopy"\nsocket_dir = "/run/pc"\n'
+        f'disks = [{{device = "hda", source_image = "{root}"}}, '
+        f'{{device = "hdb", source_image = "{home}"}}]\n',
+        "q.toml",
+    ).domain("g")
+    result = qemu.rewrite_qemu_args(f"-hda {root} -hdb {home}", policy)
+    new_args, _ = parse_qemu_args(result.text)
+    assert "driver=raw,node-name=hda,file=hda-nbd" in new_args
+    assert "driver=qcow2,node-name=hdb,file=hdb-nbd" in new_args
+    assert result.notes == (
+        "-drive of hda: no format given, raw (the image has no qcow2 header)",
+        "-drive of hdb: no format given, qcow2 (from the image's header)",
+    )
+
+
+def test_qemu_drive_on_a_bus_qemu_builds_itself_keeps_the_drive_form() -> None:
+    args = "-drive file=/var/lib/images/qemu-guest.raw,if=scsi,format=raw,aio=native"
+    policy = _qemu_policy()
+    result = qemu.rewrite_qemu_args(args + " -hdd /var/lib/images/qemu-guest-home.qcow2", policy)
+    new_args, _ = parse_qemu_args(result.text)
+    assert new_args[:2] == [
+        "-drive",
+        "file.driver=nbd,file.server.type=unix,file.server.path=/run/pc/qemu-guest-disk0.sock,"
+        "file.export=qemu-guest-disk0,if=scsi,format=raw",
+    ]
+    assert new_args[-2:] == ["-device", "ide-hd,drive=home,bus=ide.1,unit=1"]
+    assert result.notes[0] == (
+        "-drive of disk0: if=scsi kept as -drive (QEMU makes its controller), so "
+        "`postcopy pivot` cannot switch it to the local file"
+    )
+    assert len(result.notes) == 3  # and aio=native dropped, home's format assumed raw
 
 
 def test_qemu_one_argument_per_line_stays_that_way() -> None:
@@ -341,8 +452,10 @@ def test_qemu_one_argument_per_line_stays_that_way() -> None:
     assert qemu.domain_name(original) == "qemu-guest"
     assert result.text == original.replace(
         "-hda\n/var/lib/images/qemu-guest.raw\n",
-        "-drive\nindex=0,media=disk,file.driver=nbd,file.server.type=inet,"
-        "file.server.host=127.0.0.1,file.server.port=10900,file.export=qemu-guest-hda\n",
+        "-blockdev\ndriver=nbd,node-name=hda-nbd,server.type=inet,server.host=127.0.0.1,"
+        "server.port=10900,export=qemu-guest-hda\n"
+        "-blockdev\ndriver=raw,node-name=hda,file=hda-nbd\n"
+        "-device\nide-hd,drive=hda,bus=ide.0,unit=0\n",
     )
 
 
@@ -411,7 +524,7 @@ def test_cli_reads_stdin_and_uses_the_environment_config(
     status = main(["config", "--domain", "qemu-guest", "--qemu-args", "-"])
     out, _ = capsys.readouterr()
     assert status == 0
-    assert "file.server.path=/run/postcopy/qemu-guest-disk0.sock" in out
+    assert "server.path=/run/postcopy/qemu-guest-disk0.sock" in out
 
 
 @pytest.mark.parametrize(
@@ -534,9 +647,12 @@ def test_qemu_drive_with_nested_file_options_is_matched_by_filename() -> None:
     ).domain("q")
     new_args, _ = parse_qemu_args(qemu.rewrite_qemu_args(args, policy).text)
     assert new_args == [
-        "-drive",
-        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=/run/pc/q-d0.sock,"
-        "file.export=q-d0,if=ide",
+        "-blockdev",
+        "driver=nbd,node-name=d0-nbd,server.type=unix,server.path=/run/pc/q-d0.sock,export=q-d0",
+        "-blockdev",
+        "driver=raw,node-name=d0,file=d0-nbd",
+        "-device",
+        "ide-hd,drive=d0,bus=ide.0,unit=0",
     ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -19,10 +20,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from postcopy.integrations import qemu
+from postcopy.integrations.qmp import QMPClient, open_qmp
 from postcopy.policy import DomainPolicy, NbdEndpoint, parse_config
 
 MiB = 1 << 20
@@ -266,13 +270,14 @@ def test_qemu_runs_the_rewritten_command_line_on_nbd(
             [
                 'qemu-io disk0 "read -P 0xab 0 1M"',
                 'qemu-io disk0 "read -P 0x5c 8128k 64k"',
-                'qemu-io disk0 "write -P 0x11 2M 64k"',
+                'qemu-io -d vd0/virtio-backend "write -P 0x11 2M 64k"',  # the device's own
                 'qemu-io -d vd1/virtio-backend "read -P 0xcd 0 128k"',
                 'qemu-io disk0 "read -P 0x77 0 4k"',  # must fail: proves the data is compared
             ],
         )
     for output in outputs[:4]:
         assert "Pattern verification failed" not in output and "Error" not in output, output
+        assert " bytes at offset " in output, output  # it ran (a refusal prints only why)
     assert "Pattern verification failed" in outputs[4]
     # The guest's write went through nbdkit into the image.
     with open(raw_image, "rb") as handle:
@@ -300,3 +305,123 @@ def test_xl_target_uri_is_openable_by_qemu(short_dir: Path, raw_image: Path) -> 
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Pattern verification failed" not in result.stdout
+
+
+async def _guest_layout(qmp: QMPClient, images: dict[str, str]) -> tuple[list[Any], list[Any]]:
+    """The PCI functions, and where each disk sits: (PCI devfn or IDE bus and unit, its image).
+    `images` maps an NBD socket path to the image it serves, so both sides name disks alike."""
+    pci = await qmp.execute("query-pci")
+    functions = [
+        (d["slot"], d["function"], d["id"]["vendor"], d["id"]["device"])
+        for bus in pci
+        for d in bus["devices"]
+    ]
+    placed = []
+    for block in await qmp.execute("query-block"):
+        if not block.get("inserted") or not block.get("qdev"):
+            continue
+        filename = block["inserted"]["file"]
+        image = next((i for sock, i in images.items() if sock in filename), filename)
+        qdev = block["qdev"]
+        if qdev.endswith("/virtio-backend"):
+            proxy = qdev.rsplit("/", 1)[0]
+            devfn = await qmp.execute("qom-get", {"path": proxy, "property": "addr"})
+            placed.append((f"pci devfn {devfn}", image))
+        else:
+            bus = await qmp.execute("qom-get", {"path": qdev, "property": "parent_bus"})
+            unit = await qmp.execute("qom-get", {"path": qdev, "property": "unit"})
+            placed.append((f"{bus.rsplit('/', 1)[1]} unit {unit}", image))
+    return functions, sorted(placed)
+
+
+@pytest.mark.parametrize("machine", ["pc", "q35"])
+async def test_converted_drives_accept_a_migration_from_the_drive_command_line(
+    short_dir: Path, raw_image: Path, machine: str
+) -> None:
+    """A QEMU started from the original -drive/-hdX line migrates into one started from the
+    rewritten -blockdev line: the devices sit at the same PCI slots and IDE bus/unit."""
+    second = short_dir / "second.raw"
+    shutil.copyfile(raw_image, second)
+    shared = short_dir / "shared.raw"  # a virtio disk that is not a policy disk, before one
+    shutil.copyfile(raw_image, shared)
+    original = [
+        "qemu-system-x86_64", "-accel", "tcg", "-machine", machine, "-nodefaults",
+        "-display", "none", "-S",
+        "-drive", f"file={shared},format=raw,if=virtio",
+        "-drive", f"file={raw_image},format=raw,if=virtio,cache=writeback",
+        "-device", "virtio-rng-pci",
+        "-drive", f"file={second},format=raw,media=disk",  # if=ide, the first free index
+        "-hdc", str(second.with_name("third.raw")),
+    ]  # fmt: skip
+    shutil.copyfile(raw_image, second.with_name("third.raw"))
+    policy = _policy(
+        short_dir / "run",
+        f'[[domains.qg.disks]]\ndevice = "vda"\nsource_image = "{raw_image}"\n'
+        f'[[domains.qg.disks]]\ndevice = "hdc"\nsource_image = "{second.with_name("third.raw")}"\n',
+    )
+    result = qemu.rewrite_qemu_args(shlex.join(original), policy)
+    assert result.changed == ("vda", "hdc")
+    rewritten, _ = qemu.parse_qemu_args(result.text)
+    assert "-hdc" not in rewritten and sum(arg == "-blockdev" for arg in rewritten) == 4
+    assert f"file={shared},format=raw,if=none,id=virtio0" in rewritten
+
+    migration = short_dir / "migration.sock"
+    with (
+        nbd_server(policy.dest_endpoint(policy.disk("vda")), raw_image),
+        nbd_server(policy.dest_endpoint(policy.disk("hdc")), second.with_name("third.raw")),
+        _qemu_process(short_dir / "a", original) as source_qmp,
+        _qemu_process(short_dir / "b", [*rewritten, "-incoming", f"unix:{migration}"]) as dest_qmp,
+    ):
+        with trio.fail_after(120):
+            async with open_qmp(source_qmp) as source, open_qmp(dest_qmp) as dest:
+                images = {
+                    str(policy.dest_endpoint(disk).socket): str(disk.source_image)
+                    for disk in policy.disks
+                }
+                source_layout = await _guest_layout(source, images)
+                assert len(source_layout[1]) == 4  # 2 virtio (one not a policy disk), 2 IDE
+                await source.execute("migrate", {"uri": f"unix:{migration}"})
+                while True:
+                    status = (await source.execute("query-migrate")).get("status")
+                    if status in ("completed", "failed", "cancelled"):
+                        break
+                    await trio.sleep(0.05)
+                assert status == "completed"
+                while (await dest.execute("query-migrate")).get("status") != "completed":
+                    await trio.sleep(0.05)
+                assert await _guest_layout(dest, images) == source_layout
+
+
+@contextlib.contextmanager
+def _qemu_process(workdir: Path, argv: list[str]) -> Iterator[Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    qmp = workdir / "qmp.sock"
+    log = open(workdir / "qemu.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [*argv, "-qmp", f"unix:{qmp},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _unix_accepts(qmp):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((workdir / "qemu.log").read_text(errors="replace"))
+            time.sleep(0.02)
+        yield qmp
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
+
+
+def _unix_accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
