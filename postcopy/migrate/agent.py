@@ -46,6 +46,8 @@ import trio
 
 from postcopy.destination.gate import declare_source_frozen
 from postcopy.destination.pivoted import mark_pivoted
+from postcopy.destination.receive import remove_stale_socket
+from postcopy.destination.statelock import state_lock_path
 from postcopy.destination.status import read_status
 from postcopy.errors import PostcopyError, UserError
 from postcopy.fsutil import write_file_atomically
@@ -58,6 +60,8 @@ RECEIVE_START_SECONDS = 40.0
 QEMU_START_SECONDS = 20.0
 LOCK_RETRY_SECONDS = 15.0
 RECEIVE_LOG = "receive.log"
+ORPHAN_GRACE_SECONDS = 2.5  # > 2 x the engine's sync interval (1 s)
+STOP_GRACE_SECONDS = 10.0
 
 
 def _tail(path: Path, size: int = 600) -> str:
@@ -259,9 +263,22 @@ class Agent:
         pid = self.record["receives"][device]["pid"]
         return process_running(pid, self.children.get(pid))
 
+    def _engine_pids(self, disk: DiskPlan) -> list[int]:
+        """Live nbdkit processes holding the disk's state directory (the lock file's holders)."""
+        try:
+            lines = state_lock_path(Path(disk.state_dir)).read_text().splitlines()
+        except OSError:
+            return []
+        pids = []
+        for line in lines:
+            pid_text, _, role = line.partition(" ")
+            if pid_text.isdigit() and role.strip() == "nbdkit" and process_running(int(pid_text)):
+                pids.append(int(pid_text))
+        return pids
+
     async def op_switchover(self) -> dict[str, Any]:
         dead = [d.device for d in self._disks() if not self._receive_alive(d.device)]
-        if dead:
+        if dead:  # before switchover a half-dead receive is a failure: roll back
             raise UserError(f"receive of {', '.join(dead)} on B is not running")
         for disk in self._disks():
             declare_source_frozen(Path(disk.state_dir))
@@ -293,16 +310,41 @@ class Agent:
         }
 
     async def op_ensure(self) -> dict[str, Any]:
-        restarted = []
+        """Restart the receive of every disk whose receive died, then let B's QEMU go on.
+
+        A receive killed -9 leaves its nbdkit behind in shutdown: it keeps the domain's
+        connection open but answers every request with ESHUTDOWN, and exits only when the client
+        goes.  B's QEMU stops the guest on that error (`werror=stop,rerror=stop`, see
+        `migrate.qemu`) instead of failing its I/O.  That nbdkit is killed only after
+        ORPHAN_GRACE_SECONDS (two of the engine's periodic syncs), so every write it
+        acknowledged has its block-map bit durable; then the receive starts again on the same
+        state directory, QEMU reconnects (`reconnect-delay`), and `cont` re-runs the stopped
+        requests."""
+        restarted: list[str] = []
         for disk in self._disks():
             if self._receive_alive(disk.device):
                 continue
+            engines = self._engine_pids(disk)
+            if engines:
+                await trio.sleep(ORPHAN_GRACE_SECONDS)
+                for engine in engines:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(engine, signal.SIGKILL)
+                deadline = time.monotonic() + STOP_GRACE_SECONDS
+                while self._engine_pids(disk) and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
             await self._start_receive(disk)
             restarted.append(disk.device)
+        resumed = False
+        if restarted and self.record.get("qemu"):
+            answer = await self.op_qmp("query-status")
+            if (answer.get("return") or {}).get("status") == "io-error":
+                await self.op_qmp("cont")
+                resumed = True
         return {
-            "restarted": restarted,
+            "restarted": restarted, "guest_resumed": resumed,
             "receive_pids": {d: r["pid"] for d, r in self.record["receives"].items()},
-        }
+        }  # fmt: skip
 
     async def op_pivot(self) -> dict[str, Any]:
         from postcopy.integrations.qemu_pivot import pivot_disk, read_disks
@@ -310,7 +352,7 @@ class Agent:
 
         client = await self._client()
         qemu_argv = (self.record.get("qemu") or {}).get("argv")
-        results = {}
+        results: dict[str, dict[str, Any]] = {}
         for disk in self._disks():
             if Path(disk.state_dir, "pivoted").exists():
                 results[disk.device] = {"already": True}
@@ -324,6 +366,9 @@ class Agent:
             )
             pid = self.record["receives"][disk.device]["pid"]
             stop_process(pid, self.children.get(pid))
+            for engine in self._engine_pids(disk):  # it exits once QEMU let go of the disk
+                stop_process(engine)
+            remove_stale_socket(Path(disk.socket))  # nbdkit leaves its socket behind
             mark_pivoted(
                 Path(disk.state_dir),
                 Path(disk.dest_file),

@@ -376,6 +376,7 @@ async def _migrate_steps(
             progress.event("destination", "start", toolstack=toolstack.name)
             started = await toolstack.prepare_destination()
             record["dest_args"] = getattr(toolstack, "dest_args", None)
+            record["persist_args"] = getattr(toolstack, "persist_args", None)
             _save(run)
             progress.event("destination", "done", **started)
             progress.event("migrate", "start", uri=record["migrate_uri"])
@@ -488,19 +489,19 @@ async def _drain_verify_pivot_release(run: Run, disks: list[DiskPlan]) -> int:
             operations = await toolstack.guest_io_operations()
             if operations:
                 first_io_at = run.figures["first_io_at"] = time.time()
-        dead = [
-            d
-            for d, s in statuses.items()
-            if not s["receive_running"] and (s.get("record") or {}).get("state") != "complete"
-        ]
-        if dead:
+        # Even a complete disk needs its receive until the pivot: the domain reads through it.
+        down = [d for d, s in statuses.items() if not s["receive_running"]]
+        if down:
             progress.stop_live()
+            progress.event("receive", "restart", f"receive of {', '.join(down)} on B is gone",
+                           disks=down)  # fmt: skip
+            ensured = await agent.request("ensure")
             progress.event(
-                "receive", "restart", f"receive of {', '.join(dead)} is not running", disks=dead
-            )
-            restarted = await agent.request("ensure")
-            progress.event(
-                "receive", "done", pids=restarted["receive_pids"], restarted=restarted["restarted"]
+                "receive",
+                "done",
+                pids=ensured["receive_pids"],
+                restarted=ensured["restarted"],
+                guest_resumed=ensured["guest_resumed"],
             )
             continue
         if all((s.get("record") or {}).get("state") == "complete" for s in statuses.values()):
@@ -648,6 +649,7 @@ async def resume_migration(domain: DomainPolicy, record_dir: Path, as_json: bool
         loaded = await agent.request("load")
         toolstack = _make_toolstack(options, disks, agent, record)
         toolstack.dest_args = list(record.get("dest_args") or [])
+        toolstack.persist_args = list(record.get("persist_args") or [])
         run.toolstack = toolstack
         if run.phase == "preparing" or loaded["phase"] == "preparing":
             return await _roll_back(run, "resumed a migration that never switched over")

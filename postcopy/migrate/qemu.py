@@ -85,6 +85,20 @@ def _our_nbd_node(value: str, sockets: dict[str, DiskPlan]) -> tuple[Any, DiskPl
     return (node, disk) if disk is not None else None
 
 
+def _node_name(value: str) -> str | None:
+    if value.lstrip().startswith("{"):
+        name = json.loads(value).get("node-name")
+        return str(name) if name else None
+    return dict(split_qemu_opts(value)).get("node-name")
+
+
+def _file_child(value: str) -> str | None:
+    if value.lstrip().startswith("{"):
+        child = json.loads(value).get("file")
+        return child if isinstance(child, str) else None
+    return dict(split_qemu_opts(value)).get("file")
+
+
 def destination_args(
     rewritten: Sequence[str],
     disks: Sequence[DiskPlan],
@@ -95,13 +109,14 @@ def destination_args(
     sockets = {disk.socket: disk for disk in disks}
     args = _strip_start_options(rewritten)
     found: set[str] = set()
+    ours: set[str] = set()  # node names of our nbd nodes and of the format nodes above them
     for index in range(len(args) - 1):
         if _bare(args[index]) != "-blockdev":
             continue
-        ours = _our_nbd_node(args[index + 1], sockets)
-        if ours is None:
+        match = _our_nbd_node(args[index + 1], sockets)
+        if match is None:
             continue
-        node, disk = ours
+        node, disk = match
         found.add(disk.device)
         if isinstance(node, dict):
             node["reconnect-delay"] = reconnect_delay
@@ -109,19 +124,39 @@ def destination_args(
         else:
             pairs = [(k, v) for k, v in node if k != "reconnect-delay"]
             args[index + 1] = join_qemu_opts([*pairs, ("reconnect-delay", str(reconnect_delay))])
+        name = _node_name(args[index + 1])
+        if name:
+            ours.add(name)
     missing = [disk.device for disk in disks if disk.device not in found]
     if missing:
         raise UserError(
             f"B's QEMU arguments have no -blockdev nbd node for {', '.join(missing)} (the "
             "pivot needs named -blockdev nodes: see postcopy config --qemu-args)"
         )
+    for index in range(len(args) - 1):
+        if _bare(args[index]) == "-blockdev" and _file_child(args[index + 1]) in ours:
+            name = _node_name(args[index + 1])
+            if name:
+                ours.add(name)
+    # A disk whose receive is gone (a receive killed on B) answers with errors: the device
+    # stops the guest on them, and `cont` re-runs them once a receive serves the disk again.
+    for index in range(len(args) - 1):
+        if _bare(args[index]) != "-device":
+            continue
+        pairs = split_qemu_opts(args[index + 1])
+        if dict(pairs).get("drive") in ours:
+            kept = [(k, v) for k, v in pairs if k not in ("werror", "rerror")]
+            args[index + 1] = join_qemu_opts([*kept, ("werror", "stop"), ("rerror", "stop")])
     return [*args, "-qmp", f"unix:{qmp_socket},server=on,wait=off", "-incoming", "defer", "-S"]
 
 
-def persistent_args(dest_args: Sequence[str], disks: Sequence[DiskPlan]) -> list[str]:
-    """B's arguments on the local files: each of our nbd nodes becomes a file node."""
+def persistent_args(
+    rewritten: Sequence[str], disks: Sequence[DiskPlan], qmp_socket: str
+) -> list[str]:
+    """B's arguments on the local files: each of our nbd nodes becomes a file node of the same
+    name; the monitor is B's QMP socket."""
     sockets = {disk.socket: disk for disk in disks}
-    args = _strip_start_options(dest_args)
+    args = _strip_start_options(rewritten)
     for index in range(len(args) - 1):
         if _bare(args[index]) != "-blockdev":
             continue
@@ -148,10 +183,7 @@ def persistent_args(dest_args: Sequence[str], disks: Sequence[DiskPlan]) -> list
             args[index + 1] = join_qemu_opts(
                 [("driver", "file"), ("filename", disk.dest_file), *kept_pairs]
             )
-    qmp_at = next((i for i, a in enumerate(dest_args) if _bare(a) == "-qmp"), None)
-    if qmp_at is not None and qmp_at + 1 < len(dest_args):
-        args += ["-qmp", dest_args[qmp_at + 1]]
-    return args
+    return [*args, "-qmp", f"unix:{qmp_socket},server=on,wait=off"]
 
 
 class QemuToolstack:
@@ -186,6 +218,7 @@ class QemuToolstack:
         self.timeout_seconds = timeout_seconds
         self.reconnect_delay = reconnect_delay
         self.dest_args: list[str] = []
+        self.persist_args: list[str] = []
         self.remote = RemoteQMP(agent)
         self.rollback: Rollback | None = None
 
@@ -208,6 +241,7 @@ class QemuToolstack:
         rewrite = rewrite_qemu_args(text, self.domain, "B's QEMU arguments")
         args, _ = parse_qemu_args(rewrite.text)
         self.dest_args = destination_args(args, self.disks, self.dest_qmp, self.reconnect_delay)
+        self.persist_args = persistent_args(args, self.disks, self.dest_qmp)
         return self.dest_args
 
     async def prepare_destination(self) -> dict[str, Any]:
@@ -263,13 +297,11 @@ class QemuToolstack:
         return PivotFigures(disks=answer["disks"], remote_disks_left=answer["nbd_nodes_left"])
 
     async def persist(self) -> str:
-        if not self.dest_args:
+        if not self.persist_args:
             raise UserError(
                 "B's QEMU arguments are unknown (a QEMU the user started): not persisted"
             )
-        answer = await self.agent.request(
-            "persist", argv=persistent_args(self.dest_args, self.disks), path=self.persist_path
-        )
+        answer = await self.agent.request("persist", argv=self.persist_args, path=self.persist_path)
         return str(answer["persisted"])
 
     async def release_source(self) -> None:

@@ -10,7 +10,7 @@ their own directories (`a/`, `b/`), and Unix sockets in a short private director
 file, B's serial log).  `Lab.start_guest_a` boots the guest in A's namespace (so its memory
 stream crosses the veth); `Lab.migrate` runs `postcopy migrate --json` in A's namespace and
 reads its events on a thread.  `processes_of` lists the processes whose command line mentions
-a path of the lab (what must be gone after a migration).
+a path of the domain (what must be gone after a migration).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +83,17 @@ class Migration:
     stderr_log: Path | None = None
 
     def wait_event(self, event: str, state: str, timeout: float = 90.0) -> dict[str, Any]:
+        """The first event of that step and state (waiting for it)."""
+        return self.wait_for(
+            lambda e: e.get("event") == event and e.get("state") == state, timeout, event
+        )
+
+    def wait_for(
+        self, wanted: Callable[[dict[str, Any]], bool], timeout: float = 90.0, what: str = "?"
+    ) -> dict[str, Any]:
+        """The first event `wanted` accepts, seen or to come within `timeout` seconds."""
         for seen in self.events:
-            if seen.get("event") == event and seen.get("state") == state:
+            if wanted(seen):
                 return seen
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -95,9 +104,9 @@ class Migration:
             if item is None:
                 break
             self.events.append(item)
-            if item.get("event") == event and item.get("state") == state:
+            if wanted(item):
                 return item
-        raise AssertionError(f"no {event}/{state} event; saw {self.events}\n{self.stderr()}")
+        raise AssertionError(f"no {what} event; saw {self.events}\n{self.stderr()}")
 
     def finish(self, timeout: float = 120.0) -> int:
         code = self.process.wait(timeout=timeout)
@@ -246,10 +255,14 @@ class Lab:
         threading.Thread(target=read, daemon=True).start()
         return migration
 
-    def processes_of(self) -> list[str]:
-        """Command lines of live processes that mention this lab's directories."""
+    def processes_of(self, domain: Domain) -> list[str]:
+        """Command lines of live processes that mention a path of `domain` on either host."""
         found = []
-        marks = (str(self.root), str(self.sockets))
+        marks = (
+            f"{self.root / 'a' / domain.name}/",
+            f"{self.root / 'b' / domain.name}/",
+            f"{self.sockets}/{domain.name}",
+        )
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
