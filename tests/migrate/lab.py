@@ -15,6 +15,7 @@ a path of the domain (what must be gone after a migration).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -255,13 +256,21 @@ class Lab:
         threading.Thread(target=read, daemon=True).start()
         return migration
 
-    def processes_of(self, domain: Domain) -> list[str]:
-        """Command lines of live processes that mention a path of `domain` on either host."""
+    def kill_leftovers(self) -> None:
+        """After a failed test: whatever still runs from the lab's paths (a detached serve, a
+        receive, a QEMU) is killed, so that nothing outlives the test."""
+        for name in (path.name for path in (self.root / "a").iterdir() if path.is_dir()):
+            for line in self.processes_of(name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(_pid_of(line), signal.SIGKILL)
+
+    def processes_of(self, name: str) -> list[str]:
+        """Command lines of live processes that mention a path of domain `name` on a host."""
         found = []
         marks = (
-            f"{self.root / 'a' / domain.name}/",
-            f"{self.root / 'b' / domain.name}/",
-            f"{self.sockets}/{domain.name}",
+            f"{self.root / 'a' / name}/",
+            f"{self.root / 'b' / name}/",
+            f"{self.sockets}/{name}",
         )
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -274,6 +283,10 @@ class Lab:
             if state != "Z" and any(mark in cmdline for mark in marks):
                 found.append(f"{entry.name}: {cmdline[:300]}")
         return found
+
+
+def _pid_of(line: str) -> int:
+    return int(line.partition(":")[0])
 
 
 def qmp(socket: Path, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -299,6 +312,10 @@ def open_lab(boot_files: GuestBootFiles, root: Path) -> Iterator[Lab]:
                 f'shift\nexec ip netns exec {hosts.host_b.namespace} sh -c "$*"\n'
             )
             ssh.chmod(0o755)
-            yield Lab(hosts, root, sockets, ssh, boot_files, GuestLayout())
+            lab = Lab(hosts, root, sockets, ssh, boot_files, GuestLayout())
+            try:
+                yield lab
+            finally:
+                lab.kill_leftovers()
     finally:
         shutil.rmtree(sockets, ignore_errors=True)

@@ -59,7 +59,7 @@ def _assert_b_holds_nothing(lab: Lab, domain: Domain, guest_a: QemuGuest) -> Non
     assert not domain.socket_b.exists()
     assert not domain.qmp_b.exists()
     assert not (domain.record_dir_a / f"{domain.name}.json").exists()
-    others = [p for p in lab.processes_of(domain) if not p.startswith(f"{guest_a.process.pid}:")]
+    others = [p for p in lab.processes_of(domain.name) if not p.startswith(f"{guest_a.process.pid}:")]
     assert others == []
 
 
@@ -103,7 +103,7 @@ def test_one_command_migrates_the_guest_onto_b_local_disk(lab: Lab) -> None:
             inserted = [b["inserted"] for b in qmp(domain.qmp_b, "query-block") if "inserted" in b]
             assert [i["file"] for i in inserted] == [str(domain.dest_b)]
             # Nothing of postcopy runs on either host; the receive's socket is gone.
-            assert [p for p in lab.processes_of(domain) if not p.startswith(f"{pid_b}:")] == []
+            assert [p for p in lab.processes_of(domain.name) if not p.startswith(f"{pid_b}:")] == []
             assert not domain.socket_b.exists()
             # The workload passes on B after the pivot.
             after = guest_b.wait_for_passes(3, PASS_TIMEOUT, after=released)
@@ -237,7 +237,7 @@ def test_receive_killed_after_switchover_is_restarted_and_resume_finishes(lab: L
             assert not [n for n in _nodes(domain.qmp_b) if n[1] == "nbd"]
             guest_b.wait_for_passes(2, PASS_TIMEOUT, after=finished)
             assert guest_b.failures() == [] and guest_a.failures() == [], guest_b.console_tail()
-            assert [p for p in lab.processes_of(domain) if not p.startswith(f"{pid_b}:")] == []
+            assert [p for p in lab.processes_of(domain.name) if not p.startswith(f"{pid_b}:")] == []
             assert not domain.socket_b.exists()
             assert _same_outside_work_region(lab, domain)
         finally:
