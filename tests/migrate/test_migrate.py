@@ -59,8 +59,8 @@ def _assert_b_holds_nothing(lab: Lab, domain: Domain, guest_a: QemuGuest) -> Non
     assert not domain.socket_b.exists()
     assert not domain.qmp_b.exists()
     assert not (domain.record_dir_a / f"{domain.name}.json").exists()
-    others = [p for p in lab.processes_of(domain.name) if not p.startswith(f"{guest_a.process.pid}:")]
-    assert others == []
+    running = lab.processes_of(domain.name)
+    assert [p for p in running if not p.startswith(f"{guest_a.process.pid}:")] == []
 
 
 def _nodes(socket: Path) -> list[tuple[str, str, str]]:
