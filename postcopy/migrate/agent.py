@@ -45,13 +45,11 @@ from typing import Any
 import trio
 
 from postcopy.destination.gate import declare_source_frozen
-from postcopy.destination.pivoted import mark_pivoted
-from postcopy.destination.receive import remove_stale_socket
-from postcopy.destination.statelock import state_lock_path
 from postcopy.destination.status import read_status
 from postcopy.errors import PostcopyError, UserError
 from postcopy.fsutil import write_file_atomically
 from postcopy.integrations.qmp import QMPClient, QMPCommandError, QMPError, open_qmp
+from postcopy.migrate.pivot import lock_holders, pivot_disk_of_state_dir
 from postcopy.migrate.processes import process_running, stop_process
 from postcopy.migrate.records import INCOMING_RECORD, DiskPlan, load_record, save_record
 
@@ -265,16 +263,7 @@ class Agent:
 
     def _engine_pids(self, disk: DiskPlan) -> list[int]:
         """Live nbdkit processes holding the disk's state directory (the lock file's holders)."""
-        try:
-            lines = state_lock_path(Path(disk.state_dir)).read_text().splitlines()
-        except OSError:
-            return []
-        pids = []
-        for line in lines:
-            pid_text, _, role = line.partition(" ")
-            if pid_text.isdigit() and role.strip() == "nbdkit" and process_running(int(pid_text)):
-                pids.append(int(pid_text))
-        return pids
+        return [pid for pid, role in lock_holders(Path(disk.state_dir)) if role == "nbdkit"]
 
     async def op_switchover(self) -> dict[str, Any]:
         dead = [d.device for d in self._disks() if not self._receive_alive(d.device)]
@@ -347,37 +336,18 @@ class Agent:
         }  # fmt: skip
 
     async def op_pivot(self) -> dict[str, Any]:
-        from postcopy.integrations.qemu_pivot import pivot_disk, read_disks
-        from postcopy.policy import NbdEndpoint
+        from postcopy.integrations.qemu_pivot import read_disks
 
         client = await self._client()
         qemu_argv = (self.record.get("qemu") or {}).get("argv")
         results: dict[str, dict[str, Any]] = {}
         for disk in self._disks():
-            if Path(disk.state_dir, "pivoted").exists():
-                results[disk.device] = {"already": True}
-                continue
-            status = read_status(Path(disk.state_dir))
-            if status.get("state") != "complete":
-                raise UserError(f"{disk.device} is {status.get('state')}, not complete")
-            endpoint = NbdEndpoint("", socket=Path(disk.socket))
-            result = await pivot_disk(
-                client, endpoint, Path(disk.dest_file), command_line=qemu_argv
-            )
             pid = self.record["receives"][disk.device]["pid"]
-            stop_process(pid, self.children.get(pid))
-            for engine in self._engine_pids(disk):  # it exits once QEMU let go of the disk
-                stop_process(engine)
-            remove_stale_socket(Path(disk.socket))  # nbdkit leaves its socket behind
-            mark_pivoted(
-                Path(disk.state_dir),
-                Path(disk.dest_file),
-                f"QEMU node {result.format_node} on file node {result.file_node}",
-            )
-            results[disk.device] = {
-                "node": result.format_node,
-                "reopen_seconds": result.reopen_seconds,
-            }
+            results[disk.device] = await pivot_disk_of_state_dir(
+                client, Path(disk.state_dir), socket=Path(disk.socket),
+                dest=Path(disk.dest_file), command_line=qemu_argv,
+                receive=self.children.get(pid),
+            )  # fmt: skip
         remaining = [d for d in await read_disks(client) if d.protocol_driver == "nbd"]
         self.record["phase"] = "pivoted"
         self._save()

@@ -517,9 +517,10 @@ async def _drain_verify_pivot_release(run: Run, disks: list[DiskPlan]) -> int:
     progress.event("drain", "done", seconds=round(run.figures["drain_seconds"], 3))
 
     progress.event("verify", "start")
-    verification = await verify_disks(agent, disks)
+    remote = RemoteHost(run.options.dest_host, run.options.ssh, run.options.remote_postcopy)
+    verification = await verify_disks(remote, disks)
     run.figures["verification"] = verification.as_dict()
-    if verification.status == "mismatch":
+    if verification.status in ("mismatch", "error"):
         progress.event("verify", "failed", verification.detail, **verification.as_dict())
         progress.warn(
             f"verification failed: A is kept (serve runs; fix and run postcopy migrate "

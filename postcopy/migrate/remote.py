@@ -72,6 +72,29 @@ class RemoteHost:
             raise UserError(f"B ({self.host}): `{shlex.join(remote_argv)}` failed: {detail}")
         return str(result.stdout.decode(errors="replace"))
 
+    async def run_with_input(
+        self, remote_argv: Sequence[str], data: bytes, timeout: float = 300.0
+    ) -> tuple[int, str, str]:
+        """Run one command on B with `data` on its stdin: (exit status, stdout, stderr)."""
+        argv = self.command(remote_argv)
+        try:
+            with trio.fail_after(timeout):
+                result = await trio.run_process(
+                    argv, stdin=data, capture_stdout=True, capture_stderr=True, check=False,
+                    start_new_session=True,
+                )  # fmt: skip
+        except trio.TooSlowError:
+            raise UserError(
+                f"B ({self.host}) did not finish `{shlex.join(remote_argv)}` in {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise UserError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        return (
+            result.returncode,
+            result.stdout.decode(errors="replace"),
+            result.stderr.decode(errors="replace"),
+        )
+
     @asynccontextmanager
     async def open_agent(
         self, remote_argv: Sequence[str], log: Path
