@@ -59,7 +59,8 @@ from typing import Any
 import trio
 
 import nbdsrv
-from postcopy.destination.receive import ReceiveConfig, nbd_uri, nbdkit_command, plugin_environment
+from postcopy.destination.receive import nbd_uri, nbdkit_command, plugin_environment
+from postcopy.destination.settings import DestinationSettings
 from postcopy.kit.netns import TestHost, open_two_hosts
 from postcopy.kit.processes import read_line
 from postcopy.kit.sample_disk import make_sample_disk
@@ -215,21 +216,22 @@ def running_plugin_without_drain(source_uri: str, workdir: Path, size: int) -> I
     state_dir.mkdir()
     with open(dest, "wb") as file:
         file.truncate(size)
-    config = ReceiveConfig(
-        source=source_uri, dest=dest, state_dir=state_dir, socket_path=workdir / f"{name}.sock"
-    )
-    assert config.socket_path is not None
-    fresh(config.socket_path)
+    config = DestinationSettings(
+        source=source_uri, dest=dest, state_dir=state_dir, socket=workdir / f"{name}.sock",
+        drain_requests=0,
+    )  # fmt: skip
+    assert config.socket is not None
+    fresh(config.socket)
     launched_at = time.time()
     started = time.perf_counter()
     with open(workdir / f"{name}-nbdkit.log", "ab") as log:
         process = subprocess.Popen(
-            [*nbdkit_command(config), "drain_requests=0"],
+            nbdkit_command(config),
             stdout=log, stderr=log, env=plugin_environment(),
         )  # fmt: skip
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while not config.socket_path.exists():
+        while not config.socket.exists():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("nbdkit with the postcopy plugin did not start")
             time.sleep(0.01)

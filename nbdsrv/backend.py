@@ -35,9 +35,9 @@ from nbdsrv.constants import BlockStatusFlag
 from nbdsrv.extent import Extent
 
 HOLE_FLAGS = int(BlockStatusFlag.HOLE | BlockStatusFlag.ZERO)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 
 
@@ -107,12 +107,18 @@ _fallocate = _load_fallocate()
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode; raises OSError (EOPNOTSUPP when unsupported)."""
+    """Linux fallocate(2) with a mode (`os` offers only posix_fallocate); raises OSError
+    (EOPNOTSUPP when unsupported); public, so that other file code shares this one copy."""
     if _fallocate is None:
         raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate `[offset, offset+length)`: it reads as zeros, the file keeps its size."""
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 class FileBackend:
@@ -269,7 +275,7 @@ class FileBackend:
         if not self._punch_works:
             return  # trim is advisory: doing nothing is correct
         try:
-            fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            punch_hole(self._fd, offset, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
@@ -285,7 +291,7 @@ class FileBackend:
         done = False
         if may_trim and self._punch_works:
             try:
-                fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                punch_hole(self._fd, offset, length)
                 done = True
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -293,7 +299,7 @@ class FileBackend:
                 self._punch_works = False
         if not done and self._zero_range_works:
             try:
-                fallocate(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
                 done = True
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):

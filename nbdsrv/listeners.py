@@ -2,8 +2,9 @@
 
 `open_unix_listener` creates a Unix socket whose owner and mode are set before listen() (so
 nobody else can ever connect), replacing a stale socket file left by a dead server but never a
-live one; `open_tcp_listener` binds the first address a host resolves to; `listener_uri` names
-a listener as an nbd:// or nbd+unix:// URI (nbds... under TLS).  `serve_nbd` in nbdsrv.server
+live one (`remove_stale_socket`, also for servers started otherwise); `open_tcp_listener` binds
+the first address a host resolves to; `listener_uri` names a listener as an nbd:// or
+nbd+unix:// URI (nbds... under TLS).  `serve_nbd` in nbdsrv.server
 puts them together.
 """
 
@@ -17,6 +18,29 @@ import stat
 import trio
 
 
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file at `path` that nobody listens on any more (a dead server's), so a
+    new server can bind there.  A live one raises OSError(EADDRINUSE), any other file
+    FileExistsError; no file at all is fine."""
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return  # removed meanwhile
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "a server is already listening on", path)
+
+
 async def open_unix_listener(
     path: str, *, mode: int | None = None, group: int | None = None
 ) -> trio.SocketListener:
@@ -26,22 +50,7 @@ async def open_unix_listener(
     OSError(EADDRINUSE); any other file raises FileExistsError."""
     if mode is None:
         mode = 0o600 if group is None else 0o660
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(existing.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-        else:
-            raise OSError(errno.EADDRINUSE, "a server is already listening on", path)
-        finally:
-            probe.close()
+    remove_stale_socket(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:
         await sock.bind(path)

@@ -10,6 +10,9 @@
 The export name is the URI path without its leading "/", percent-decoded (so "nbd://h/" and
 "nbd://h" both name the default export "").  A bad URI raises ValueError with a one-line message
 that quotes the URI; callers facing an operator turn it into a UserError.
+
+A listen address is written `HOST:PORT` (`[IPV6]:PORT`): `parse_host_port` reads it and
+`format_host_port` writes it back.
 """
 
 from __future__ import annotations
@@ -106,6 +109,25 @@ def parse_nbd_uri(text: str) -> NBDAddress:
         "tcp", export_name, host=host, port=DEFAULT_PORT if port is None else port, tls=tls,
         tls_certificates=tls_certificates,
     )
+
+
+def parse_host_port(
+    text: str, *, default_host: str | None = None, allow_port_zero: bool = False
+) -> tuple[str, int]:
+    """`HOST:PORT`, `[IPV6]:PORT`, or `:PORT` when there is a `default_host` (a listener's
+    "every address"); port 0 ("any free port") only with `allow_port_zero`.  Raises ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or (default_host or "")
+    lowest = 0 if allow_port_zero else 1
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() else -1
+    if not sep or not host or not lowest <= port <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, port
+
+
+def format_host_port(host: str, port: int) -> str:
+    """`HOST:PORT`, with an IPv6 host in brackets (what `parse_host_port` reads back)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _invalid(text: str, why: str) -> ValueError:

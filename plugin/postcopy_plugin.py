@@ -3,8 +3,13 @@
 #   PYTHONPATH=<project root>:<venv site-packages> \
 #   nbdkit -f --exit-with-parent -t 128 -U /run/disk.sock python plugin/postcopy_plugin.py \
 #       source=nbd://host-a:10809/disk dest=/var/lib/vm/disk.img state_dir=/var/lib/vm/disk.state \
-#       chunk_size=65536 wait_for_source=1 unreachable_timeout=180 request_timeout=10 \
-#       bandwidth=209715200
+#       chunk_size=65536 bandwidth=209715200 wait_for_source=1 source_timeout=180.0 \
+#       request_timeout=10.0 ...
+#
+# The parameters are the settings of `postcopy.destination.settings.DestinationSettings` (the
+# keys are its field names, the same as receive's options: source_timeout is --source-timeout),
+# read back by the same code that wrote them; a key or value it cannot read stops nbdkit with
+# one line naming the key.
 #
 # The script is a thin shell: every callback hands the request to one
 # `postcopy.destination.engine.Engine` per nbdkit process (so every connection sees the same disk:
@@ -18,17 +23,16 @@
 
 import errno
 import os
-from pathlib import Path
 
 import nbdkit
 
 from postcopy.destination.engine import Engine, EngineConfig
+from postcopy.destination.settings import from_plugin_parameters, plugin_key
 from postcopy.destination.statelock import StateLock, acquire_state_lock, adopt_state_lock
 
 API_VERSION = 2
 
-_REQUIRED = ("source", "dest", "state_dir")
-_settings: dict[str, str] = {}
+_parameters: dict[str, str] = {}  # key (an alias as its setting's key) -> text, the last given
 _engine: Engine | None = None
 _engine_pid = 0
 _state_lock: StateLock | None = None  # held for the life of the process, never released
@@ -39,51 +43,17 @@ def thread_model():
 
 
 def config(key, value):
-    known = _REQUIRED + (
-        "chunk_size", "wait_for_source", "export_name", "source_id", "unreachable_timeout",
-        "drain_requests", "drain_request_size", "request_timeout", "bandwidth",
-        "drain_requests_during_faults", "blocking_misses", "state_lock_fd",
-    )
-    if key not in known:
-        raise ValueError(f"unknown parameter {key!r} (known: {', '.join(known)})")
-    _settings[key] = value
+    _parameters[plugin_key(key)] = value  # an unknown key is refused here
 
 
 def config_complete():
     global _engine, _state_lock
-    missing = [key for key in _REQUIRED if key not in _settings]
-    if missing:
-        raise ValueError(f"missing parameter(s): {', '.join(missing)}")
-    state_dir = Path(_settings["state_dir"])
-    if "state_lock_fd" in _settings:
-        _state_lock = adopt_state_lock(state_dir, int(_settings["state_lock_fd"]), "nbdkit")
+    settings, state_lock_fd = from_plugin_parameters(_parameters)
+    if state_lock_fd is not None:
+        _state_lock = adopt_state_lock(settings.state_dir, state_lock_fd, "nbdkit")
     else:
-        _state_lock = acquire_state_lock(state_dir, "nbdkit")
-    engine_config = EngineConfig(
-        source_uri=_settings["source"],
-        dest_path=Path(_settings["dest"]),
-        state_dir=Path(_settings["state_dir"]),
-        wait_for_source=_settings.get("wait_for_source", "0") in ("1", "true", "yes"),
-        export_name=_settings.get("export_name"),
-        source_id=_settings.get("source_id"),
-    )
-    if "chunk_size" in _settings:
-        engine_config.chunk_size = nbdkit.parse_size(_settings["chunk_size"])
-    if "unreachable_timeout" in _settings:
-        engine_config.unreachable_timeout = float(_settings["unreachable_timeout"])
-    if "request_timeout" in _settings:
-        engine_config.request_timeout = float(_settings["request_timeout"])
-    if "bandwidth" in _settings:
-        engine_config.bandwidth = int(_settings["bandwidth"]) or None
-    if "drain_requests" in _settings:
-        engine_config.drain_requests_in_flight = int(_settings["drain_requests"])
-    if "drain_requests_during_faults" in _settings:
-        engine_config.drain_requests_during_faults = int(_settings["drain_requests_during_faults"])
-    if "blocking_misses" in _settings:
-        engine_config.blocking_misses = _settings["blocking_misses"] in ("1", "true", "yes")
-    if "drain_request_size" in _settings:
-        engine_config.drain_request_bytes = nbdkit.parse_size(_settings["drain_request_size"])
-    _engine = Engine(engine_config)
+        _state_lock = acquire_state_lock(settings.state_dir, "nbdkit")
+    _engine = Engine(EngineConfig.from_settings(settings))
 
 
 def after_fork():

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from postcopy.destination.settings import DestinationSettings, receive_arguments
 from postcopy.errors import UserError
 from postcopy.fsutil import write_file_atomically
 from postcopy.integrations import Rewrite, libvirt, qemu, xl
@@ -100,18 +101,21 @@ def migration_plan(domain: DomainPolicy) -> dict[str, object]:
         serve.append(f"{disk.export}={disk.source_image}")
         state_dir = domain.state_dir(disk)
         dest = domain.dest_endpoint(disk)
-        receive = ["postcopy", "receive", "--domain", domain.name]
-        receive += ["--source", domain.source_endpoint(disk).uri() if source else "SOURCE-URI"]
-        receive += ["--dest", str(disk.dest_file), "--state-dir", str(state_dir)]
-        if dest.socket is not None:
-            receive += ["--socket", str(dest.socket)]
-        else:
-            receive += ["--listen", f"{dest.host}:{dest.port}"]
-        receive += ["--chunk-size", str(domain.chunk_size)]
-        if domain.bandwidth:
-            receive += ["--bandwidth", str(domain.bandwidth)]
-        # a stable identity: the map stays valid if A's address changes between restarts
-        receive += ["--source-id", f"{domain.name}/{disk.device}", "--wait-for-source"]
+        # the options come from the settings contract; a stable source identity keeps the map
+        # valid if A's address changes between restarts
+        settings = DestinationSettings(
+            domain=domain.name,
+            source=domain.source_endpoint(disk).uri() if source else "SOURCE-URI",
+            dest=disk.dest_file,
+            state_dir=state_dir,
+            socket=dest.socket,
+            listen=None if dest.socket is not None else (dest.host or "", dest.port),
+            chunk_size=domain.chunk_size,
+            bandwidth=domain.bandwidth,
+            source_id=f"{domain.name}/{disk.device}",
+            wait_for_source=True,
+        )
+        receive = ["postcopy", "receive", *receive_arguments(settings)]
         disks.append(
             {
                 "device": disk.device,

@@ -81,12 +81,14 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from nbdsrv.backend import FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE
+from nbdsrv.backend import FALLOC_FL_ZERO_RANGE as _FALLOC_FL_ZERO_RANGE
+from nbdsrv.backend import fallocate, punch_hole
 from nbdsrv.errors import CommandError
 from nbdsrv.uri import NBDAddress, parse_nbd_uri
 from postcopy.destination import gate as source_gate
 from postcopy.destination import status
 from postcopy.destination.blockmap import (
-    DEFAULT_CHUNK_SIZE,
     GUEST_WRITTEN,
     PRESENT,
     SOURCE_HOLE,
@@ -103,6 +105,7 @@ from postcopy.destination.links import (
     percentile,
 )
 from postcopy.destination.ratelimit import TokenBucket
+from postcopy.destination.settings import DestinationSettings, setting_default
 from postcopy.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -118,25 +121,6 @@ UNREACHABLE_GRACE_SECONDS = 1.0
 BLOCKING_RETRY_SECONDS = 1.0
 # at most this many blocking source connections (one per nbdkit worker thread that missed)
 MAX_BLOCKING_SOURCES = 16
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Linux fallocate(2) with a mode (Python's os module offers only posix_fallocate)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-
 
 # The C fast path (plugin/fastpath.c) reads the live map on nbdkit's threads without the GIL: it
 # load-acquires a chunk's byte and, when PRESENT is set, preads the chunk from the data file.  For
@@ -187,32 +171,68 @@ class EngineIOError(OSError):
 
 @dataclass
 class EngineConfig:
+    """The engine's configuration: the disk's settings (`DestinationSettings`, whose defaults
+    these are, under the engine's names; `from_settings` is the one place that maps them) and
+    the engine's internal tuning, which no operator sets."""
+
     source_uri: str
     dest_path: Path
     state_dir: Path
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    wait_for_source: bool = False
-    export_name: str | None = None  # None: the one in the URI
-    source_id: str | None = None  # identifies the source in the state; None: the URI
+    chunk_size: int = setting_default("chunk_size")
+    wait_for_source: bool = setting_default("wait_for_source")
+    export_name: str | None = setting_default("export_name")  # None: the one in the URI
+    source_id: str | None = setting_default("source_id")  # identifies the source; None: the URI
     demand_fetch_bytes: int = 256 * 1024  # largest single fetch for a guest miss
-    drain_request_bytes: int = 1024 * 1024
-    drain_requests_in_flight: int = 4
-    # after a guest miss the drain keeps at most this many requests in flight for a while,
-    # so that the source and this process answer the guest first (0: the drain yields
-    # completely during a burst of misses, but never for more than a second at a time)
-    drain_requests_during_faults: int = 0
+    drain_request_bytes: int = setting_default("drain_request_size")
+    drain_requests_in_flight: int = setting_default("drain_requests")
+    # after a guest miss the drain keeps at most this many requests in flight for a while
+    # (see DestinationSettings.drain_requests_during_faults)
+    drain_requests_during_faults: int = setting_default("drain_requests_during_faults")
     fault_quiet_seconds: float = 0.05
     block_status_window_bytes: int = 1024 * 1024 * 1024
-    unreachable_timeout: float = 180.0  # how long a guest read waits for the source
-    request_timeout: float = 10.0  # a source request (or handshake) unanswered this long: stalled
-    bandwidth: int | None = None  # drain cap in bytes per second (None: no cap)
+    # how long a guest read waits for the source (the setting source_timeout)
+    unreachable_timeout: float = setting_default("source_timeout")
+    # a source request (or handshake) unanswered this long: stalled
+    request_timeout: float = setting_default("request_timeout")
+    bandwidth: int | None = setting_default("bandwidth")  # drain cap in bytes/s (None: no cap)
     sync_interval: float = 1.0
     status_interval: float = 0.25
     gate_poll_interval: float = 0.1
     drain: bool = True
     # serve guest misses on nbdkit's worker threads over blocking connections (plain nbd://
     # and nbd+unix:// sources opened by the default opener; the trio path otherwise)
-    blocking_misses: bool = True
+    blocking_misses: bool = setting_default("blocking_misses")
+
+    @classmethod
+    def from_settings(cls, settings: DestinationSettings) -> EngineConfig:
+        """The engine's configuration for `settings` (its tuning at the defaults)."""
+        return cls(
+            source_uri=settings.source,
+            dest_path=settings.dest,
+            state_dir=settings.state_dir,
+            chunk_size=settings.chunk_size,
+            wait_for_source=settings.wait_for_source,
+            export_name=settings.export_name,
+            source_id=settings.source_id,
+            drain_request_bytes=settings.drain_request_size,
+            drain_requests_in_flight=settings.drain_requests,
+            drain_requests_during_faults=settings.drain_requests_during_faults,
+            unreachable_timeout=settings.source_timeout,
+            request_timeout=settings.request_timeout,
+            bandwidth=settings.bandwidth,
+            blocking_misses=settings.blocking_misses,
+        )
+
+    def map_identity(self, disk_size: int) -> MapIdentity:
+        """The identity of the block map of a disk of `disk_size` bytes under this
+        configuration (what a state directory must match)."""
+        return MapIdentity(
+            disk_size=disk_size,
+            chunk_size=self.chunk_size,
+            source_size=disk_size,
+            export_name=self.export_name or "",
+            source_id=self.source_id or self.source_uri,
+        )
 
 
 @dataclass

@@ -35,12 +35,13 @@ import trio
 
 from nbdsrv.errors import CommandError, NBDError
 from nbdsrv.uri import NBDAddress
+from postcopy.destination.settings import setting_default
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_SECONDS = 0.05
 BACKOFF_MAX_SECONDS = 1.0
-DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_REQUEST_TIMEOUT: float = setting_default("request_timeout")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 

@@ -5,8 +5,9 @@ second receive on it is refused before anything there is read), then checks ever
 can get wrong before anything listens (nbdkit and its python plugin installed, the source reachable
 and its size, the destination file's size, the state directory's identity, read-only), creates the
 sparse destination file when it does not exist, then starts `nbdkit -f --exit-with-parent` with
-`plugin/postcopy_plugin.py`, the engine's settings as `key=value` parameters and the lock's
-descriptor inherited (the plugin adopts it, so the lock lives as long as receive and nbdkit do).
+`plugin/postcopy_plugin.py`, the disk's settings as `key=value` parameters (written and read back
+by `postcopy.destination.settings`) and the lock's descriptor inherited (the plugin adopts it, so
+the lock lives as long as receive and nbdkit do).
 A destination whose map is already complete is started without touching the source at all: its
 size is the local file's, and nothing is probed (an old source address may be gone, stalled, or
 serving something else by now).  The embedded Python sees neither the venv nor the project, so
@@ -24,16 +25,14 @@ and runs the plugin alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.resources
 import os
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -41,8 +40,9 @@ import trio
 
 import nbdsrv
 import postcopy
+from nbdsrv import listeners
+from nbdsrv.uri import format_host_port
 from postcopy.destination.blockmap import (
-    DEFAULT_CHUNK_SIZE,
     JOURNAL_FILENAME,
     LIVE_MAP_FILENAME,
     SNAPSHOT_FILENAME,
@@ -50,7 +50,9 @@ from postcopy.destination.blockmap import (
     MapIdentity,
     check_chunk_size,
 )
+from postcopy.destination.engine import EngineConfig
 from postcopy.destination.pivoted import check_not_pivoted
+from postcopy.destination.settings import DestinationSettings, plugin_parameters
 from postcopy.destination.statelock import StateLock, acquire_state_lock, lock_destination
 from postcopy.errors import StateError, UserError
 
@@ -59,14 +61,6 @@ PLUGIN_PACKAGE = "postcopy_plugin"
 FASTPATH_FILTER_NAME = "postcopy-fastpath.so"
 # where the fast path filter's hit and miss counts land when nbdkit exits (tests read them)
 FASTPATH_STATS_FILENAME = "fastpath.stats"
-# nbdkit worker threads per connection.  nbdkit reads a connection's next request only when one of
-# its threads is free, and a request that waits for the source (a read miss, a sub-chunk write
-# into a missing chunk) holds its thread up to --source-timeout during an outage.  So there are as
-# many threads as a client keeps requests in flight: the Linux kernel's nbd driver at most 128 per
-# connection, QEMU 16.  Then waiting requests never keep reads of present data or writes from being
-# read and answered.  Idle threads cost only their (untouched) stacks; threads in use are bounded
-# by the client's queue depth, whatever this number.
-DEFAULT_THREADS = 128
 SOURCE_PROBE_TIMEOUT = 15.0
 LISTEN_TIMEOUT = 30.0
 
@@ -83,33 +77,12 @@ def plugin_file(name: str) -> Path:
 PLUGIN_PATH = plugin_file("postcopy_plugin.py")
 
 
-@dataclass
-class ReceiveConfig:
-    source: str
-    dest: Path
-    state_dir: Path
-    socket_path: Path | None = None
-    listen: tuple[str, int] | None = None
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    wait_for_source: bool = False
-    threads: int = DEFAULT_THREADS
-    export_name: str | None = None
-    source_id: str | None = None
-    unreachable_timeout: float | None = None
-    request_timeout: float | None = None
-    bandwidth: int | None = None  # drain cap in bytes/s
-    domain: str | None = None
-
-
-def nbd_uri(config: ReceiveConfig) -> str:
+def nbd_uri(settings: DestinationSettings) -> str:
     """The URI a hypervisor opens: nbd+unix:///?socket=PATH or nbd://HOST:PORT/."""
-    if config.socket_path is not None:
-        return f"nbd+unix:///?socket={config.socket_path}"
-    assert config.listen is not None
-    host, port = config.listen
-    if ":" in host:
-        host = f"[{host}]"
-    return f"nbd://{host}:{port}/"
+    if settings.socket is not None:
+        return f"nbd+unix:///?socket={settings.socket}"
+    assert settings.listen is not None
+    return f"nbd://{format_host_port(*settings.listen)}/"
 
 
 def check_nbdkit() -> None:
@@ -163,52 +136,46 @@ def prepare_dest(dest: Path, size: int) -> None:
         raise UserError(f"cannot create {dest}: {exc.strerror}") from None
 
 
-def map_identity(config: ReceiveConfig, size: int) -> MapIdentity:
-    """The identity the engine will give the block map (see postcopy.destination.engine.Engine)."""
-    return MapIdentity(
-        disk_size=size,
-        chunk_size=config.chunk_size,
-        source_size=size,
-        export_name=config.export_name or "",
-        source_id=config.source_id or config.source,
-    )
+def map_identity(settings: DestinationSettings, size: int) -> MapIdentity:
+    """The identity the engine will give the block map (`EngineConfig.map_identity`)."""
+    return EngineConfig.from_settings(settings).map_identity(size)
 
 
-def lock_state_dir(config: ReceiveConfig) -> StateLock:
+def lock_state_dir(settings: DestinationSettings) -> StateLock:
     """Create the state directory if needed and lock it (`StateDirInUse` naming the holder when
     another receive has it); nothing else in it is read or written before this."""
     try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create {config.state_dir}: {exc.strerror}") from None
-    return acquire_state_lock(config.state_dir, "postcopy receive")
+        raise UserError(f"cannot create {settings.state_dir}: {exc.strerror}") from None
+    return acquire_state_lock(settings.state_dir, "postcopy receive")
 
 
-def check_state(config: ReceiveConfig, size: int, *, dest_exists: bool = True) -> None:
+def check_state(settings: DestinationSettings, size: int, *, dest_exists: bool = True) -> None:
     """Refuse a state directory that belongs to another disk, or whose map says data is present
     in a destination file that is gone (StateError, one line).  Reads only: the engine, which
     opens the map for real, is the one that may repair a torn journal tail."""
-    block_map = BlockMap.open_read_only(config.state_dir, map_identity(config, size))
+    block_map = BlockMap.open_read_only(settings.state_dir, map_identity(settings, size))
     try:
         if not dest_exists and block_map.present_count:
             raise StateError(
-                f"state directory {config.state_dir} records {block_map.present_bytes} bytes "
-                f"present in {config.dest}, which does not exist (use a new state directory)"
+                f"state directory {settings.state_dir} records {block_map.present_bytes} bytes "
+                f"present in {settings.dest}, which does not exist (use a new state directory)"
             )
     finally:
         block_map.close()
 
 
-def completed_size(config: ReceiveConfig) -> int | None:
+def completed_size(settings: DestinationSettings) -> int | None:
     """The disk size when the destination is already complete (else None).  Reads only."""
-    if not config.dest.is_file() or not config.state_dir.is_dir():
+    if not settings.dest.is_file() or not settings.state_dir.is_dir():
         return None
-    map_files = (config.state_dir / SNAPSHOT_FILENAME, config.state_dir / JOURNAL_FILENAME)
+    map_files = (settings.state_dir / SNAPSHOT_FILENAME, settings.state_dir / JOURNAL_FILENAME)
     if not any(path.exists() for path in map_files):
         return None  # no map yet (an empty map of a 0-byte file would look complete)
-    size = config.dest.stat().st_size
+    size = settings.dest.stat().st_size
     try:
-        block_map = BlockMap.open_read_only(config.state_dir, map_identity(config, size))
+        block_map = BlockMap.open_read_only(settings.state_dir, map_identity(settings, size))
     except UserError:
         return None
     try:
@@ -218,21 +185,16 @@ def completed_size(config: ReceiveConfig) -> int | None:
 
 
 def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on (nbdkit would not replace it); UserError for a
+    live socket or another kind of file."""
     try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise UserError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody listens: a stale socket nbdkit would not replace
-        return
-    finally:
-        probe.close()
-    raise UserError(f"socket {path} is in use by another server")
+        listeners.remove_stale_socket(str(path))
+    except FileExistsError:
+        raise UserError(f"{path} exists and is not a socket") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"socket {path} is in use by another server") from None
+        raise UserError(f"cannot check socket {path}: {exc.strerror or exc}") from None
 
 
 def fastpath_filter_path() -> Path | None:
@@ -242,10 +204,10 @@ def fastpath_filter_path() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def nbdkit_command(config: ReceiveConfig, state_lock_fd: int | None = None) -> list[str]:
+def nbdkit_command(settings: DestinationSettings, state_lock_fd: int | None = None) -> list[str]:
     """nbdkit's command line; with `state_lock_fd`, the plugin adopts that inherited descriptor
     as its state-directory lock (without it, the plugin takes the lock itself)."""
-    command = ["nbdkit", "-f", "--exit-with-parent", "-t", str(config.threads)]
+    command = ["nbdkit", "-f", "--exit-with-parent", "-t", str(settings.threads)]
     fastpath = fastpath_filter_path()
     if fastpath is None:
         print(
@@ -256,37 +218,19 @@ def nbdkit_command(config: ReceiveConfig, state_lock_fd: int | None = None) -> l
         )
     else:
         command.append(f"--filter={fastpath}")
-    if config.socket_path is not None:
-        command += ["-U", str(config.socket_path)]
+    if settings.socket is not None:
+        command += ["-U", str(settings.socket)]
     else:
-        assert config.listen is not None
-        host, port = config.listen
+        assert settings.listen is not None
+        host, port = settings.listen
         command += ["-i", host, "-p", str(port)]
     command += ["python", str(PLUGIN_PATH)]
-    parameters = {
-        "source": config.source,
-        "dest": str(config.dest),
-        "state_dir": str(config.state_dir),
-        "chunk_size": str(config.chunk_size),
-        "wait_for_source": "1" if config.wait_for_source else "0",
-    }
-    if config.export_name is not None:
-        parameters["export_name"] = config.export_name
-    if config.source_id is not None:
-        parameters["source_id"] = config.source_id
-    if config.unreachable_timeout is not None:
-        parameters["unreachable_timeout"] = str(config.unreachable_timeout)
-    if config.request_timeout is not None:
-        parameters["request_timeout"] = str(config.request_timeout)
-    if config.bandwidth is not None:
-        parameters["bandwidth"] = str(config.bandwidth)
-    if state_lock_fd is not None:
-        parameters["state_lock_fd"] = str(state_lock_fd)
+    parameters = plugin_parameters(settings, state_lock_fd)
     if fastpath is not None:
-        parameters["fastpath-map"] = str(config.state_dir / LIVE_MAP_FILENAME)
-        parameters["fastpath-file"] = str(config.dest)
-        parameters["fastpath-shift"] = str(config.chunk_size.bit_length() - 1)
-        parameters["fastpath-stats"] = str(config.state_dir / FASTPATH_STATS_FILENAME)
+        parameters["fastpath-map"] = str(settings.state_dir / LIVE_MAP_FILENAME)
+        parameters["fastpath-file"] = str(settings.dest)
+        parameters["fastpath-shift"] = str(settings.chunk_size.bit_length() - 1)
+        parameters["fastpath-stats"] = str(settings.state_dir / FASTPATH_STATS_FILENAME)
     command += [f"{key}={value}" for key, value in parameters.items()]
     return command
 
@@ -324,17 +268,17 @@ def _accepts(uri: str) -> bool:
 
 
 def start_nbdkit(
-    config: ReceiveConfig, state_lock: StateLock, dest_lock: StateLock
+    settings: DestinationSettings, state_lock: StateLock, dest_lock: StateLock
 ) -> subprocess.Popen[bytes]:
     """Start nbdkit, sharing our locks with it (the plugin adopts the state-directory lock; the
     destination's descriptor just stays open in nbdkit), and wait until it accepts connections."""
     process = subprocess.Popen(
-        nbdkit_command(config, state_lock.fd),
+        nbdkit_command(settings, state_lock.fd),
         env=plugin_environment(),
         pass_fds=(state_lock.fd, dest_lock.fd),
     )
     deadline = time.monotonic() + LISTEN_TIMEOUT
-    while not _accepts(nbd_uri(config)):
+    while not _accepts(nbd_uri(settings)):
         code = process.poll()
         if code is not None:
             raise UserError(f"nbdkit exited with status {code} before listening (see above)")
@@ -346,28 +290,30 @@ def start_nbdkit(
     return process
 
 
-def run_receive(config: ReceiveConfig, out: TextIO | None = None) -> int:
+def run_receive(settings: DestinationSettings, out: TextIO | None = None) -> int:
     """Lock, check, start nbdkit, print the URI, serve until SIGINT/SIGTERM.  Returns the exit
     code."""
     out = out or sys.stdout
-    check_chunk_size(config.chunk_size)
+    check_chunk_size(settings.chunk_size)
     check_nbdkit()
     with contextlib.ExitStack() as locks:
-        state_lock = locks.enter_context(lock_state_dir(config))  # before anything is read
-        check_not_pivoted(config.state_dir)  # the domain uses the file directly by now
-        size = completed_size(config)  # a complete disk needs no source: never probe it
+        state_lock = locks.enter_context(lock_state_dir(settings))  # before anything is read
+        check_not_pivoted(settings.state_dir)  # the domain uses the file directly by now
+        size = completed_size(settings)  # a complete disk needs no source: never probe it
         if size is None:
-            size = probe_source(config.source, config.export_name)
-        dest_existed = config.dest.exists()
-        check_state(config, size, dest_exists=dest_existed)
-        if config.socket_path is not None:
-            remove_stale_socket(config.socket_path)
-        prepare_dest(config.dest, size)
-        dest_lock = locks.enter_context(lock_destination(config.dest))
-        return _serve(config, state_lock, dest_lock, out)
+            size = probe_source(settings.source, settings.export_name)
+        dest_existed = settings.dest.exists()
+        check_state(settings, size, dest_exists=dest_existed)
+        if settings.socket is not None:
+            remove_stale_socket(settings.socket)
+        prepare_dest(settings.dest, size)
+        dest_lock = locks.enter_context(lock_destination(settings.dest))
+        return _serve(settings, state_lock, dest_lock, out)
 
 
-def _serve(config: ReceiveConfig, state_lock: StateLock, dest_lock: StateLock, out: TextIO) -> int:
+def _serve(
+    settings: DestinationSettings, state_lock: StateLock, dest_lock: StateLock, out: TextIO
+) -> int:
     stopping: list[int] = []
     process: subprocess.Popen[bytes] | None = None
 
@@ -378,10 +324,10 @@ def _serve(config: ReceiveConfig, state_lock: StateLock, dest_lock: StateLock, o
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        process = start_nbdkit(config, state_lock, dest_lock)
+        process = start_nbdkit(settings, state_lock, dest_lock)
         if stopping:
             process.send_signal(signal.SIGTERM)
-        print(nbd_uri(config), file=out, flush=True)
+        print(nbd_uri(settings), file=out, flush=True)
         while True:
             try:
                 code = process.wait()

@@ -38,11 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
+from nbdsrv.uri import parse_host_port
+
+# the chunk size's default and bounds are the block map's (receive's --chunk-size has them too)
+from postcopy.destination.blockmap import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from postcopy.errors import UserError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MODE",
+    "MAX_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
     "ConfigError",
     "DiskPolicy",
     "DomainPolicy",
@@ -54,9 +60,6 @@ __all__ = [
 ]
 
 DEFAULT_NBD_PORT = 10809
-DEFAULT_CHUNK_SIZE = 64 * 1024
-MIN_CHUNK_SIZE = 4 * 1024
-MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_STATE_ROOT = Path("/var/lib/postcopy")
 DEFAULT_SOCKET_DIR = Path("/run/postcopy")
 # sun_path holds 108 bytes on Linux, one of them the terminating NUL.
@@ -142,14 +145,6 @@ def parse_nbd_address(text: str) -> NbdEndpoint:
         f"{text!r} is not nbd://HOST[:PORT], nbds://HOST[:PORT], "
         "nbd+unix:///?socket=PATH or unix:PATH"
     )
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host, int(port_text)
 
 
 @dataclass(frozen=True)

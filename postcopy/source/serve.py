@@ -42,6 +42,7 @@ from nbdsrv.backend import Backend, FileBackend
 from nbdsrv.server import Export, Server, Serving, serve_nbd
 from nbdsrv.server_core import TLSMode
 from nbdsrv.tls import TLSConfigError, server_ssl_context
+from nbdsrv.uri import parse_host_port
 from postcopy.errors import UserError
 
 log = logging.getLogger("postcopy.source.serve")
@@ -124,12 +125,11 @@ def parse_export(text: str) -> tuple[str, str]:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """`HOST:PORT`, `[IPV6]:PORT` or `:PORT` (all addresses)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise UserError(f"bad listen address {text!r}: expected HOST:PORT")
-    host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
-    return host, int(port_text)
+    """`HOST:PORT`, `[IPV6]:PORT` or `:PORT` (all addresses); port 0 is any free port."""
+    try:
+        return parse_host_port(text, default_host="0.0.0.0", allow_port_zero=True)
+    except ValueError:
+        raise UserError(f"bad listen address {text!r}: expected HOST:PORT") from None
 
 
 async def run_serve(

@@ -20,6 +20,7 @@ import pytest
 
 from postcopy.destination import receive
 from postcopy.destination.blockmap import LIVE_MAP_FILENAME, PRESENT, BlockMap, MapIdentity
+from postcopy.destination.settings import DestinationSettings
 from tests.destination.test_receive import connect, read_range, running_receive
 from tests.peers import running_serve, sparse_test_image
 
@@ -81,7 +82,9 @@ def test_live_map_replaces_a_planted_symlink(tmp_path: Path) -> None:
 def test_receive_without_the_built_filter_runs_the_plugin_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = receive.ReceiveConfig("nbd://x/", tmp_path / "d.img", tmp_path, tmp_path / "s.sock")
+    config = DestinationSettings(
+        source="nbd://x/", dest=tmp_path / "d.img", state_dir=tmp_path, socket=tmp_path / "s.sock"
+    )
     built = receive.fastpath_filter_path()
     assert built is not None, "make did not build the fast path filter"
     with_filter = receive.nbdkit_command(config)

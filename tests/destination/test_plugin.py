@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbd
 
+from postcopy.destination.receive import PLUGIN_PATH, plugin_environment
 from tests.destination.test_receive import (
     CHUNK,
     MiB,
@@ -97,3 +98,26 @@ def test_missing_data_fails_with_eio_while_source_is_down(tmp_path: Path) -> Non
         record = receiver.wait_status(lambda r: r["state"] == "source-unreachable")
         assert record["source_down_seconds"] > 0 and record["error"]
         handle.shutdown()
+
+
+def test_nbdkit_refuses_a_bad_parameter_before_listening_naming_its_key(tmp_path: Path) -> None:
+    """The plugin reads its parameters with the settings contract: a value it cannot read, or a
+    key it does not know, stops nbdkit before it listens, and the message names the key."""
+    dest, state, sock = tmp_path / "d.img", tmp_path / "state", tmp_path / "p.sock"
+    dest.write_bytes(bytes(CHUNK))
+    state.mkdir()
+    source = f"nbd+unix:///?socket={tmp_path}/none.sock"
+    base = [f"source={source}", f"dest={dest}", f"state_dir={state}"]
+    for extra, expected in [
+        ("unreachable_timeout=soon", "SettingError: source_timeout: 'soon' is not a number of"),
+        ("chunk_size=48K", "SettingError: chunk_size: chunk size 49152 must be a power of two"),
+        ("bogus=1", "SettingError: unknown parameter 'bogus' (known: source, dest, state_dir,"),
+    ]:
+        result = subprocess.run(
+            ["nbdkit", "-f", "-U", str(sock), "python", str(PLUGIN_PATH), *base, extra],
+            capture_output=True, text=True, timeout=60, env=plugin_environment(),
+        )  # fmt: skip
+        assert result.returncode != 0, result.stderr
+        assert expected in result.stderr, result.stderr
+        assert not sock.exists()
+    assert list(state.iterdir()) == []  # refused before the state directory was touched

@@ -33,7 +33,8 @@ from postcopy.destination.blockmap import (
     MapIdentity,
 )
 from postcopy.destination.gate import is_source_frozen
-from postcopy.destination.receive import PLUGIN_PATH, ReceiveConfig, check_state, plugin_environment
+from postcopy.destination.receive import PLUGIN_PATH, check_state, plugin_environment
+from postcopy.destination.settings import DestinationSettings
 from postcopy.destination.statelock import (
     STATE_LOCK_FILENAME,
     StateDirInUse,
@@ -359,7 +360,9 @@ def test_state_check_of_receive_reads_only(tmp_path: Path) -> None:
     state.mkdir()
     with open(dest, "wb") as f:
         f.truncate(4 * MiB)
-    config = ReceiveConfig(source="nbd://source/", dest=dest, state_dir=state, chunk_size=CHUNK)
+    config = DestinationSettings(
+        source="nbd://source/", dest=dest, state_dir=state, chunk_size=CHUNK
+    )
     identity = MapIdentity(4 * MiB, CHUNK, 4 * MiB, "", "nbd://source/")
     check_state(config, 4 * MiB)
     assert list(state.iterdir()) == []  # a fresh state: no journal created by a check

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from nbdsrv.uri import DEFAULT_PORT, NBDAddress, parse_nbd_uri
+from nbdsrv.uri import (
+    DEFAULT_PORT,
+    NBDAddress,
+    format_host_port,
+    parse_host_port,
+    parse_nbd_uri,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +78,35 @@ def test_bad_uris_raise_one_line_value_errors(uri: str, why: str) -> None:
 def test_uri_round_trips(uri: str) -> None:
     address = parse_nbd_uri(uri)
     assert parse_nbd_uri(address.uri()) == address
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:10809", ("127.0.0.1", 10809)),
+        ("host-b.example:1", ("host-b.example", 1)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("::1:80", ("::1", 80)),
+    ],
+)
+def test_host_port_is_read_and_written_back(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text) == expected
+    assert parse_host_port(format_host_port(*expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["nohost", ":", "h:", "h:port", "h:65536", "h:-1", "h:\u00b2", ":80", "[::1]", "h:0"]
+)
+def test_bad_host_port_is_a_value_error_quoting_it(text: str) -> None:
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        parse_host_port(text)
+
+
+def test_a_listen_address_may_leave_the_host_and_port_to_the_system() -> None:
+    def listen(text: str) -> tuple[str, int]:
+        return parse_host_port(text, default_host="0.0.0.0", allow_port_zero=True)
+
+    assert listen(":10809") == ("0.0.0.0", 10809)
+    assert listen("[::]:0") == ("::", 0)
+    with pytest.raises(ValueError):
+        listen("h:65536")
