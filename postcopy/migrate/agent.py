@@ -236,6 +236,12 @@ class Agent:
         qemu = self.record.get("qemu") or {}
         if not qemu.get("qmp"):
             raise UserError("B has no QEMU for this migration")
+        pid = int(qemu.get("pid") or 0)
+        if pid and not process_running(pid, self.children.get(pid)):
+            child = self.children.get(pid)
+            code = child.returncode if child is not None else "?"
+            raise UserError(f"B's QEMU (pid {pid}) has exited ({code}): "
+                            f"{_tail(self.migration_dir / 'qemu.log')}")  # fmt: skip
         assert self._nursery is not None
         self._qmp, self._qmp_holder = await self._nursery.start(self._hold_qmp, qemu["qmp"])
         return self._qmp

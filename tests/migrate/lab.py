@@ -256,6 +256,35 @@ class Lab:
         threading.Thread(target=read, daemon=True).start()
         return migration
 
+    def pki(self) -> tuple[Path, Path]:
+        """(A's PKI dir, B's) in libvirt's layout, from a fresh CA; A's certificate names A's
+        address on the link (what B connects to)."""
+        import trustme
+
+        base = self.root / "pki"
+        if not base.exists():
+            ca = trustme.CA()
+            server = ca.issue_cert(self.hosts.host_a.address)
+            client = ca.issue_cert("host-b.test")
+            for name in ("a", "b"):
+                (base / name).mkdir(parents=True)
+                ca.cert_pem.write_to_path(str(base / name / "ca-cert.pem"))
+            server.cert_chain_pems[0].write_to_path(str(base / "a" / "server-cert.pem"))
+            server.private_key_pem.write_to_path(str(base / "a" / "server-key.pem"))
+            client.cert_chain_pems[0].write_to_path(str(base / "b" / "client-cert.pem"))
+            client.private_key_pem.write_to_path(str(base / "b" / "client-key.pem"))
+        return base / "a", base / "b"
+
+    def logs_of_b(self, domain: Domain) -> str:
+        """The tails of B's QEMU log and serial console, for a failure's message."""
+        parts = []
+        for path in (domain.migration_dir_b / "qemu.log", domain.serial_b):
+            try:
+                parts.append(f"--- {path} ---\n{path.read_text(errors='replace')[-2000:]}")
+            except OSError:
+                parts.append(f"--- {path}: none")
+        return "\n".join(parts)
+
     def kill_leftovers(self) -> None:
         """After a failed test: whatever still runs from the lab's paths (a detached serve, a
         receive, a QEMU) is killed, so that nothing outlives the test."""

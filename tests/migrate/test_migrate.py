@@ -78,12 +78,21 @@ def _same_outside_work_region(lab: Lab, domain: Domain) -> bool:
 
 def test_one_command_migrates_the_guest_onto_b_local_disk(lab: Lab) -> None:
     domain = lab.domain("web")
+    pki_a, pki_b = lab.pki()
     with lab.guest_on_a(domain) as guest_a:
         guest_a.wait_for_marker(PASS_TIMEOUT, ok=True, min_pass=2)
-        migration = lab.start_migration(domain)
+        migration = lab.start_migration(
+            domain, "--tls-pki", str(pki_a), "--remote-tls-pki", str(pki_b)
+        )
         code = migration.finish()
         released = time.monotonic()
-        assert code == 0, f"{migration.events}\n{migration.stderr()}"
+        assert code == 0, f"{migration.events}\n{migration.stderr()}\n{lab.logs_of_b(domain)}"
+        # The disk crossed the link over TLS with client certificates: no plaintext warning.
+        assert migration.wait_event("preflight", "done")["tls"] is True
+        assert migration.wait_event("serve", "done")["uri"].startswith("nbds://")
+        assert not migration.named("warning") or all(
+            "PLAINTEXT" not in w.get("message", "") for w in migration.named("warning")
+        )
         summary = migration.wait_event("summary", "done")
         print(f"\nsummary: {summary['message']}")
         assert summary["disk_bytes"] == lab.layout.disk_size
@@ -181,6 +190,7 @@ def test_failure_before_switchover_leaves_guest_on_a_and_b_empty(
     injected = time.monotonic()
     assert code == 1, f"{migration.events}\n{migration.stderr()}"
     assert migration.named("rollback") and not migration.named("switchover"), migration.events
+    assert any("PLAINTEXT" in w.get("message", "") for w in migration.named("warning"))
     # The guest runs on A as before, and keeps passing.
     assert qmp(domain.qmp_a, "query-status")["status"] == "running"
     guest_a.wait_for_passes(2, PASS_TIMEOUT, after=injected)
