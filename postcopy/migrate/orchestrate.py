@@ -454,11 +454,11 @@ async def _roll_back(run: Run, reason: str) -> int:
 
 
 async def _after_switchover(run: Run, disks: list[DiskPlan]) -> int:
+    codes: list[int] = []
     with trio.CancelScope() as scope:
         run.work_scope = scope
-        code = await _drain_verify_pivot_release(run, disks)
-        return code
-    return _detach(run)
+        codes.append(await _drain_verify_pivot_release(run, disks))
+    return codes[0] if codes else _detach(run)
 
 
 def _detach(run: Run) -> int:
@@ -531,6 +531,17 @@ async def _drain_verify_pivot_release(run: Run, disks: list[DiskPlan]) -> int:
         progress.warn(verification.detail)
     progress.event("verify", "done", **verification.as_dict())
 
+    # From here on a Ctrl-C waits: a pivot or a release cut in the middle helps nobody.
+    with trio.CancelScope(shield=True):
+        code = await _pivot_persist_release(run, statuses, verification)
+    return code
+
+
+async def _pivot_persist_release(
+    run: Run, statuses: dict[str, Any], verification: Verification
+) -> int:
+    progress, agent, toolstack = run.progress, run.agent, run.toolstack
+    assert agent is not None and toolstack is not None
     progress.event("pivot", "start")
     pivot = await toolstack.pivot()
     run.phase = "pivoted"
@@ -544,16 +555,15 @@ async def _drain_verify_pivot_release(run: Run, disks: list[DiskPlan]) -> int:
         persisted = None
         progress.warn(f"B's persistent definition not written: {exc}")
 
-    with trio.CancelScope(shield=True):  # the release is short: finish it whatever comes
-        progress.event("release", "start")
-        serve = run.record.get("serve") or {}
-        stop_process(serve.get("pid"), run.serve_process)
-        served = _served_bytes(Path(serve.get("log", "/nonexistent")))
-        await toolstack.release_source()
-        await agent.request("finish")
-        run.phase = "done"
-        run.record_path.unlink(missing_ok=True)
-        progress.event("release", "done", message="serve stopped, A released")
+    progress.event("release", "start")
+    serve = run.record.get("serve") or {}
+    stop_process(serve.get("pid"), run.serve_process)
+    served = _served_bytes(Path(serve.get("log", "/nonexistent")))
+    await toolstack.release_source()
+    await agent.request("finish")
+    run.phase = "done"
+    run.record_path.unlink(missing_ok=True)
+    progress.event("release", "done", message="serve stopped, A released")
     summary = _summary(run, statuses, served, verification, persisted)
     progress.event("summary", "done", _summary_line(summary), **summary)
     return 0
