@@ -15,9 +15,8 @@ WRITE_ZEROES punch holes with fallocate(PUNCH_HOLE|KEEP_SIZE) (libc through ctyp
 offers no fallocate modes); WRITE_ZEROES with NO_HOLE uses fallocate(ZERO_RANGE), falling back
 to writing zeroes.  FAST_ZERO fails with ENOTSUP instead of falling back to the slow path.
 
-Test hook: `read_delay` (seconds) makes every read sleep first, in its worker thread, so tests of
-a client (the destination's races) can hold reads in flight.  `postcopy serve` sets it from the
-environment variable POSTCOPY_SERVE_READ_DELAY.
+Tests that need slow reads wrap a backend (`tests.delayed_serve.DelayingBackend`); nothing here
+exists only for tests.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import errno
 import os
 import stat
 import threading
-import time
 from typing import Any, Protocol
 
 from nbdsrv.constants import BlockStatusFlag
@@ -124,11 +122,9 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 class FileBackend:
     """A raw image file or block device, read-only unless `writable`."""
 
-    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False,
-                 read_delay: float = 0.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
         self.path = os.fspath(path)
         self._writable = writable
-        self.read_delay = read_delay
         self._fd = os.open(self.path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
             mode = os.fstat(self._fd).st_mode
@@ -165,8 +161,6 @@ class FileBackend:
     # -- reads ------------------------------------------------------------------------------
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
-        if self.read_delay:
-            time.sleep(self.read_delay)
         wanted = len(buffer)
         done = 0
         while done < wanted:
@@ -177,7 +171,7 @@ class FileBackend:
             done += count
 
     def read_cached(self, offset: int, buffer: memoryview) -> int:
-        if self.read_delay or not self._nowait_works:
+        if not self._nowait_works:
             return 0
         wanted = len(buffer)
         done = 0
@@ -199,10 +193,10 @@ class FileBackend:
 
     def sendfile_source(self, offset: int, length: int) -> int | None:
         """The fd to os.sendfile the range from, when its first and last bytes are in the page
-        cache (probed with RWF_NOWAIT); None otherwise, or with the read_delay test hook.  The
-        middle of a partly cached range may still block briefly in sendfile; cold ranges,
-        the common case on a fresh source, are caught by the probe and read in a thread."""
-        if self.read_delay or not self._nowait_works or self._closed:
+        cache (probed with RWF_NOWAIT); None otherwise.  The middle of a partly cached range may
+        still block briefly in sendfile; cold ranges, the common case on a fresh source, are
+        caught by the probe and read in a thread."""
+        if not self._nowait_works or self._closed:
             return None
         probe = bytearray(1)
         try:

@@ -1,20 +1,29 @@
 """An in-memory NBD source with the `nbdsrv.open_client` client API, for engine unit tests.
 
-`FakeSource` holds the disk bytes and its holes.  `FakeSource.open_client()` is an async context
-manager yielding a `FakeClient` with the methods the engine uses (`size`, `export_name`,
-`pread`, `pread_into`, `block_status`, `iter_extents`, `disconnect`).  Hooks, settable from any
-thread:
+`FakeSource` holds the disk bytes, its holes (HOLE|ZERO, zeroed) and its unallocated runs
+(HOLE only: the bytes stay, as over a backing file).  `FakeSource.open_client()` is an async
+context manager yielding a `FakeClient` with the methods the engine uses (`size`, `export_name`,
+`pread`, `pread_into`, `block_status`, `iter_extents`, `disconnect`), which behave like
+`nbdsrv.Client`'s: tests/destination/test_source_conformance.py runs one suite against both (and
+against nbdkit).  So a request outside the disk (or a block status of 0 bytes) is refused
+locally with `LocalProtocolError`, as the real client does before anything is sent, and a
+zero-length read sends nothing.  Hooks, settable from any thread:
 
 - `pause()` / `resume()`: reads block (in a trio worker thread) until resumed, so a test can act
   while a fetch is provably in flight (`wait_reads_in_flight(n)` waits for that);
-- `unreachable = True`: connecting raises `ConnectionRefusedError` and every pending or new read
-  of an open client fails with `ConnectionClosedError`, like a dropped link;
+- `unreachable = True`: connecting raises `ConnectionRefusedError` and every pending or new
+  request of an open client fails with `ConnectionClosedError`, like a dropped link (a crashed
+  or stopped `postcopy serve`);
+- `shutting_down = True`: like nbdkit after SIGTERM: connecting is refused and every new request
+  of an open client is answered `CommandError(ESHUTDOWN)` (the connection stays up until the
+  client drops it);
 - `read_delay`: seconds every read takes, like a slow link;
 - `read_requests`: every (offset, length) read, to count what crossed the "network".
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -22,20 +31,34 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from nbdsrv.errors import CommandError, ConnectionClosedError
+from nbdsrv.constants import BlockStatusFlag
+from nbdsrv.errors import CommandError, ConnectionClosedError, LocalProtocolError
 from nbdsrv.extent import Extent
+
+HOLE_ONLY = int(BlockStatusFlag.HOLE)
+HOLE_ZERO = int(BlockStatusFlag.HOLE | BlockStatusFlag.ZERO)
 
 
 class FakeSource:
     def __init__(
-        self, data: bytes, *, holes: list[tuple[int, int]] | None = None, export_name: str = ""
+        self,
+        data: bytes,
+        *,
+        holes: list[tuple[int, int]] | None = None,
+        unallocated: list[tuple[int, int]] | None = None,
+        export_name: str = "",
     ) -> None:
         self.data = bytearray(data)
-        self.holes = sorted(holes or [])  # (offset, length) runs reported as HOLE|ZERO
-        for offset, length in self.holes:
+        # (offset, length, flags) runs of block status; everything else is data (flags 0)
+        self.extent_runs = sorted(
+            [(offset, length, HOLE_ZERO) for offset, length in holes or []]
+            + [(offset, length, HOLE_ONLY) for offset, length in unallocated or []]
+        )
+        for offset, length in holes or []:
             self.data[offset:offset + length] = bytes(length)
         self.export_name = export_name
         self.unreachable = False
+        self.shutting_down = False
         self.read_delay = 0.0  # seconds each read takes (trio.sleep), like a slow link
         self.read_requests: list[tuple[int, int]] = []
         self.connections_opened = 0
@@ -73,8 +96,8 @@ class FakeSource:
     @asynccontextmanager
     async def open_client(self) -> AsyncIterator[FakeClient]:
         await trio.lowlevel.checkpoint()
-        if self.unreachable:
-            raise ConnectionRefusedError(111, "Connection refused (fake)")
+        if self.unreachable or self.shutting_down:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused (fake)")
         with self._lock:
             self.connections_opened += 1
         client = FakeClient(self)
@@ -95,13 +118,23 @@ class FakeClient:
         if self.closed or self._source.unreachable:
             self.closed = True
             raise ConnectionClosedError("fake connection dropped")
+        if self._source.shutting_down:
+            raise CommandError(errno.ESHUTDOWN, "the fake source is shutting down")
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise LocalProtocolError(
+                f"{what} of {length} bytes at {offset} is outside the export ({self.size} bytes)"
+            )
 
     async def pread_into(self, buffer: memoryview | bytearray, offset: int) -> None:
         source = self._source
         length = len(buffer)
+        self._check_range(offset, length, "read")
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+            return
         self._check_open()
-        if offset + length > len(source.data):
-            raise CommandError(22, "read beyond the end")
         with source._lock:
             source.read_requests.append((offset, length))
             source._in_flight += 1
@@ -129,28 +162,35 @@ class FakeClient:
     async def block_status(
         self, offset: int, length: int, *, req_one: bool = False
     ) -> list[Extent]:
+        self._check_range(offset, length, "block status")
+        if length == 0:
+            raise LocalProtocolError("block status of 0 bytes")
         self._check_open()
         await trio.lowlevel.checkpoint()
-        end = min(offset + length, len(self._source.data))
+        end = offset + length
         extents: list[Extent] = []
         position = offset
-        for hole_offset, hole_length in self._source.holes:
-            hole_end = hole_offset + hole_length
-            if hole_end <= position or hole_offset >= end:
+        for run_offset, run_length, flags in self._source.extent_runs:
+            run_end = run_offset + run_length
+            if run_end <= position or run_offset >= end:
                 continue
-            if hole_offset > position:
-                extents.append(Extent(position, hole_offset - position, 0))
-                position = hole_offset
-            stop = min(hole_end, end)
-            extents.append(Extent(position, stop - position, 3))
+            if run_offset > position:
+                extents.append(Extent(position, run_offset - position, 0))
+                position = run_offset
+            stop = min(run_end, end)
+            extents.append(Extent(position, stop - position, flags))
             position = stop
         if position < end:
             extents.append(Extent(position, end - position, 0))
         return extents[:1] if req_one else extents
 
     async def iter_extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
-        for extent in await self.block_status(offset, length):
-            yield extent
+        self._check_range(offset, length, "block status")
+        end = offset + length
+        while offset < end:
+            for extent in await self.block_status(offset, end - offset):
+                yield extent
+                offset = extent.end
 
     async def disconnect(self) -> None:
         self.closed = True

@@ -198,6 +198,28 @@ def _read_regular_file(path: Path, what: str) -> bytes:
         os.close(fd)
 
 
+def stored_identity(state_dir: Path) -> MapIdentity:
+    """The identity recorded in `state_dir`'s journal header (else its snapshot's), for tools
+    that inspect a state directory without knowing its disk (`postcopy verify`); pass it to
+    `BlockMap.open_read_only`, which checks the rest.  Reads only; StateError when neither
+    file is there or readable."""
+    state_dir = Path(state_dir)
+    journal_path, snapshot_path = state_dir / JOURNAL_FILENAME, state_dir / SNAPSHOT_FILENAME
+    if os.path.lexists(journal_path):
+        what = f"journal {journal_path}"
+        data = _read_regular_file(journal_path, what)
+        identity, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
+        if len(data) < header_len + _CRC.size:
+            raise StateError(f"{what} is truncated")
+        if _CRC.unpack_from(data, header_len)[0] != zlib.crc32(memoryview(data)[:header_len]):
+            raise StateError(f"{what} is corrupt (header checksum mismatch)")
+        return identity
+    if os.path.lexists(snapshot_path):
+        what = f"state file {snapshot_path}"
+        return _decode_identity(_read_regular_file(snapshot_path, what), SNAPSHOT_MAGIC, what)[0]
+    raise StateError(f"state directory {state_dir} holds no block map (no journal, no snapshot)")
+
+
 def check_chunk_size(chunk_size: int) -> None:
     if (
         chunk_size < MIN_CHUNK_SIZE

@@ -12,7 +12,10 @@ Stalls.  A source whose TCP connection is alive but that answers nothing is caug
 the connection and handshake must finish within `connect_timeout`, and every request made through
 `SourceLink.pread_into` / `SourceLink.extents` within `request_timeout`; a request past its
 deadline reports the connection broken (`stalls` counts them), which fails every other request
-pending on it, and all of them are re-sent on the next connection.
+pending on it, and all of them are re-sent on the next connection.  A server that answers
+ESHUTDOWN is stopping (nbdkit does so until its clients leave): the same.  The server's other
+error replies (CommandError) and requests the client refuses to send (LocalProtocolError: outside
+the disk) are raised, since no connection would change them.
 
 A source whose size differs from the disk is a fatal mismatch (`SourceMismatch`): the link stops.
 
@@ -23,6 +26,7 @@ thread uses to serve a guest miss itself, without the hop to the trio thread; it
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -33,7 +37,7 @@ from typing import Any, Protocol
 
 import trio
 
-from nbdsrv.errors import CommandError, NBDError
+from nbdsrv.errors import CommandError, LocalProtocolError, NBDError
 from nbdsrv.uri import NBDAddress
 from postcopy.destination.settings import setting_default
 
@@ -158,8 +162,14 @@ class SourceLink:
                     SourceStalled(f"no {what} in {self.request_timeout:g}s"),
                     silent_for=self.request_timeout,
                 )
-            except CommandError:
-                raise
+            except CommandError as exc:
+                if exc.errno != errno.ESHUTDOWN:
+                    raise
+                # the server is stopping (nbdkit answers so until its clients leave): let go
+                # of it and re-send on the next connection
+                self.report_broken(client, exc)
+            except LocalProtocolError:
+                raise  # refused before sending (outside the disk): no connection helps
             except (OSError, NBDError, trio.BrokenResourceError) as exc:
                 self.report_broken(client, exc)
             await trio.lowlevel.checkpoint()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.backend import HOLE_FLAGS, FileBackend
+from tests.delayed_serve import DelayingBackend
 from tests.peers import file_extents, sparse_test_image
 
 SIZE = 16 * 1024 * 1024
@@ -41,9 +42,19 @@ def test_reads_fill_the_buffer_and_zero_past_the_end(image: Path) -> None:
         assert buffer[:50_000] == data[-50_000:]
         assert backend.read_cached(4096, memoryview(buffer)) in (0, 100_000)
         assert backend.sendfile_source(0, 4096) in (None, backend.fileno())
-    with FileBackend(image, read_delay=0.01) as delayed:
-        assert delayed.read_cached(0, memoryview(buffer)) == 0  # the test hook forces threads
-        assert delayed.sendfile_source(0, 4096) is None
+
+
+def test_a_delaying_backend_reads_the_same_bytes_and_never_from_the_cache(image: Path) -> None:
+    data = image.read_bytes()
+    with FileBackend(image) as backend:
+        delayed = DelayingBackend(backend, 0.01)
+        buffer = bytearray(100_000)
+        delayed.read_into(SIZE - 100_000, memoryview(buffer))
+        assert buffer == data[-100_000:]
+        assert backend.read_cached(SIZE - 100_000, memoryview(buffer)) == 100_000  # now cached
+        assert delayed.read_cached(SIZE - 100_000, memoryview(buffer)) == 0  # still delayed
+        assert delayed.sendfile_source(SIZE - 100_000, 4096) is None
+        assert delayed.extents(0, SIZE, limit=10_000) == backend.extents(0, SIZE, limit=10_000)
 
 
 def test_writes_are_refused_on_a_read_only_backend(image: Path) -> None:

@@ -19,6 +19,7 @@ from nbdsrv import wire
 from nbdsrv.backend import FileBackend
 from nbdsrv.extent import Extent
 from nbdsrv.server import Export, Server, serve_nbd
+from tests.delayed_serve import DelayingBackend
 
 SIZE = 1 << 20
 
@@ -225,10 +226,13 @@ async def test_disc_waits_for_requests_in_flight(backend: GatedMemoryBackend) ->
     assert server.statistics().connections_open == 0
 
 
-async def test_file_backend_read_delay_hook_holds_reads(tmp_path: Path) -> None:
+async def test_a_delaying_backend_holds_reads_in_flight(tmp_path: Path) -> None:
+    """tests.delayed_serve's DelayingBackend (what `running_serve(read_delay=...)` serves) holds
+    each read in its worker thread, through the real server."""
     path = tmp_path / "disk.img"
     path.write_bytes(b"d" * 65536)
-    with FileBackend(path, read_delay=0.3) as delayed:
+    with FileBackend(path) as backend:
+        delayed = DelayingBackend(backend, 0.3)
         server = Server([Export("", delayed)])
         async with trio.open_nursery() as nursery:
             client = await connected(nursery, server)
