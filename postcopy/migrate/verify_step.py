@@ -9,9 +9,8 @@ Digests cross the link (16 bytes per chunk), not data.  The report comes back as
 orchestration keeps A.  A refusal of kind `not-complete` (B's map not durable yet) is retried a
 few times.
 
-Those two commands come from another branch (`verify`).  Until they are in this build,
-`verify_disks` answers `not-run` with the reason, and the orchestration says so loudly and
-releases A as it did before verification existed.
+A build without them (`postcopy.source.digest` missing) answers `not-run` with the reason; the
+orchestration then says so loudly and releases A unverified.
 """
 
 from __future__ import annotations
@@ -74,8 +73,8 @@ async def verify_disks(remote: RemoteHost, disks: list[DiskPlan]) -> Verificatio
     if not digests_available():
         return Verification(
             "not-run",
-            "postcopy digest/verify are not in this build (branch verify not merged): B's copy "
-            "was not checked against A's image",
+            "postcopy digest/verify are not in this build: B's copy was not checked against "
+            "A's image",
         )
     reports = {disk.device: await _verify_one(remote, disk) for disk in disks}
     errors = {d: r.get("error", "?") for d, r in reports.items() if r.get("result") == "error"}

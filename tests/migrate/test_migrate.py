@@ -98,6 +98,7 @@ def test_one_command_migrates_the_guest_onto_b_local_disk(lab: Lab) -> None:
         assert summary["disk_bytes"] == lab.layout.disk_size
         assert 0 < summary["moved_data_bytes"] < lab.layout.disk_size  # holes are not moved
         assert summary["downtime_ms"] is not None and summary["drain_seconds"] is not None
+        assert summary["verification"] == "match", migration.wait_event("verify", "done")
         assert migration.wait_event("pivot", "done")["remote_disks_left"] == 0
         guest_a.process.wait(timeout=15)  # the domain's remains on A are stopped
         assert guest_a.failures() == []
@@ -207,6 +208,32 @@ def test_unreachable_b_changes_nothing(lab: Lab, faults_domain: tuple[Domain, Qe
     assert len(result.stderr.strip().splitlines()) == 1 and "failed" in result.stderr
     assert qmp(domain.qmp_a, "query-status")["status"] == "running"
     _assert_b_holds_nothing(lab, domain, guest_a)
+
+
+def test_a_corrupted_chunk_on_b_fails_verification_and_keeps_a(
+    lab: Lab, faults_domain: tuple[Domain, QemuGuest]
+) -> None:
+    """The negative control: a chunk of B's file corrupted once the drain is done (in a region
+    the guest never touches) makes verification fail with its offset, and A is kept: serve
+    runs, A's paused QEMU and the record stay, B is not pivoted.  (Last user of the guest.)"""
+    domain, guest_a = faults_domain
+    offset = lab.layout.disk_size - 4 * 1024 * 1024  # a hole on A the workload never reads
+    migration = lab.start_migration(domain)
+    migration.wait_event("drain", "done")
+    with open(domain.dest_b, "r+b") as dest:
+        os.pwrite(dest.fileno(), b"corrupted on purpose", offset)
+    code = migration.finish()
+    assert code == 4, f"{migration.events}\n{migration.stderr()}"
+    failed = migration.wait_event("verify", "failed")
+    assert failed["mismatches"] == {"vda": [offset]}, failed
+    assert f"{offset:#x}" in failed["message"]
+    assert not migration.named("pivot") and not migration.named("release")
+    serve_pid = migration.wait_event("serve", "done")["pid"]
+    assert Path(f"/proc/{serve_pid}").exists()  # A is kept
+    assert guest_a.process.poll() is None
+    assert qmp(domain.qmp_a, "query-status")["status"] == "postmigrate"
+    assert (domain.record_dir_a / f"{domain.name}.json").exists()
+    assert [n for n in _nodes(domain.qmp_b) if n[1] == "nbd"]  # B still reads through NBD
 
 
 def test_receive_killed_after_switchover_is_restarted_and_resume_finishes(lab: Lab) -> None:
