@@ -391,6 +391,9 @@ async def _migrate_steps(
             figures: MigrationFigures = await toolstack.migrate(switchover)
         except (PostcopyError, OSError) as exc:
             failure = exc
+        except Exception as exc:  # a bug before the switchover still rolls back
+            failure = exc
+            run.progress.warn(f"internal error {type(exc).__name__}: {exc}")
     rollback = toolstack.rollback
     if rollback is not None or run.phase == "preparing" or failure is not None:
         # The toolstack's migration failed (it resumed A, or says it could not), or something
