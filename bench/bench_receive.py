@@ -45,7 +45,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -62,7 +61,7 @@ import nbdsrv
 from postcopy.destination.receive import nbd_uri, nbdkit_command, plugin_environment
 from postcopy.destination.settings import DestinationSettings
 from postcopy.kit.netns import TestHost, open_two_hosts
-from postcopy.kit.processes import read_line
+from postcopy.kit.processes import read_line, status_record, stop_process, wait_for_status
 from postcopy.kit.sample_disk import make_sample_disk
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -90,13 +89,7 @@ DRAIN_TIMEOUT = 120.0
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(15)
+    stop_process(process, timeout=15, kill_timeout=15)
     if process.stdout is not None:
         process.stdout.close()
 
@@ -138,24 +131,12 @@ class Receiving:
     uri_seconds: float  # from the launch to the printed URI
 
     def status(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.state_dir / "status.json").read_text()))
-        except (FileNotFoundError, ValueError):
-            return {}
+        return status_record(self.state_dir)
 
     def wait_status(
         self, condition: Callable[[dict[str, Any]], bool], timeout: float = DRAIN_TIMEOUT
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            record = self.status()
-            if record and condition(record):
-                return record
-            if self.process.poll() is not None:
-                raise RuntimeError(f"receive exited with {self.process.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"status never matched; last {record}")
-            time.sleep(0.02)
+        return wait_for_status(self.process, self.state_dir, condition, timeout, poll_seconds=0.02)
 
     def wait_complete(self) -> dict[str, Any]:
         return self.wait_status(lambda record: record["state"] == "complete")

@@ -243,8 +243,6 @@ class ClientTransmission(ProtocolCore):
         """NBD_CMD_DISC: no reply comes; after it the server closes and no request may follow."""
         if self._failure is not None:
             self._refuse("request_disconnect")
-        if self._failure is not None:
-            self._refuse("request_disconnect")
         _, header = self._new_request(k.Command.DISC, 0, 0, 0, None)
         self._disconnect_sent = True
         return header

@@ -10,8 +10,11 @@ It shares one `ReceiveBuffer` with the ClientTransmission that follows it: bytes
 after the last handshake reply stay there for the transmission phase.
 
 `ClientHandshake` runs option haggling as a table of named states (nbdsrv.state.HandshakeState,
-libnbd's names), each with a handler here; the edges a handler may take are listed in
-nbdsrv.state.HANDSHAKE_EDGES and checked on every step.
+libnbd's names), each with a handler in `_HANDLERS` at the end of this file; the edges a handler
+may take are listed in nbdsrv.state.HANDSHAKE_EDGES and checked on every step.  A SEND state's
+handler comes from `_sends` (its option, and the method that builds the option's data); a
+RECV_REPLY state's from `_replies_to`, which takes one whole reply to its option and hands the
+reply's type and data to the state's `_on_..._reply` method.
 
     Transition rule: the current state's handler either returns the next state, or None when it
     needs more bytes than the buffer holds (it then consumed nothing).  SEND states queue one
@@ -47,7 +50,7 @@ from nbdsrv import constants as k
 from nbdsrv import wire
 from nbdsrv.buffer import ReceiveBuffer
 from nbdsrv.errors import LocalProtocolError, NegotiationError, RemoteProtocolError
-from nbdsrv.state import HANDSHAKE_EDGES, HandshakeState, ProtocolCore, TLSMode
+from nbdsrv.state import HANDSHAKE_EDGES, HandshakeState, QueueingCore, TLSMode
 
 DEFAULT_BLOCK_SIZE = (k.DEFAULT_MIN_BLOCK, k.DEFAULT_PREFERRED_BLOCK, k.MAX_PAYLOAD)
 MAX_OPTION_REPLY_LENGTH = 1024 * 1024  # an option reply longer than this is refused
@@ -76,7 +79,7 @@ _S = HandshakeState
 _Handler = Callable[["ClientHandshake"], "HandshakeState | None"]
 
 
-class ClientHandshake(ProtocolCore):
+class ClientHandshake(QueueingCore):
     """Option haggling from the client's side (see the module docstring for the table)."""
 
     _error_state = _S.ERROR
@@ -151,13 +154,6 @@ class ClientHandshake(ProtocolCore):
             raise LocalProtocolError(f"handshake not finished (state {self._state})")
         return self._result
 
-    def data_to_send(self) -> bytes:
-        if self._failure is not None:
-            self._refuse("data_to_send")
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
-
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the server and run the table as far as they go."""
         if self._failure is not None:
@@ -206,9 +202,6 @@ class ClientHandshake(ProtocolCore):
             self._move_to(next_state)
         raise LocalProtocolError("handshake state machine did not settle")  # a bug in the table
 
-    def _send_option(self, option: k.Option, data: bytes = b"") -> None:
-        self._outgoing += wire.build_option(option, data)
-
     def _take_option_reply(self, option: k.Option) -> tuple[int, bytes] | None:
         header_bytes = self.buffer.peek(wire.OPTION_REPLY_HEADER_SIZE)
         if header_bytes is None:
@@ -256,18 +249,26 @@ class ClientHandshake(ProtocolCore):
             return _S.STRUCTURED_REPLY_SEND
         return _S.GO_SEND
 
-    def _send_starttls(self) -> HandshakeState:
-        self._send_option(k.Option.STARTTLS)
-        return _S.STARTTLS_RECV_REPLY
+    # The SEND states: what each option carries (the table below pairs it with its state).
 
-    def _recv_starttls(self) -> HandshakeState | None:
-        reply = self._take_option_reply(k.Option.STARTTLS)
-        if reply is None:
-            return None
-        reply_type, data = reply
+    def _meta_context_request(self) -> bytes:
+        request = wire.MetaContextRequest(self._export_name, (k.BASE_ALLOCATION,))
+        return wire.build_meta_context_request(request)
+
+    def _info_request(self) -> bytes:
+        wanted = (k.Info.NAME, k.Info.DESCRIPTION, k.Info.BLOCK_SIZE)
+        return wire.build_info_request(
+            wire.InfoRequest(self._export_name, tuple(int(i) for i in wanted))
+        )
+
+    def _export_name_request(self) -> bytes:
+        return self._export_name.encode("utf-8")
+
+    # The RECV_REPLY states: one complete reply to the option each (taken by _replies_to below).
+
+    def _on_starttls_reply(self, reply_type: int, data: bytes) -> HandshakeState:
         if reply_type == k.OptionReply.ACK:
-            if data:
-                raise RemoteProtocolError("NBD_REP_ACK with a payload")
+            _check_bare_ack(data)
             if len(self.buffer):  # the TLS handshake starts with our ClientHello
                 raise RemoteProtocolError("plaintext bytes after the STARTTLS acknowledgement")
             return _S.STARTTLS_TLS_HANDSHAKE
@@ -280,18 +281,9 @@ class ClientHandshake(ProtocolCore):
     def _wait_for_tls(self) -> None:
         return None  # the shell calls tls_established()
 
-    def _send_structured_reply(self) -> HandshakeState:
-        self._send_option(k.Option.STRUCTURED_REPLY)
-        return _S.STRUCTURED_REPLY_RECV_REPLY
-
-    def _recv_structured_reply(self) -> HandshakeState | None:
-        reply = self._take_option_reply(k.Option.STRUCTURED_REPLY)
-        if reply is None:
-            return None
-        reply_type, data = reply
+    def _on_structured_reply_reply(self, reply_type: int, data: bytes) -> HandshakeState:
         if reply_type == k.OptionReply.ACK:
-            if data:
-                raise RemoteProtocolError("NBD_REP_ACK with a payload")
+            _check_bare_ack(data)
             self._structured = True
         elif not k.is_option_error(reply_type):
             raise RemoteProtocolError(f"reply type {reply_type} to NBD_OPT_STRUCTURED_REPLY")
@@ -300,16 +292,7 @@ class ClientHandshake(ProtocolCore):
             return _S.SET_META_CONTEXT_SEND
         return _S.GO_SEND
 
-    def _send_set_meta_context(self) -> HandshakeState:
-        request = wire.MetaContextRequest(self._export_name, (k.BASE_ALLOCATION,))
-        self._send_option(k.Option.SET_META_CONTEXT, wire.build_meta_context_request(request))
-        return _S.SET_META_CONTEXT_RECV_REPLY
-
-    def _recv_set_meta_context(self) -> HandshakeState | None:
-        reply = self._take_option_reply(k.Option.SET_META_CONTEXT)
-        if reply is None:
-            return None
-        reply_type, data = reply
+    def _on_set_meta_context_reply(self, reply_type: int, data: bytes) -> HandshakeState:
         if reply_type == k.OptionReply.META_CONTEXT:
             context = wire.parse_meta_context_reply(data)
             if context.name != k.BASE_ALLOCATION:
@@ -323,17 +306,7 @@ class ClientHandshake(ProtocolCore):
             return _S.GO_SEND
         raise RemoteProtocolError(f"reply type {reply_type} to NBD_OPT_SET_META_CONTEXT")
 
-    def _send_go(self) -> HandshakeState:
-        wanted = (k.Info.NAME, k.Info.DESCRIPTION, k.Info.BLOCK_SIZE)
-        request = wire.InfoRequest(self._export_name, tuple(int(i) for i in wanted))
-        self._send_option(k.Option.GO, wire.build_info_request(request))
-        return _S.GO_RECV_REPLY
-
-    def _recv_go(self) -> HandshakeState | None:
-        reply = self._take_option_reply(k.Option.GO)
-        if reply is None:
-            return None
-        reply_type, data = reply
+    def _on_go_reply(self, reply_type: int, data: bytes) -> HandshakeState:
         if reply_type == k.OptionReply.INFO:
             self._note_info(wire.parse_info(data))
             return _S.GO_RECV_REPLY
@@ -360,10 +333,6 @@ class ClientHandshake(ProtocolCore):
             self._block_size = _checked_block_size(item)
         # unknown info types are ignored (spec: "NBD_REP_INFO")
 
-    def _send_export_name(self) -> HandshakeState:
-        self._send_option(k.Option.EXPORT_NAME, self._export_name.encode("utf-8"))
-        return _S.EXPORT_NAME_RECV_REPLY
-
     def _recv_export_name(self) -> HandshakeState | None:
         size = wire.EXPORT_NAME_REPLY_SIZE + (0 if self._no_zeroes else k.EXPORT_NAME_PADDING)
         data = self.buffer.take(size)
@@ -389,20 +358,56 @@ class ClientHandshake(ProtocolCore):
         )
 
 
+def _sends(
+    option: k.Option,
+    then: HandshakeState,
+    payload: Callable[[ClientHandshake], bytes] | None = None,
+) -> _Handler:
+    """The handler of a SEND state: queue `option` (with what `payload` builds) and go on to
+    `then`, its RECV_REPLY state."""
+
+    def send(handshake: ClientHandshake) -> HandshakeState:
+        handshake._outgoing += wire.build_option(option, payload(handshake) if payload else b"")
+        return then
+
+    return send
+
+
+def _replies_to(
+    option: k.Option, on_reply: Callable[[ClientHandshake, int, bytes], HandshakeState]
+) -> _Handler:
+    """The handler of a RECV_REPLY state: once the buffer holds one whole reply to `option`, take
+    it and let `on_reply` choose the next state from its type and data (None until then)."""
+
+    def receive(handshake: ClientHandshake) -> HandshakeState | None:
+        reply = handshake._take_option_reply(option)
+        return None if reply is None else on_reply(handshake, *reply)
+
+    return receive
+
+
+_O, _C = k.Option, ClientHandshake
 _HANDLERS: dict[HandshakeState, _Handler] = {  # the state -> its handler
-    _S.RECV_GREETING: ClientHandshake._recv_greeting,
-    _S.STARTTLS_SEND: ClientHandshake._send_starttls,
-    _S.STARTTLS_RECV_REPLY: ClientHandshake._recv_starttls,
-    _S.STARTTLS_TLS_HANDSHAKE: ClientHandshake._wait_for_tls,
-    _S.STRUCTURED_REPLY_SEND: ClientHandshake._send_structured_reply,
-    _S.STRUCTURED_REPLY_RECV_REPLY: ClientHandshake._recv_structured_reply,
-    _S.SET_META_CONTEXT_SEND: ClientHandshake._send_set_meta_context,
-    _S.SET_META_CONTEXT_RECV_REPLY: ClientHandshake._recv_set_meta_context,
-    _S.GO_SEND: ClientHandshake._send_go,
-    _S.GO_RECV_REPLY: ClientHandshake._recv_go,
-    _S.EXPORT_NAME_SEND: ClientHandshake._send_export_name,
-    _S.EXPORT_NAME_RECV_REPLY: ClientHandshake._recv_export_name,
+    _S.RECV_GREETING: _C._recv_greeting,
+    _S.STARTTLS_SEND: _sends(_O.STARTTLS, _S.STARTTLS_RECV_REPLY),
+    _S.STARTTLS_RECV_REPLY: _replies_to(_O.STARTTLS, _C._on_starttls_reply),
+    _S.STARTTLS_TLS_HANDSHAKE: _C._wait_for_tls,
+    _S.STRUCTURED_REPLY_SEND: _sends(_O.STRUCTURED_REPLY, _S.STRUCTURED_REPLY_RECV_REPLY),
+    _S.STRUCTURED_REPLY_RECV_REPLY: _replies_to(_O.STRUCTURED_REPLY, _C._on_structured_reply_reply),
+    _S.SET_META_CONTEXT_SEND: _sends(
+        _O.SET_META_CONTEXT, _S.SET_META_CONTEXT_RECV_REPLY, _C._meta_context_request
+    ),
+    _S.SET_META_CONTEXT_RECV_REPLY: _replies_to(_O.SET_META_CONTEXT, _C._on_set_meta_context_reply),
+    _S.GO_SEND: _sends(_O.GO, _S.GO_RECV_REPLY, _C._info_request),
+    _S.GO_RECV_REPLY: _replies_to(_O.GO, _C._on_go_reply),
+    _S.EXPORT_NAME_SEND: _sends(_O.EXPORT_NAME, _S.EXPORT_NAME_RECV_REPLY, _C._export_name_request),
+    _S.EXPORT_NAME_RECV_REPLY: _C._recv_export_name,  # not an option reply: size and flags
 }
+
+
+def _check_bare_ack(data: bytes) -> None:
+    if data:
+        raise RemoteProtocolError("NBD_REP_ACK with a payload")
 
 
 def _refusal(option: str, reply_type: int, data: bytes) -> str:

@@ -66,7 +66,7 @@ from nbdsrv.events import (
     TLSRequested,
 )
 from nbdsrv.extent import Extent
-from nbdsrv.state import SERVER_TRANSITIONS, ProtocolCore, ServerState, TLSMode
+from nbdsrv.state import SERVER_TRANSITIONS, QueueingCore, ServerState, TLSMode
 
 __all__ = [  # the events and states are re-exported: `server_core.ExportOpened` keeps working
     "BASE_ALLOCATION_CONTEXT_ID", "MAX_BLOCK_STATUS_DESCRIPTORS", "NEED_DATA", "CommandReceived",
@@ -169,7 +169,7 @@ class _Negotiated:
     transmission_flags: int = 0
 
 
-class ServerConnection(ProtocolCore):
+class ServerConnection(QueueingCore):
     """One client connection, from the greeting to the end of transmission."""
 
     _error_state = State.ERROR
@@ -226,14 +226,6 @@ class ServerConnection(ProtocolCore):
         if self._failure is not None:
             self._refuse("receive_eof")
         self._peer_closed = True
-
-    def data_to_send(self) -> bytes:
-        """Bytes queued by the handshake (greeting and option replies); empties the queue."""
-        if self._failure is not None:
-            self._refuse("data_to_send")
-        out = bytes(self._outgoing)
-        self._outgoing.clear()
-        return out
 
     def tls_established(self) -> None:
         """The shell has finished the TLS handshake after a TLSRequested event.  Option haggling

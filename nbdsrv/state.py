@@ -214,3 +214,19 @@ class ProtocolCore:
             f"{call}() after the connection failed ({type(self._failure).__name__}: "
             f"{self._failure})"
         ) from self._failure
+
+
+class QueueingCore(ProtocolCore):
+    """A core that queues the bytes it wants sent (the two handshakes: greeting, options and
+    their replies) until the shell asks for them.  The client's transmission core queues nothing:
+    each request_* call returns its own bytes."""
+
+    _outgoing: bytearray
+
+    def data_to_send(self) -> bytes:
+        """The queued bytes, in order; empties the queue."""
+        if self._failure is not None:
+            self._refuse("data_to_send")
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data

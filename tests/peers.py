@@ -3,6 +3,7 @@
     with running_serve(image, writable=True) as serve:      # `postcopy serve` on a Unix socket
         subprocess.run(["nbdinfo", serve.uri], check=True)
     with running_nbdkit(["memory", "64M"]) as nbdkit: ...   # any nbdkit plugin and arguments
+    with running_receive_command(argv, log) as (process, uri): ...  # until it prints its URI
 
 Every server is started with a bounded wait for readiness and is terminated (then killed) when
 the `with` block ends, whatever happens inside.  `sparse_test_image` writes a deterministic image of
@@ -14,23 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from postcopy.kit.processes import read_line
+from postcopy.kit.processes import read_line, stop_process
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+RECEIVE_START_TIMEOUT = 60.0  # receive bounds its own start-up; this only guards a hung one
+RECEIVE_STOP_TIMEOUT = 15.0
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -93,6 +98,13 @@ def file_extents(path: str | os.PathLike[str]) -> list[tuple[int, int, bool]]:
     return runs
 
 
+def fill_bytes(path: str | os.PathLike[str], offset: int, length: int, byte: int) -> None:
+    """Overwrite [offset, offset+length) of an existing file with `byte`."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes([byte]) * length)
+
+
 def files_identical(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
     """cmp(1): True when both files have the same bytes."""
     return subprocess.run(["cmp", "-s", os.fspath(first), os.fspath(second)]).returncode == 0
@@ -102,14 +114,17 @@ def files_identical(first: str | os.PathLike[str], second: str | os.PathLike[str
 
 
 def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-    if process.poll() is None:
-        process.send_signal(sig)
+    return stop_process(process, timeout=STOP_TIMEOUT, kill_timeout=STOP_TIMEOUT, sig=sig)
+
+
+def unix_socket_accepts(path: str | os.PathLike[str]) -> bool:
+    """Does something accept connections on the Unix socket `path` (not just: does it exist)?"""
+    with socket.socket(socket.AF_UNIX) as probe:
         try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
-    return process.returncode
+            probe.connect(os.fspath(path))
+        except OSError:
+            return False
+        return True
 
 
 def _wait_for_socket(path: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -233,6 +248,83 @@ def running_qemu_nbd(image: str | os.PathLike[str], *, read_only: bool = True) -
             yield f"nbd+unix:///?socket={socket_path}"
         finally:
             _stop(process)
+
+
+@contextlib.contextmanager
+def running_until_ready(
+    command: Sequence[str], log_path: Path, ready: Callable[[], bool], timeout: float, what: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command` (stdin from /dev/null, stdout and stderr into `log_path`) and wait up to
+    `timeout` seconds for `ready()` (e.g. its socket accepts); RuntimeError with the log when it
+    exits or the time is up first.  SIGTERM (then SIGKILL) when the `with` block ends."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if process.poll() is not None or time.monotonic() > deadline:
+                log_text = log_path.read_text(errors="replace")
+                raise RuntimeError(f"{what} did not start: {log_text}")
+            time.sleep(0.02)
+        yield process
+    finally:
+        stop_process(process)
+
+
+@contextlib.contextmanager
+def running_receive_command(
+    command: Sequence[str],
+    log_path: Path,
+    *,
+    expect: str | tuple[str, ...] = "nbd+unix://",
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run a `postcopy receive` command line (stderr into `log_path`) until it prints its NBD URI
+    (which must start with `expect`); yields the process and the URI.  SIGTERM (then SIGKILL)
+    and its stdout closed when the `with` block ends."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=cwd, env=env)
+    try:
+        try:
+            uri = read_line(process, RECEIVE_START_TIMEOUT)
+        except TimeoutError as exc:
+            log = log_path.read_text()
+            raise AssertionError(f"receive printed no URI ({exc}): {log}") from None
+        if not uri.startswith(expect):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)  # let it finish writing why
+            raise AssertionError(f"no URI printed: {uri!r}: {log_path.read_text()}")
+        yield process, uri
+    finally:
+        stop_process(process, timeout=RECEIVE_STOP_TIMEOUT, kill_timeout=RECEIVE_STOP_TIMEOUT)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes from a blocking socket; ConnectionError when it closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """`postcopy ARGV...` run in this process (`postcopy.cli.main`): its exit status (a
+    SystemExit's too; 2 for one with a message) and what it wrote to stderr (stdout dropped)."""
+    from postcopy.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return code, stderr.getvalue()
 
 
 def require_tools(*names: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,13 +17,11 @@ from pathlib import Path
 import nbd
 import pytest
 
-from postcopy.kit.processes import read_line
-from tests.peers import running_serve, sparse_test_image
+from tests.peers import running_receive_command, running_serve, sparse_test_image
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "nbdsrv", "postcopy", "plugin")
 INSTALL_TIMEOUT = 300.0
-START_TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +80,9 @@ def installed_receive(installed_venv: Path, tmp_path: Path) -> Iterator[tuple[Pa
             "--dest", str(tmp_path / "dest.img"), "--state-dir", str(tmp_path / "state"),
             "--socket", str(tmp_path / "d.sock"),
         ]  # fmt: skip
-        with open(tmp_path / "receive.log", "wb") as log:
-            process = subprocess.Popen(
-                command, cwd=tmp_path, env=clean_environment(), stdout=subprocess.PIPE, stderr=log
-            )
-        try:
-            uri = read_line(process, START_TIMEOUT)
-            assert uri.startswith("nbd+unix://"), (uri, (tmp_path / "receive.log").read_text())
+        log = tmp_path / "receive.log"
+        with running_receive_command(command, log, cwd=tmp_path, env=clean_environment()):
             yield image, tmp_path / "d.sock"
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
 
 
 def test_installed_receive_serves_the_source_bytes(installed_receive: tuple[Path, Path]) -> None:

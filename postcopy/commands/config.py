@@ -5,12 +5,12 @@
     postcopy config --domain NAME [--config F] --plan [--json]
 
 The domain's policy comes from the policy file (`postcopy.policy`); the rewriting from
-`postcopy.integrations`. FILE may be `-` for standard input (a libvirt qemu hook passes the domain
-XML that way). The result goes to standard output, or with `--in-place` back into FILE: first the
-original is copied to `FILE.postcopy-bak`, then the new text replaces FILE; both writes go through
-a temporary file in the same directory, fsync and rename, so a crash leaves either the old or the
-new file, never half of one. A domain that is not in postcopy mode is printed unchanged (and an
-`--in-place` file is left untouched), with a note on standard error.
+`postcopy.integrations`. FILE may be `-` for standard input. The result goes to standard output,
+or with `--in-place` back into FILE: first the original is copied to `FILE.postcopy-bak`, then the
+new text replaces FILE; both writes go through a temporary file in the same directory, fsync and
+rename, so a crash leaves either the old or the new file, never half of one. A domain that is not
+in postcopy mode is printed unchanged (and an `--in-place` file is left untouched), with a note on
+standard error.
 
 Without `--domain`, the domain is the one the config names (`name = ...`, `<name>`, `-name`); with
 both, they must agree.

@@ -198,6 +198,27 @@ def _read_regular_file(path: Path, what: str) -> bytes:
         os.close(fd)
 
 
+def _parse_journal_header(data: bytes, what: str) -> tuple[MapIdentity, int]:
+    """The identity in a journal's header, checked against the header's checksum, and where
+    the journal's records start."""
+    identity, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
+    if len(data) < header_len + _CRC.size:
+        raise StateError(f"{what} is truncated")
+    (crc,) = _CRC.unpack_from(data, header_len)
+    if crc != zlib.crc32(memoryview(data)[:header_len]):
+        raise StateError(f"{what} is corrupt (header checksum mismatch)")
+    return identity, header_len + _CRC.size
+
+
+def _check_same_disk(state_dir: Path, identity: MapIdentity, found: MapIdentity) -> None:
+    """Refuse a state file written for another disk than `identity`."""
+    if found != identity:
+        raise StateError(
+            f"state directory {state_dir} belongs to another disk: "
+            f"{identity.describe_mismatch(found)}"
+        )
+
+
 def stored_identity(state_dir: Path) -> MapIdentity:
     """The identity recorded in `state_dir`'s journal header (else its snapshot's), for tools
     that inspect a state directory without knowing its disk (`postcopy verify`); pass it to
@@ -207,13 +228,7 @@ def stored_identity(state_dir: Path) -> MapIdentity:
     journal_path, snapshot_path = state_dir / JOURNAL_FILENAME, state_dir / SNAPSHOT_FILENAME
     if os.path.lexists(journal_path):
         what = f"journal {journal_path}"
-        data = _read_regular_file(journal_path, what)
-        identity, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
-        if len(data) < header_len + _CRC.size:
-            raise StateError(f"{what} is truncated")
-        if _CRC.unpack_from(data, header_len)[0] != zlib.crc32(memoryview(data)[:header_len]):
-            raise StateError(f"{what} is corrupt (header checksum mismatch)")
-        return identity
+        return _parse_journal_header(_read_regular_file(journal_path, what), what)[0]
     if os.path.lexists(snapshot_path):
         what = f"state file {snapshot_path}"
         return _decode_identity(_read_regular_file(snapshot_path, what), SNAPSHOT_MAGIC, what)[0]
@@ -283,31 +298,8 @@ class BlockMap:
 
         With `live_mirror`, the map's bytes are then kept in a shared mapping of `live.map`
         (see the module docstring): only the engine asks for it."""
-        check_chunk_size(identity.chunk_size)
-        state_dir = Path(state_dir)
-        if not state_dir.is_dir():
-            raise StateError(f"state directory {state_dir} does not exist")
-        chunk_count = -(-identity.disk_size // identity.chunk_size)
-        snapshot_path = state_dir / SNAPSHOT_FILENAME
-        journal_path = state_dir / JOURNAL_FILENAME
-        fresh = not os.path.lexists(snapshot_path)
-        if fresh:
-            states = bytearray(chunk_count)  # calloc: no page is touched yet
-        else:
-            states = cls._load_snapshot(snapshot_path, identity, chunk_count)
-        block_map = cls(state_dir, identity, states, fresh=fresh)
-        if not fresh and not os.path.lexists(journal_path):
-            raise StateError(
-                f"journal {journal_path} is missing: the changes made since the snapshot are "
-                "lost (use a new state directory)"
-            )
-        block_map._open_journal(journal_path)
-        if fresh and block_map._follows_snapshot:
-            block_map.close()
-            raise StateError(
-                f"state file {snapshot_path} is missing but its journal continues it "
-                "(use a new state directory)"
-            )
+        block_map, journal_end = cls._load(state_dir, identity)
+        block_map._open_journal(journal_end)
         if live_mirror:
             try:
                 block_map._publish_live_map()
@@ -322,6 +314,14 @@ class BlockMap:
         nothing: no journal is created, a torn tail is left in place, no live map is published
         (`postcopy receive` checks a state directory with it before the engine opens it).  The
         result answers queries only: never mark it or make it durable."""
+        return cls._load(state_dir, identity)[0]
+
+    @classmethod
+    def _load(cls, state_dir: Path, identity: MapIdentity) -> tuple[BlockMap, int | None]:
+        """Read and check the map of `state_dir`, writing nothing: its snapshot, its journal's
+        header, and the journal's whole records replayed.  Every refusal of `open` and of
+        `open_read_only` is made here.  Returns the map and where the journal's last whole
+        record ends (None when there is no journal yet: a fresh state directory)."""
         check_chunk_size(identity.chunk_size)
         state_dir = Path(state_dir)
         if not state_dir.is_dir():
@@ -331,7 +331,7 @@ class BlockMap:
         journal_path = state_dir / JOURNAL_FILENAME
         fresh = not os.path.lexists(snapshot_path)
         if fresh:
-            states = bytearray(chunk_count)
+            states = bytearray(chunk_count)  # calloc: no page is touched yet
         else:
             states = cls._load_snapshot(snapshot_path, identity, chunk_count)
         block_map = cls(state_dir, identity, states, fresh=fresh)
@@ -341,27 +341,18 @@ class BlockMap:
                     f"journal {journal_path} is missing: the changes made since the snapshot "
                     "are lost (use a new state directory)"
                 )
-            return block_map
+            return block_map, None
         what = f"journal {journal_path}"
         data = _read_regular_file(journal_path, what)
-        found, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
-        if len(data) < header_len + _CRC.size:
-            raise StateError(f"{what} is truncated")
-        (crc,) = _CRC.unpack_from(data, header_len)
-        if crc != zlib.crc32(memoryview(data)[:header_len]):
-            raise StateError(f"{what} is corrupt (header checksum mismatch)")
-        if found != identity:
-            raise StateError(
-                f"state directory {state_dir} belongs to another disk: "
-                f"{identity.describe_mismatch(found)}"
-            )
-        block_map._replay_journal(data, header_len + _CRC.size, what)
+        found, records_start = _parse_journal_header(data, what)
+        _check_same_disk(state_dir, identity, found)
+        journal_end = block_map._replay_journal(data, records_start, what)
         if fresh and block_map._follows_snapshot:
             raise StateError(
                 f"state file {snapshot_path} is missing but its journal continues it "
                 "(use a new state directory)"
             )
-        return block_map
+        return block_map, journal_end
 
     def _publish_live_map(self) -> None:
         """Move the map's bytes into a fresh shared mapping of `live.map` (written under a
@@ -411,11 +402,7 @@ class BlockMap:
         if zlib.crc32(memoryview(data)[:-_CRC.size]) != stored_crc:
             raise StateError(f"{what} is corrupt (checksum mismatch)")
         found, header_len = _decode_identity(data, SNAPSHOT_MAGIC, what)
-        if found != identity:
-            raise StateError(
-                f"state directory {path.parent} belongs to another disk: "
-                f"{identity.describe_mismatch(found)}"
-            )
+        _check_same_disk(path.parent, identity, found)
         try:
             states = bytearray(zlib.decompress(memoryview(data)[header_len:-_CRC.size]))
         except zlib.error:
@@ -424,31 +411,19 @@ class BlockMap:
             raise StateError(f"{what} is corrupt (map length)")
         return states
 
-    def _open_journal(self, path: Path) -> None:
-        what = f"journal {path}"
+    def _open_journal(self, journal_end: int | None) -> None:
+        """Open the journal (checked and replayed by `_load`) for appends after `journal_end`,
+        cutting a torn tail; create it when there is none (`journal_end` None)."""
+        path = self.state_dir / JOURNAL_FILENAME
         header = self.identity.encode(JOURNAL_MAGIC)
         header += _CRC.pack(zlib.crc32(header))
-        if not path.exists():
+        if journal_end is None:
             write_file_atomically(path, header)
-            good_end = len(header)
-        else:
-            data = _read_regular_file(path, what)
-            found, header_len = _decode_identity(data, JOURNAL_MAGIC, what)
-            if len(data) < header_len + _CRC.size:
-                raise StateError(f"{what} is truncated")
-            (crc,) = _CRC.unpack_from(data, header_len)
-            if crc != zlib.crc32(memoryview(data)[:header_len]):
-                raise StateError(f"{what} is corrupt (header checksum mismatch)")
-            if found != self.identity:
-                raise StateError(
-                    f"state directory {path.parent} belongs to another disk: "
-                    f"{self.identity.describe_mismatch(found)}"
-                )
-            good_end = self._replay_journal(data, header_len + _CRC.size, what)
+            journal_end = len(header)
         self._journal_fd = os.open(path, os.O_WRONLY)
-        os.ftruncate(self._journal_fd, good_end)  # drop a torn tail
-        os.lseek(self._journal_fd, good_end, os.SEEK_SET)
-        self._journal_bytes = good_end - len(header)
+        os.ftruncate(self._journal_fd, journal_end)  # drop a torn tail
+        os.lseek(self._journal_fd, journal_end, os.SEEK_SET)
+        self._journal_bytes = journal_end - len(header)
 
     def _replay_journal(self, data: bytes, start: int, what: str) -> int:
         position = start

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from postcopy.errors import StateError, UserError
@@ -123,19 +124,32 @@ def _record_holder(fd: int, role: str, *, first: bool) -> None:
         os.pwrite(fd, line, os.fstat(fd).st_size)
 
 
-def _lock(fd: int, state_dir: Path) -> None:
+def _flock_or_close(
+    fd: int, in_use: Callable[[], UserError], cannot_lock: Callable[[OSError], UserError]
+) -> None:
+    """Take an exclusive flock on `fd` without waiting.  When it fails, close `fd` and raise
+    `in_use()` (someone else holds the lock; called before the close, so it may read `fd`) or
+    `cannot_lock(the OSError)`."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
     except BlockingIOError:
-        holders = _holders(fd)
-        os.close(fd)
-        raise StateDirInUse(
-            f"state directory {state_dir} is in use by {holders}: "
-            "stop that postcopy receive first"
-        ) from None
+        error = in_use()
     except OSError as exc:
-        os.close(fd)
-        raise StateError(f"cannot lock {state_lock_path(state_dir)}: {exc.strerror}") from None
+        error = cannot_lock(exc)
+    os.close(fd)
+    raise error from None
+
+
+def _lock(fd: int, state_dir: Path) -> None:
+    _flock_or_close(
+        fd,
+        lambda: StateDirInUse(
+            f"state directory {state_dir} is in use by {_holders(fd)}: "
+            "stop that postcopy receive first"
+        ),
+        lambda exc: StateError(f"cannot lock {state_lock_path(state_dir)}: {exc.strerror}"),
+    )
 
 
 def acquire_state_lock(state_dir: Path, role: str) -> StateLock:
@@ -178,15 +192,12 @@ def lock_destination(dest: Path) -> StateLock:
         fd = os.open(dest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise UserError(f"cannot open {dest}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DestinationInUse(
+    _flock_or_close(
+        fd,
+        lambda: DestinationInUse(
             f"destination {dest} is in use by another postcopy receive "
             "(with another state directory)"
-        ) from None
-    except OSError as exc:
-        os.close(fd)
-        raise UserError(f"cannot lock {dest}: {exc.strerror}") from None
+        ),
+        lambda exc: UserError(f"cannot lock {dest}: {exc.strerror}"),
+    )
     return StateLock(Path(dest), fd)

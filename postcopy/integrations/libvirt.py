@@ -19,6 +19,11 @@ with `<host name='HOST' port='PORT'/>` when the destination listens on TCP. The 
 its attributes (the format stays what the image is: a qcow2 file is served byte for byte, so it is
 still qcow2); a disk without `<driver>` gets `name='qemu' type='raw'`. New elements use the
 document's indentation and quote style.
+
+`rewrite_libvirt_local` is the way back, for B's persistent definition once the domain runs on
+its local files: each policy disk that is an NBD network disk on its receive's endpoint becomes
+`<disk type='file'>` with `<source file='DEST_FILE'/>`, the rest of the disk (driver, target,
+geometry, address ...) as it was. A policy disk that is not on that endpoint is an error.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from xml.sax.saxutils import quoteattr
 from postcopy.errors import UserError
 from postcopy.integrations import DiskMatcher, Rewrite, not_postcopy_note
 from postcopy.policy import DomainPolicy, NbdEndpoint
+from postcopy.policy.schema import DEFAULT_NBD_PORT
 
-__all__ = ["domain_name", "rewrite_libvirt"]
+__all__ = ["domain_name", "rewrite_libvirt", "rewrite_libvirt_local"]
 
 
 @dataclass
@@ -207,6 +213,70 @@ def rewrite_libvirt(text: str, domain: DomainPolicy, name: str = "<domain XML>")
             edits.append((target.start, target.start, new_source + separator))
         else:
             raise UserError(f"{name}: disk {policy_disk.device!r} has no <source> or <target>")
+    matcher.check_all_found()
+    for start, end, replacement in sorted(edits, reverse=True):
+        data = data[:start] + replacement + data[end:]
+    return Rewrite(data.decode(), tuple(changed), ())
+
+
+def _on_endpoint(source: _Element, endpoint: NbdEndpoint) -> bool:
+    """Does this `<source protocol='nbd'>` name the receive's endpoint (and export)?"""
+    if source.attributes.get("name", "") != endpoint.export:
+        return False
+    hosts = [child.attributes for child in source.children if child.name == "host"]
+    if len(hosts) != 1:
+        return False
+    host = hosts[0]
+    if endpoint.socket is not None:
+        return host.get("transport") == "unix" and host.get("socket") == str(endpoint.socket)
+    port = host.get("port", str(DEFAULT_NBD_PORT))
+    return host.get("transport", "tcp") == "tcp" and (host.get("name"), port) == (
+        endpoint.host,
+        str(endpoint.port),
+    )
+
+
+def rewrite_libvirt_local(text: str, domain: DomainPolicy, name: str = "<domain XML>") -> Rewrite:
+    """Turn a postcopy domain's NBD disks back into file disks on their `dest_file`s (see the
+    module docstring)."""
+    if not domain.is_postcopy:
+        return Rewrite(text, (), (not_postcopy_note(domain),))
+    data = text.encode()
+    root = _parse(data, name)
+    matcher = DiskMatcher(domain, name)
+    edits: list[tuple[int, int, bytes]] = []
+    changed: list[str] = []
+    devices = [child for child in root.children if child.name == "devices"]
+    for disk in (d for devs in devices for d in devs.children if d.name == "disk"):
+        children = {child.name: child for child in disk.children}
+        target = children.get("target")
+        source = children.get("source")
+        device = target.attributes.get("dev") if target else None
+        policy_disk = matcher.match(device, [])
+        if policy_disk is None:
+            continue
+        endpoint = domain.dest_endpoint(policy_disk)
+        kind = disk.attributes.get("type", "file")
+        if kind != "network" or source is None or source.attributes.get("protocol") != "nbd":
+            raise UserError(
+                f"{name}: disk {policy_disk.device!r} is a {kind} disk, not an NBD network disk "
+                f"on {endpoint.uri()}"
+            )
+        if not _on_endpoint(source, endpoint):
+            raise UserError(
+                f"{name}: disk {policy_disk.device!r} is not on postcopy's endpoint "
+                f"{endpoint.uri()}"
+            )
+        changed.append(policy_disk.device)
+        start_tag = data[disk.start : disk.start_tag_end]
+        quote = "'" if b"'" in start_tag else '"'
+        new_tag = _TYPE_ATTRIBUTE.sub(lambda m: m[1] + m[2] + b"file" + m[2], start_tag, count=1)
+        edits.append((disk.start, disk.start_tag_end, new_tag))
+        new_source = f"<source {_attr('file', str(policy_disk.dest_file), quote)}/>".encode()
+        if "driver" not in children:
+            driver_xml = f"<driver {_attr('name', 'qemu', quote)} {_attr('type', 'raw', quote)}/>"
+            new_source = driver_xml.encode() + b" " + new_source
+        edits.append((source.start, source.end, new_source))
     matcher.check_all_found()
     for start, end, replacement in sorted(edits, reverse=True):
         data = data[:start] + replacement + data[end:]

@@ -19,7 +19,8 @@ process *is* the daemon.  The daemon answers `qemu+tcp://ADDRESS/system`; python
 connects from the caller's process with `LibvirtHost.connect()`, which opens the socket with the
 calling thread moved into the host's network namespace for the moment of the connect (a socket
 stays in the namespace it was made in).  `LibvirtHost.command(argv)` runs a command inside the
-host's namespaces through nsenter (absolute paths: nsenter starts in /).
+host's namespaces through nsenter (absolute paths: nsenter starts in /).  `stop_daemon` stops
+one host's libvirtd (a host whose daemon died) and `start_daemon` starts a fresh one.
 
 Clean-up, on every exit (errors and Ctrl-C included): the lab's connections are closed, then every
 process inside either network namespace (the daemons, their QEMUs, anything run with `command`)
@@ -62,8 +63,9 @@ from pathlib import Path
 from typing import Any
 
 from postcopy.kit.guestkit.build import GuestBootFiles
-from postcopy.kit.guestkit.qemu import MARKER_RE, GuestError, GuestLayout, Marker
+from postcopy.kit.guestkit.qemu import ConsoleLog, GuestError, GuestLayout, Marker
 from postcopy.kit.netns import TestHost, open_two_hosts
+from postcopy.kit.processes import start_logged
 
 # The daemon's state directories; each host gets a tmpfs over every one of them.
 LIBVIRT_DIRS = (
@@ -133,7 +135,7 @@ class LibvirtHost:
 
     @property
     def pid(self) -> int:
-        if self.process is None:
+        if self.process is None or self.process.poll() is not None:
             raise LibvirtLabError(f"host {self.name}: libvirtd is not running")
         return self.process.pid
 
@@ -171,6 +173,31 @@ class LibvirtHost:
         while self._connections:
             with contextlib.suppress(Exception):
                 self._connections.pop().close()
+
+    def stop_daemon(self) -> None:
+        """Stop this host's libvirtd (SIGTERM, then SIGKILL), as a host whose daemon died; the
+        connections made with `connect` stay open (and broken), as a caller's would.  Whatever
+        else runs in the host (QEMUs, commands) is left alone, and the host's mount namespace
+        lives on while such a process holds it.  `start_daemon` starts a fresh one."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        _keep_capabilities(self)
+        for stop in (self.process.terminate, self.process.kill):
+            stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=STOP_TIMEOUT)
+                return
+        raise LibvirtLabError(f"libvirtd of host {self.name} survived SIGKILL")
+
+    def start_daemon(self, timeout: float = START_TIMEOUT) -> None:
+        """Start this host's libvirtd again after `stop_daemon`: a new mount namespace with
+        fresh tmpfs state (no domains), the same configuration, address and host UUID."""
+        if self.process is not None and self.process.poll() is None:
+            raise LibvirtLabError(f"libvirtd of host {self.name} is running already")
+        script = self.directory / "start.sh"
+        script.write_text(_start_script(self))
+        _start_daemon(self, script)
+        _wait_until_answering([self], timeout)
 
 
 @dataclass(frozen=True)
@@ -354,11 +381,7 @@ def _start_daemon(host: LibvirtHost, script: Path) -> None:
         "ip", "netns", "exec", host.network.namespace,
         "unshare", "--mount", "--uts", "--propagation", "private", "/bin/sh", str(script),
     ]  # fmt: skip
-    with open(host.directory / "libvirtd.stderr", "wb") as stderr:
-        host.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            start_new_session=True,
-        )  # fmt: skip
+    host.process = start_logged(command, host.directory / "libvirtd.stderr")
 
 
 def _wait_until_answering(hosts: Sequence[LibvirtHost], timeout: float) -> None:
@@ -569,28 +592,14 @@ class GuestConsole:
     serial_log: Path
     alive: Callable[[], bool] | None = None
     markers: list[Marker] = field(default_factory=list)
-    _read_offset: int = 0
-    _partial: bytes = b""
+    _console: ConsoleLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._console = ConsoleLog(self.serial_log)
 
     def poll(self) -> list[Marker]:
         """Read new console output; return the markers it added."""
-        try:
-            with open(self.serial_log, "rb") as serial:
-                serial.seek(self._read_offset)
-                data = serial.read()
-        except FileNotFoundError:
-            return []
-        self._read_offset += len(data)
-        now = time.monotonic()
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        new = []
-        for line in lines:
-            match = MARKER_RE.search(line.decode(errors="replace"))
-            if match:
-                new.append(
-                    Marker(int(match.group(1)), match.group(2) == "OK", match.group(3).strip(), now)
-                )
+        new = self._console.read_markers()
         self.markers.extend(new)
         return new
 

@@ -75,6 +75,7 @@ from postcopy.kit.guestkit.scenario import (
     run_rate_limited_link,
     untouched_regions_match,
 )
+from postcopy.kit.processes import stop_process
 from postcopy.progress_display import DiskView, render_progress
 from postcopy.units import format_size
 
@@ -550,13 +551,7 @@ def _drain(
 
 
 def _stop_process(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    stop_process(process)
     for stream in (process.stdout, process.stderr):
         if stream is not None:
             stream.close()

@@ -20,9 +20,9 @@ import argparse
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from postcopy.policy.schema import (
     DEFAULT_CHUNK_SIZE,
@@ -60,6 +60,7 @@ CONFIG_ENV_VAR = "POSTCOPY_CONFIG"
 # --- Finding lines: map each key path of a valid TOML text to the line defining it. -----------
 
 KeyPath = tuple[str | int, ...]
+_T = TypeVar("_T")
 
 
 class _TomlKeyLines:
@@ -110,27 +111,14 @@ class _TomlKeyLines:
         start = self.pos
         for quote_mark in ('"""', "'''"):
             if self._peek(3) == quote_mark:
-                end = self.pos + 3
-                while True:
-                    end = self.text.index(quote_mark, end)
-                    if quote_mark == '"""' and _escaped(self.text, end):
-                        end += 1
-                        continue
-                    break
+                end = _closing_quote(self.text, quote_mark, self.pos + 3)
                 # Up to two extra quotes may close the string ("""a"""" is 'a"').
                 while self.text[end + 3 : end + 4] == quote_mark[0]:
                     end += 1
                 self.pos = end + 3
                 return str(tomllib.loads("v = " + self.text[start : self.pos])["v"])
         quote_mark = self.text[self.pos]
-        end = self.pos + 1
-        while True:
-            end = self.text.index(quote_mark, end)
-            if quote_mark == '"' and _escaped(self.text, end):
-                end += 1
-                continue
-            break
-        self.pos = end + 1
+        self.pos = _closing_quote(self.text, quote_mark, self.pos + 1) + 1
         return str(tomllib.loads("v = " + self.text[start : self.pos])["v"])
 
     def _read_key(self) -> list[str]:
@@ -235,6 +223,19 @@ class _TomlKeyLines:
                 self.pos += 1
                 match = re.compile(r"[^,\]}\s#]+").match(self.text, self.pos)
                 self.pos = match.end() if match else self.pos
+
+
+def _closing_quote(text: str, quote_mark: str, start: int) -> int:
+    """Where `quote_mark` (one or three quotes) next closes a string, searching from `start`;
+    in a basic ("...") string a quote after an odd run of backslashes is escaped and skipped.
+    ValueError when nothing closes it."""
+    end = start
+    while True:
+        end = text.index(quote_mark, end)
+        if quote_mark[0] == '"' and _escaped(text, end):
+            end += 1
+            continue
+        return end
 
 
 def _escaped(text: str, index: int) -> bool:
@@ -351,28 +352,17 @@ def _policy_fields(
     checker: _Checker, table: Mapping[str, Any], key: KeyPath, base: DomainPolicy
 ) -> DomainPolicy:
     """A copy of `base` with the policy keys `table` sets (mode, sizes, paths, source)."""
-    mode = checker.mode(table["mode"], (*key, "mode")) if "mode" in table else base.mode
-    chunk = (
-        checker.chunk_size(table["chunk_size"], (*key, "chunk_size"))
-        if "chunk_size" in table
-        else base.chunk_size
-    )
-    bandwidth = (
-        checker.bandwidth(table["bandwidth"], (*key, "bandwidth"))
-        if "bandwidth" in table
-        else base.bandwidth
-    )
-    state_root = (
-        checker.absolute_path(table["state_root"], (*key, "state_root"))
-        if "state_root" in table
-        else base.state_root
-    )
-    socket_dir = (
-        checker.absolute_path(table["socket_dir"], (*key, "socket_dir"))
-        if "socket_dir" in table
-        else base.socket_dir
-    )
-    source = checker.source(table["source"], (*key, "source")) if "source" in table else base.source
+
+    def setting(name: str, check: Callable[[Any, KeyPath], _T]) -> _T:
+        """The key `name` of `table`, checked, else `base`'s (the key names the field)."""
+        return check(table[name], (*key, name)) if name in table else getattr(base, name)
+
+    mode = setting("mode", checker.mode)
+    chunk = setting("chunk_size", checker.chunk_size)
+    bandwidth = setting("bandwidth", checker.bandwidth)
+    state_root = setting("state_root", checker.absolute_path)
+    socket_dir = setting("socket_dir", checker.absolute_path)
+    source = setting("source", checker.source)
     return DomainPolicy(
         base.name, mode, base.disks, chunk, bandwidth, state_root, socket_dir, source,
         base.listed, base.config_file,

@@ -8,13 +8,11 @@ that does not exist."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postcopy.cli import build_parser, main
+from postcopy.cli import build_parser
+from tests.peers import run_cli
 
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
 
@@ -41,16 +39,6 @@ GOOD_VALUES = {
     "--source-id": junk_text,
     "--domain": junk_text,
 }
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    return code, stderr.getvalue()
 
 
 @st.composite

@@ -34,7 +34,7 @@ from tests.commands.test_fetch_progress import (
     read_pty,
     terminal_env,
 )
-from tests.peers import require_tools, running_serve, sparse_test_image
+from tests.peers import require_tools, running_receive_command, running_serve, sparse_test_image
 
 MiB = 1 << 20
 IMAGE_SIZE = 48 * MiB
@@ -69,24 +69,8 @@ def running_receive(source_uri: str, dest: Path, state_dir: Path, socket: Path) 
         "--dest", str(dest), "--state-dir", str(state_dir), "--socket", str(socket),
         "--wait-for-source",
     ]  # fmt: skip
-    log_path = dest.with_suffix(".receive.log")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode()  # receive bounds its own start-up
-        assert line.startswith("nbd+unix://"), (line, log_path.read_text(errors="replace"))
+    with running_receive_command(command, dest.with_suffix(".receive.log")) as (process, _):
         yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def fetch_progress_json(*args: str) -> tuple[int, Any]:

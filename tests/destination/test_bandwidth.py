@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from postcopy.destination.engine import Engine, EngineConfig
 from postcopy.destination.ratelimit import TokenBucket
+from tests.destination.conftest import EngineFactory
 from tests.destination.test_receive import MiB, running_receive
 from tests.fakes import FakeSource
 from tests.peers import running_serve, sparse_test_image
@@ -43,38 +43,27 @@ async def test_token_bucket_holds_the_rate_and_guest_takes_never_wait(
 
 
 @pytest.mark.timeout(30)
-def test_guest_miss_is_not_delayed_by_a_tight_drain_cap(tmp_path: Path) -> None:
+def test_guest_miss_is_not_delayed_by_a_tight_drain_cap(make_engine: EngineFactory) -> None:
     data = random.Random(3).randbytes(16 * MiB)
     source = FakeSource(data)
-    dest = tmp_path / "disk.img"
-    dest.write_bytes(b"")
-    with open(dest, "r+b") as f:
-        f.truncate(len(data))
-    (tmp_path / "state").mkdir()
-    config = EngineConfig(
-        source_uri="nbd://fake/", dest_path=dest, state_dir=tmp_path / "state",
-        chunk_size=CHUNK, bandwidth=256 * 1024, status_interval=0.05,
-    )  # fmt: skip
-    engine = Engine(config, source_opener=source.open_client)
-    engine.start()
-    try:
-        deadline = time.monotonic() + 5
-        while engine.drain_bytes < 1 * MiB:  # the drain is running into its cap
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        latencies = []
-        for index in range(20):
-            offset = (8 * MiB) + index * 256 * 1024 + 777
-            buf = bytearray(4096)
-            started = time.monotonic()
-            engine.pread_into(memoryview(buf), offset)
-            latencies.append(time.monotonic() - started)
-            assert bytes(buf) == data[offset:offset + 4096]
-        # 20 x 256 KiB fetched for the guest = 20 s of the drain's budget, yet no read waited
-        assert max(latencies) < 0.5, latencies
-        assert engine.drain_bytes < 4 * MiB  # and the drain stayed capped meanwhile
-    finally:
-        engine.stop()
+    engine = make_engine(
+        source, chunk_size=CHUNK, bandwidth=256 * 1024, drain=True, sync_interval=1.0
+    )
+    deadline = time.monotonic() + 5
+    while engine.drain_bytes < 1 * MiB:  # the drain is running into its cap
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    latencies = []
+    for index in range(20):
+        offset = (8 * MiB) + index * 256 * 1024 + 777
+        buf = bytearray(4096)
+        started = time.monotonic()
+        engine.pread_into(memoryview(buf), offset)
+        latencies.append(time.monotonic() - started)
+        assert bytes(buf) == data[offset:offset + 4096]
+    # 20 x 256 KiB fetched for the guest = 20 s of the drain's budget, yet no read waited
+    assert max(latencies) < 0.5, latencies
+    assert engine.drain_bytes < 4 * MiB  # and the drain stayed capped meanwhile
 
 
 @pytest.mark.timeout(60)

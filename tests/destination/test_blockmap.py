@@ -189,3 +189,61 @@ def test_one_tib_map_opens_fast(tmp_path: Path) -> None:
     assert again.chunk_count == 16 * 1024 * 1024 and again.present_count == 1000
     assert elapsed < 1.0, elapsed
     assert os.path.getsize(tmp_path / SNAPSHOT_FILENAME) < 1024 * 1024
+
+
+def _journal_header_spoiled(state: Path) -> None:
+    path = state / JOURNAL_FILENAME
+    data = bytearray(path.read_bytes())
+    data[12] ^= 0xFF  # inside the identity header: its checksum no longer matches
+    path.write_bytes(bytes(data))
+
+
+def _journal_dangling_link(state: Path) -> None:
+    (state / JOURNAL_FILENAME).unlink()
+    (state / JOURNAL_FILENAME).symlink_to(state / "elsewhere")
+
+
+def _journal_of_another_disk(state: Path) -> None:
+    (state / JOURNAL_FILENAME).unlink()
+    BlockMap.open(state.parent / "other", identity(source_id="nbd://other/")).close()
+    os.rename(state.parent / "other" / JOURNAL_FILENAME, state / JOURNAL_FILENAME)
+
+
+def _snapshot_gone(state: Path) -> None:
+    (state / SNAPSHOT_FILENAME).unlink()
+
+
+REFUSED_STATES = {
+    "journal-missing": (lambda state: (state / JOURNAL_FILENAME).unlink(), "is missing"),
+    "journal-header-corrupt": (_journal_header_spoiled, "header checksum mismatch"),
+    "journal-dangling-symlink": (_journal_dangling_link, "symbolic link"),
+    "journal-of-another-disk": (_journal_of_another_disk, "belongs to another disk"),
+    "snapshot-missing-journal-continues-it": (_snapshot_gone, "journal continues it"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(REFUSED_STATES))
+@pytest.mark.parametrize("read_only", [False, True])
+def test_open_and_read_only_open_refuse_the_same_state_and_write_nothing(
+    tmp_path: Path, damage: str, read_only: bool
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "other").mkdir()
+    bm = BlockMap.open(state, identity())
+    bm.mark_present(0, 3)
+    bm.make_durable(lambda: None, compact=True)
+    bm.mark_present(7, 8)
+    bm.make_durable(lambda: None)  # a journal that continues the snapshot
+    bm.close()
+    spoil, expected = REFUSED_STATES[damage]
+    spoil(state)
+    before = {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+              for p in state.iterdir()}  # fmt: skip
+    opener = BlockMap.open_read_only if read_only else BlockMap.open
+    with pytest.raises(StateError, match=expected) as info:
+        opener(state, identity())
+    assert "\n" not in str(info.value)
+    after = {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+             for p in state.iterdir()}  # fmt: skip
+    assert after == before

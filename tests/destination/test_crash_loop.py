@@ -62,6 +62,14 @@ class GuestModel:
             self.candidates.setdefault(block, [SOURCE]).append(value)
             self.written_since_flush.add(block)
 
+    def new_write(self, first_block: int, count: int) -> bytes:
+        """The bytes of a write of `count` blocks with a value never written before, noted as
+        a candidate of each block (before the write is sent)."""
+        value = self.next_value
+        self.next_value += 1
+        self.before_write(first_block, count, value)
+        return b"".join(block_bytes(value, b) for b in range(first_block, first_block + count))
+
     def after_flush(self, blocks: set[int]) -> None:
         for block in blocks:
             self.candidates[block] = self.candidates[block][-1:]
@@ -105,11 +113,7 @@ def guest_workload(handle: nbd.NBD, model: GuestModel, rng: random.Random, stop:
                 model.before_write(first, count, ZERO)
                 handle.zero(count * BLOCK, first * BLOCK)
             else:
-                value = model.next_value
-                model.next_value += 1
-                model.before_write(first, count, value)
-                data = b"".join(block_bytes(value, b) for b in range(first, first + count))
-                handle.pwrite(data, first * BLOCK)
+                handle.pwrite(model.new_write(first, count), first * BLOCK)
             counts["writes"] += 1
     except nbd.Error:
         pass  # the destination was killed under us

@@ -97,11 +97,7 @@ class Guest(GuestModel):
             self.before_write(first, count, ZERO)
             engine.zero(first * BLOCK, count * BLOCK, may_trim=rng.random() < 0.5)
         else:
-            value = self.next_value
-            self.next_value += 1
-            self.before_write(first, count, value)
-            data = b"".join(block_bytes(value, b) for b in range(first, first + count))
-            engine.pwrite(data, first * BLOCK)
+            engine.pwrite(self.new_write(first, count), first * BLOCK)
 
 
 def describe(held: bytes, block: int, guest: Guest) -> str:

@@ -48,7 +48,7 @@ from postcopy.errors import UserError
 from postcopy.fsutil import SyncError
 from tests.destination.test_receive import Receiver, connect, receive_command
 from tests.fakes import FakeSource
-from tests.peers import running_serve
+from tests.peers import running_receive_command, running_serve
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -163,25 +163,8 @@ def receive_at(
     socket_path = workdir / "d.sock"
     log_path = workdir / f"receive-{time.monotonic_ns()}.log"
     command = receive_command(source, dest, state_dir, "--socket", str(socket_path), *extra)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode().strip()  # receive bounds its own start-up
-        if not line.startswith("nbd+unix://"):
-            process.wait(10)
-            raise AssertionError(f"no URI printed: {line!r}: {log_path.read_text()}")
-        yield Receiver(process, line, state_dir, dest, log_path)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+    with running_receive_command(command, log_path) as (process, uri):
+        yield Receiver(process, uri, state_dir, dest, log_path)
 
 
 def kill9(receiver: Receiver) -> None:

@@ -5,16 +5,13 @@ stop the engine (it is a live view, rewritten), and `fetch-progress` reports it 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from postcopy.cli import main
 from postcopy.destination.blockmap import (
     JOURNAL_FILENAME,
     PRESENT,
@@ -26,7 +23,7 @@ from postcopy.destination.engine import Engine, EngineConfig
 from postcopy.destination.statelock import STATE_LOCK_FILENAME
 from postcopy.destination.status import read_status
 from tests.fakes import FakeSource
-from tests.peers import RunningServe, running_serve, sparse_test_image
+from tests.peers import RunningServe, run_cli, running_serve, sparse_test_image
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -68,16 +65,6 @@ def fingerprint(*paths: Path) -> dict[str, str]:
             else:
                 result[str(path)] = "not a file"
     return result
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, stderr.getvalue()
 
 
 def truncate_snapshot(state: Path) -> None:

@@ -9,6 +9,7 @@ guest did not write, the local file's allocation, and the status record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -26,7 +27,8 @@ import nbd
 import pytest
 
 from postcopy.destination.blockmap import BlockMap, MapIdentity
-from tests.peers import require_tools, running_serve, sparse_test_image
+from postcopy.kit.processes import status_record, wait_for_status
+from tests.peers import require_tools, running_receive_command, running_serve, sparse_test_image
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -41,22 +43,12 @@ class Receiver:
     log_path: Path
 
     def status(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.state_dir / "status.json").read_text()))
-        except (FileNotFoundError, ValueError):
-            return {}
+        return status_record(self.state_dir)
 
     def wait_status(self, condition: Any, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            record = self.status()
-            if record and condition(record):
-                return record
-            if self.process.poll() is not None:
-                raise AssertionError(f"receive exited {self.process.returncode}: {self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"status never matched; last {record}; log {self.log()}")
-            time.sleep(0.05)
+        return wait_for_status(
+            self.process, self.state_dir, condition, timeout, describe=lambda: f"log {self.log()}"
+        )
 
     def wait_complete(self, timeout: float = 30.0) -> dict[str, Any]:
         return self.wait_status(lambda r: r["state"] == "complete", timeout)
@@ -80,31 +72,27 @@ def running_receive(
     log_path = workdir / f"receive-{time.monotonic_ns()}.log"
     where = ["--listen", listen] if listen else ["--socket", str(socket_path)]
     command = receive_command(source, dest, state_dir, *where, *extra)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode().strip()  # receive bounds its own start-up
-        if not line.startswith(("nbd+unix://", "nbd://")):
-            process.wait(10)
-            raise AssertionError(f"no URI printed: {line!r}: {log_path.read_text()}")
-        yield Receiver(process, line, state_dir, dest, log_path)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+    started = running_receive_command(command, log_path, expect=("nbd+unix://", "nbd://"))
+    with started as (process, uri):
+        yield Receiver(process, uri, state_dir, dest, log_path)
 
 
 def connect(uri: str) -> nbd.NBD:
     handle = nbd.NBD()
     handle.connect_uri(uri)
     return handle
+
+
+def seconds_until_eio(handle: nbd.NBD, length: int, offset: int) -> float:
+    """Read through `handle`, which must fail with EIO (libnbd names the errno); returns how
+    many seconds the failing read took."""
+    started = time.monotonic()
+    try:
+        handle.pread(length, offset)
+    except nbd.Error as exc:
+        assert exc.errno == errno.errorcode[errno.EIO], exc
+        return time.monotonic() - started
+    raise AssertionError(f"a read of {length} bytes at {offset} succeeded; EIO was expected")
 
 
 def read_range(path: Path, offset: int, length: int) -> bytes:

@@ -16,9 +16,8 @@ import shlex
 import shutil
 import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,10 @@ import trio
 from postcopy.integrations import qemu
 from postcopy.integrations.qmp import QMPClient, open_qmp
 from postcopy.policy import DomainPolicy, NbdEndpoint, parse_config
+from tests.peers import fill_bytes, running_until_ready, unix_socket_accepts
 
 MiB = 1 << 20
 IMAGE_SIZE = 8 * MiB
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path, so Unix socket paths stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="pc-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_pattern(path: Path, offset: int, length: int, byte: int) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(bytes([byte]) * length)
 
 
 @pytest.fixture
@@ -55,8 +39,8 @@ def raw_image(short_dir: Path) -> Path:
     path = short_dir / "guest.raw"
     with open(path, "wb") as handle:
         handle.truncate(IMAGE_SIZE)
-    _write_pattern(path, 0, MiB, 0xAB)
-    _write_pattern(path, IMAGE_SIZE - 64 * 1024, 64 * 1024, 0x5C)
+    fill_bytes(path, 0, MiB, 0xAB)
+    fill_bytes(path, IMAGE_SIZE - 64 * 1024, 64 * 1024, 0x5C)
     return path
 
 
@@ -81,11 +65,11 @@ def _free_port() -> int:
 
 
 def _ready(endpoint: NbdEndpoint) -> bool:
-    family = socket.AF_UNIX if endpoint.socket else socket.AF_INET
-    address = str(endpoint.socket) if endpoint.socket else (str(endpoint.host), endpoint.port)
-    with socket.socket(family) as probe:
+    if endpoint.socket is not None:
+        return unix_socket_accepts(endpoint.socket)
+    with socket.socket(socket.AF_INET) as probe:
         try:
-            probe.connect(address)
+            probe.connect((str(endpoint.host), endpoint.port))
         except OSError:
             return False
         return True
@@ -101,24 +85,10 @@ def nbd_server(endpoint: NbdEndpoint, image: Path) -> Iterator[subprocess.Popen[
         command += ["-U", str(endpoint.socket)]
     else:
         command += ["-i", str(endpoint.host), "-p", str(endpoint.port)]
-    process = subprocess.Popen([*command, "file", str(image)], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not _ready(endpoint):
-            if process.poll() is not None or time.monotonic() > deadline:
-                stderr = process.stderr.read() if process.stderr else b""
-                raise RuntimeError(f"nbdkit did not start: {stderr.decode(errors='replace')}")
-            time.sleep(0.02)
+    command += ["file", str(image)]
+    log = image.with_name(f"nbdkit-{image.name}.log")  # beside the image, in the test's directory
+    with running_until_ready(command, log, lambda: _ready(endpoint), 10, "nbdkit") as process:
         yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        if process.stderr:
-            process.stderr.close()
 
 
 def _policy(socket_dir: Path, disks: str) -> DomainPolicy:
@@ -396,32 +366,7 @@ async def test_converted_drives_accept_a_migration_from_the_drive_command_line(
 def _qemu_process(workdir: Path, argv: list[str]) -> Iterator[Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     qmp = workdir / "qmp.sock"
-    log = open(workdir / "qemu.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [*argv, "-qmp", f"unix:{qmp},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not _unix_accepts(qmp):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((workdir / "qemu.log").read_text(errors="replace"))
-            time.sleep(0.02)
+    command = [*argv, "-qmp", f"unix:{qmp},server=on,wait=off"]
+    ready = partial(unix_socket_accepts, qmp)
+    with running_until_ready(command, workdir / "qemu.log", ready, 30, "QEMU"):
         yield qmp
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
-
-
-def _unix_accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        return True

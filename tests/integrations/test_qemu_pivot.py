@@ -11,13 +11,11 @@ QMP).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +27,11 @@ from postcopy.integrations import qemu_pivot
 from postcopy.integrations.qemu_pivot import PivotRefused, PivotRolledBack, pivot_disk, read_disks
 from postcopy.integrations.qmp import QMPClient, open_qmp
 from postcopy.policy import NbdEndpoint, parse_config
+from tests.peers import fill_bytes, running_until_ready, unix_socket_accepts
 
 MiB = 1 << 20
 KiB = 1 << 10
 SIZE = 8 * MiB
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: Unix socket paths stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="pcp-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _fill(path: Path, offset: int, length: int, byte: int) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(bytes([byte]) * length)
 
 
 def _read(path: Path, offset: int, length: int) -> bytes:
@@ -71,10 +54,10 @@ def raw_disk(short_dir: Path) -> Disk:
     served = short_dir / "served.raw"
     with open(served, "wb") as handle:
         handle.truncate(SIZE)
-    _fill(served, 0, 64 * KiB, 0xAB)
+    fill_bytes(served, 0, 64 * KiB, 0xAB)
     local = short_dir / "local.raw"
     shutil.copyfile(served, local)
-    _fill(local, MiB, 64 * KiB, 0xCD)
+    fill_bytes(local, MiB, 64 * KiB, 0xCD)
     return Disk(served, local, short_dir / "nbd.sock", short_dir / "nbdkit.log")
 
 
@@ -84,19 +67,10 @@ def nbdkit_serving(disk: Disk) -> Iterator[subprocess.Popen[bytes]]:
         "nbdkit", "-f", "--exit-with-parent", "-U", str(disk.socket),
         "--filter=log", "file", str(disk.served), f"logfile={disk.log}",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not _accepts(disk.socket):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.02)
+    ready = partial(unix_socket_accepts, disk.socket)
+    output = disk.log.with_name("nbdkit.out")
+    with running_until_ready(command, output, ready, 10, "nbdkit") as process:
         yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stderr:
-            process.stderr.close()
 
 
 def _nbd_blockdevs(disk: Disk, fmt: str = "raw", extra: str = "") -> list[str]:
@@ -106,15 +80,6 @@ def _nbd_blockdevs(disk: Disk, fmt: str = "raw", extra: str = "") -> list[str]:
         "-blockdev",
         f"driver={fmt},node-name=d0,file=d0-nbd{extra}",
     ]
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 @dataclass
@@ -133,23 +98,9 @@ def qemu_running(workdir: Path, disk_args: list[str], machine: str = "none") -> 
         "-nodefaults", "-display", "none", "-S", "-qmp", f"unix:{qmp},server=on,wait=off",
         *disk_args,
     ]  # fmt: skip
-    out = open(output, "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    try:
-        deadline = time.monotonic() + 20
-        while not _accepts(qmp):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"QEMU did not start: {output.read_text(errors='replace')}")
-            time.sleep(0.02)
+    ready = partial(unix_socket_accepts, qmp)
+    with running_until_ready(command, output, ready, 20, "QEMU"):
         yield Qemu(qmp, output)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        out.close()
 
 
 @asynccontextmanager
@@ -359,7 +310,7 @@ async def test_the_disk_of_a_rewritten_drive_line_can_be_pivoted(short_dir: Path
     image = short_dir / "guest.raw"
     with open(image, "wb") as handle:
         handle.truncate(SIZE)
-    _fill(image, 0, 64 * KiB, 0x3C)
+    fill_bytes(image, 0, 64 * KiB, 0x3C)
     policy = parse_config(
         f'[domains.qg]\nmode = "postcopy"\nsocket_dir = "{short_dir}"\n'
         f'disks = [{{device = "vda", source_image = "{image}", dest_file = "{image}"}}]\n',
@@ -371,7 +322,7 @@ async def test_the_disk_of_a_rewritten_drive_line_can_be_pivoted(short_dir: Path
     assert endpoint.socket is not None
     served = short_dir / "served.raw"
     shutil.copyfile(image, served)
-    _fill(image, MiB, 64 * KiB, 0xC3)  # only the local file has it
+    fill_bytes(image, MiB, 64 * KiB, 0xC3)  # only the local file has it
     disk = Disk(served, image, endpoint.socket, short_dir / "nbdkit.log")
     with nbdkit_serving(disk), qemu_running(short_dir, argv[2:], "q35") as qemu:
         async with qmp_session(qemu) as client:

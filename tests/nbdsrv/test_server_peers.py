@@ -22,6 +22,7 @@ from tests.peers import (
     RunningServe,
     file_extents,
     files_identical,
+    recv_exact,
     require_tools,
     running_serve,
     sparse_test_image,
@@ -260,16 +261,6 @@ def raw_connect(path: str, *, structured: bool = False) -> socket.socket:
     sock.sendall(wire.build_option(k.Option.EXPORT_NAME, b""))
     recv_exact(sock, wire.EXPORT_NAME_REPLY_SIZE)
     return sock
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
-        data += chunk
-    return data
 
 
 def request(command: int, offset: int, length: int, cookie: int = 7, flags: int = 0) -> bytes:

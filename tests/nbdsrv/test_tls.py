@@ -42,7 +42,9 @@ from nbdsrv.tls import server_ssl_context
 from tests.peers import (
     RunningServe,
     files_identical,
+    recv_exact,
     running_nbdkit,
+    running_receive_command,
     running_serve,
     serve_command,
     sparse_test_image,
@@ -230,16 +232,6 @@ def test_optional_tls_serves_plaintext_options() -> None:
 # -- postcopy serve against real TLS clients ----------------------------------------------------
 
 
-def _receive_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
 def plaintext_probe(socket_path: str) -> tuple[list[int], bytes]:
     """Speak plaintext NBD to a server: LIST, STRUCTURED_REPLY, INFO and GO, then EXPORT_NAME.
     Returns the option reply types and every byte received after EXPORT_NAME (until EOF)."""
@@ -247,7 +239,7 @@ def plaintext_probe(socket_path: str) -> tuple[list[int], bytes]:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(socket_path)
-        wire.parse_server_greeting(_receive_exactly(sock, wire.SERVER_GREETING_SIZE))
+        wire.parse_server_greeting(recv_exact(sock, wire.SERVER_GREETING_SIZE))
         sock.sendall(wire.build_client_flags(CLIENT_FLAGS))
         info = wire.build_info_request(wire.InfoRequest(""))
         options = [
@@ -259,10 +251,10 @@ def plaintext_probe(socket_path: str) -> tuple[list[int], bytes]:
         for option, data in options:
             sock.sendall(wire.build_option(option, data))
             header = wire.parse_option_reply_header(
-                _receive_exactly(sock, wire.OPTION_REPLY_HEADER_SIZE)
+                recv_exact(sock, wire.OPTION_REPLY_HEADER_SIZE)
             )
             assert header.option == option
-            _receive_exactly(sock, header.length)
+            recv_exact(sock, header.length)
             replies.append(header.reply_type)
         sock.sendall(wire.build_option(k.Option.EXPORT_NAME, b""))
         after = b""
@@ -734,12 +726,7 @@ def test_receive_drains_a_tls_source_named_by_an_nbds_uri(
             "--state-dir", str(state_dir), "--socket", str(tmp_path / "d.sock"),
         ]
         log_path = tmp_path / "receive.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline().decode().strip()
-            assert line.startswith("nbd+unix://"), log_path.read_text()
+        with running_receive_command(command, log_path) as (process, uri):
             deadline = time.monotonic() + 60
             state = ""
             while state != "complete":
@@ -749,19 +736,9 @@ def test_receive_drains_a_tls_source_named_by_an_nbds_uri(
                     state = json.loads((state_dir / "status.json").read_text())["state"]
                 time.sleep(0.05)
             handle = nbd.NBD()
-            handle.connect_uri(line)
+            handle.connect_uri(uri)
             assert handle.pread(65536, 0) == image.read_bytes()[:65536]
             handle.shutdown()
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
         assert served_requests_so_far(serve) > 0
     assert files_identical(image, dest)
 

@@ -10,7 +10,9 @@ kernel command line (`GuestLayout.kernel_args`).  On exit QEMU is terminated, th
 
 `QemuGuest.wait_for_marker` polls the serial file for the workload's marker lines with a deadline
 and fails early (`GuestError`, with the console's tail) if QEMU exits.  Every marker seen is kept
-with the monotonic time it was first noticed, for timing measurements.  QEMU runs in its own
+with the monotonic time it was first noticed, for timing measurements.  `ConsoleLog` is that
+incremental reader of one console file; the libvirt and Xen labs read their guests' consoles
+with it too.  QEMU runs in its own
 session, so a Ctrl-C on the terminal reaches only the caller, which stops QEMU on its way out.
 """
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postcopy.kit.guestkit.build import GuestBootFiles
+from postcopy.kit.processes import start_logged, stop_process
 
 MIB = 1 << 20
 MARKER_RE = re.compile(r"POSTCOPY-GUEST PASS (\d+) (OK|FAIL)(.*)")
@@ -114,6 +117,38 @@ class Marker:
 
 
 @dataclass
+class ConsoleLog:
+    """A console log file that QEMU (or xenconsoled, or libvirt's QEMU) appends to, read
+    incrementally for the workload's PASS markers: each `read_markers()` parses only the lines
+    completed since the last call (a partial last line waits for its end)."""
+
+    path: Path
+    _read_offset: int = 0
+    _partial: bytes = b""
+
+    def read_markers(self, now: float | None = None) -> list[Marker]:
+        """The markers of the lines added since the last call (none while the file does not
+        exist), stamped `now` (default: time.monotonic())."""
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self._read_offset)
+                data = log.read()
+        except FileNotFoundError:
+            return []
+        self._read_offset += len(data)
+        seen_at = time.monotonic() if now is None else now
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        new = []
+        for line in lines:
+            match = MARKER_RE.search(line.decode(errors="replace"))
+            if match:
+                number, ok, detail = int(match.group(1)), match.group(2) == "OK", match.group(3)
+                new.append(Marker(number, ok, detail.strip(), seen_at))
+        return new
+
+
+@dataclass
 class QemuGuest:
     """A running QEMU process with the test guest; see `run_qemu_guest`."""
 
@@ -124,28 +159,14 @@ class QemuGuest:
     stderr_log: Path
     started_at: float
     markers: list[Marker] = field(default_factory=list)
-    _read_offset: int = 0
-    _partial: bytes = b""
+    _console: ConsoleLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._console = ConsoleLog(self.serial_log)
 
     def poll_serial(self) -> list[Marker]:
         """Read new console output; return the markers it added."""
-        try:
-            with open(self.serial_log, "rb") as serial:
-                serial.seek(self._read_offset)
-                data = serial.read()
-        except FileNotFoundError:
-            return []
-        self._read_offset += len(data)
-        now = time.monotonic()
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        new = []
-        for line in lines:
-            match = MARKER_RE.search(line.decode(errors="replace"))
-            if match:
-                new.append(
-                    Marker(int(match.group(1)), match.group(2) == "OK", match.group(3).strip(), now)
-                )
+        new = self._console.read_markers()
         self.markers.extend(new)
         return new
 
@@ -297,11 +318,7 @@ def run_qemu_guest(
     command = qemu_command(
         boot_files, layout, disk, qmp_socket, serial_log, incoming, extra_args=extra_args
     )
-    with open(stderr_log, "wb") as stderr:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            start_new_session=True,
-        )  # fmt: skip
+    process = start_logged(command, stderr_log)
     guest = QemuGuest(
         name=name,
         process=process,
@@ -318,13 +335,7 @@ def run_qemu_guest(
             time.sleep(POLL_SECONDS)
         yield guest
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_process(process, timeout=5)
         shutil.rmtree(socket_dir, ignore_errors=True)
 
 

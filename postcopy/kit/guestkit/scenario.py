@@ -21,7 +21,6 @@ fail.  Every process started here is terminated on the way out.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,11 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -48,10 +47,12 @@ from postcopy.kit.guestkit.qemu import (
     prepare_disk_image,
     run_qemu_guest,
 )
+from postcopy.kit.processes import start_logged, status_record, stop_process
 
 BOOT_TIMEOUT = 30.0
 URI_RE = re.compile(r"nbd(\+unix)?://\S+")
 POLL_SECONDS = 0.02
+T = TypeVar("T")
 
 # The hosts are joined by a relay limited to ~100 MB/s (nbdkit's rate filter; bits/s), so the
 # drain of the 176 MiB of data lasts ~2 s and the guest passes on B while it runs.
@@ -64,16 +65,6 @@ SCENARIO_LAYOUT = GuestLayout(
     work_kib=(161 * 1024, 16 * 1024),
     zero_kib=(177 * 1024, 8 * 1024),
 )
-
-
-def _terminate(process: subprocess.Popen[bytes], name: str) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
 
 
 def _tail(path: Path, size: int = 2000) -> str:
@@ -117,23 +108,35 @@ def layout_for_disk_size(size: int) -> GuestLayout:
 
 
 @contextmanager
+def _running(
+    command: Sequence[str], log: Path, ready: Callable[[], T | None], timeout: float, failure: str
+) -> Iterator[tuple[subprocess.Popen[bytes], T]]:
+    """Start `command` with its output in `log` and poll `ready()` until it returns something;
+    yields the process and that.  GuestError with `failure` and the log's tail when the process
+    exits or `timeout` seconds pass first.  The process is stopped when the block ends."""
+    process = start_logged(command, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while (result := ready()) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise GuestError(f"{failure}:\n{_tail(log)}")
+            time.sleep(POLL_SECONDS)
+        yield process, result
+    finally:
+        stop_process(process)
+
+
+def _socket_exists(socket: Path) -> Callable[[], bool | None]:
+    return lambda: socket.exists() or None
+
+
+@contextmanager
 def run_postcopy_serve(image: Path, socket: Path, workdir: Path) -> Iterator[str]:
     """`postcopy serve` exporting `image` read-only on `socket`; yields the NBD URI."""
     log = workdir / "serve.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "postcopy.cli", "serve", "--socket", str(socket), str(image)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 15
-        while not socket.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"postcopy serve did not start:\n{_tail(log)}")
-            time.sleep(POLL_SECONDS)
+    command = [sys.executable, "-m", "postcopy.cli", "serve", "--socket", str(socket), str(image)]
+    with _running(command, log, _socket_exists(socket), 15, "postcopy serve did not start"):
         yield f"nbd+unix:///?socket={socket}"
-    finally:
-        _terminate(process, "serve")
 
 
 @contextmanager
@@ -149,19 +152,8 @@ def run_rate_limited_link(
         "nbdkit", "-f", "-U", str(link_socket), "--filter=rate", "nbd",
         f"socket={source_socket}", f"rate={rate}", "burstiness=0.2",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while not link_socket.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"nbdkit relay did not start:\n{_tail(log)}")
-            time.sleep(POLL_SECONDS)
+    with _running(command, log, _socket_exists(link_socket), 15, "nbdkit relay did not start"):
         yield f"nbd+unix:///?socket={link_socket}"
-    finally:
-        _terminate(process, "link")
 
 
 @dataclass
@@ -172,11 +164,7 @@ class ReceiveProcess:
     log: Path
 
     def status(self) -> dict[str, Any]:
-        try:
-            record: dict[str, Any] = json.loads((self.state_dir / "status.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return record
+        return status_record(self.state_dir)
 
 
 @contextmanager
@@ -196,22 +184,13 @@ def run_postcopy_receive(
         "--dest", str(dest), "--state-dir", str(state_dir), "--socket", str(socket),
         "--wait-for-source", *extra_args,
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            match = URI_RE.search(_tail(log, 10000))
-            if match:
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"postcopy receive printed no URI:\n{_tail(log)}")
-            time.sleep(POLL_SECONDS)
+
+    def printed_uri() -> re.Match[str] | None:
+        return URI_RE.search(_tail(log, 10000))
+
+    with _running(command, log, printed_uri, 30, "postcopy receive printed no URI") as started:
+        process, match = started
         yield ReceiveProcess(match.group(0), process, state_dir, log)
-    finally:
-        _terminate(process, "receive")
 
 
 @dataclass

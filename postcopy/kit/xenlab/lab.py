@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postcopy.kit.guestkit.qemu import MARKER_RE, GuestLayout, Marker
+from postcopy.kit.guestkit.qemu import ConsoleLog, GuestLayout, Marker
+from postcopy.kit.processes import start_logged, stop_process
 from postcopy.kit.xenlab.build import KIT_DIR, LabFiles
 
 POLL_SECONDS = 0.05
@@ -68,8 +69,7 @@ class DomuConsole:
     directory: Path
     name: str
     markers: list[Marker] = field(default_factory=list)
-    _offsets: dict[str, int] = field(default_factory=dict)
-    _partial: dict[str, bytes] = field(default_factory=dict)
+    _logs: dict[str, ConsoleLog] = field(default_factory=dict)
 
     def files(self) -> list[Path]:
         return [
@@ -81,20 +81,7 @@ class DomuConsole:
         new: list[Marker] = []
         now = time.monotonic()
         for path in self.files():
-            try:
-                with open(path, "rb") as log:
-                    log.seek(self._offsets.get(path.name, 0))
-                    data = log.read()
-            except FileNotFoundError:
-                continue
-            self._offsets[path.name] = self._offsets.get(path.name, 0) + len(data)
-            lines = (self._partial.get(path.name, b"") + data).split(b"\n")
-            self._partial[path.name] = lines.pop()
-            for line in lines:
-                match = MARKER_RE.search(line.decode(errors="replace"))
-                if match:
-                    number, ok, detail = int(match.group(1)), match.group(2) == "OK", match.group(3)
-                    new.append(Marker(number, ok, detail.strip(), now))
+            new += self._logs.setdefault(path.name, ConsoleLog(path)).read_markers(now)
         self.markers.extend(new)
         return new
 
@@ -310,20 +297,10 @@ def run_xen_lab(
         (ctl / script).chmod(0o755)
     command = qemu_command(files, workdir, memory_mib, dom0_mib)
     (workdir / "qemu.cmdline").write_text(" ".join(command) + "\n")
-    with open(workdir / "qemu.stderr", "wb") as stderr:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            start_new_session=True,
-        )  # fmt: skip
+    process = start_logged(command, workdir / "qemu.stderr")
     lab = XenLab(files=files, workdir=workdir, process=process, started_at=time.monotonic())
     try:
         lab.wait_ready(boot_timeout)
         yield lab
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_process(process, kill_timeout=10)
