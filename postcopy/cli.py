@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -39,11 +40,21 @@ def one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def version() -> str:
+    """The installed distribution's version (`postcopy --version`; `migrate` compares it with
+    Host B's)."""
+    try:
+        return importlib.metadata.version("postcopy")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="postcopy",
         description="Post-copy live migration of VM disks over NBD.",
     )
+    parser.add_argument("--version", action="version", version=f"postcopy {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     names = [
         f"{commands.__name__}.{module_info.name}"

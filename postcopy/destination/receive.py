@@ -51,6 +51,7 @@ from postcopy.destination.blockmap import (
     check_chunk_size,
 )
 from postcopy.destination.engine import EngineConfig
+from postcopy.destination.pivoted import check_not_pivoted
 from postcopy.destination.settings import DestinationSettings, plugin_parameters
 from postcopy.destination.statelock import StateLock, acquire_state_lock, lock_destination
 from postcopy.errors import StateError, UserError
@@ -297,6 +298,7 @@ def run_receive(settings: DestinationSettings, out: TextIO | None = None) -> int
     check_nbdkit()
     with contextlib.ExitStack() as locks:
         state_lock = locks.enter_context(lock_state_dir(settings))  # before anything is read
+        check_not_pivoted(settings.state_dir)  # the domain uses the file directly by now
         size = completed_size(settings)  # a complete disk needs no source: never probe it
         if size is None:
             size = probe_source(settings.source, settings.export_name)

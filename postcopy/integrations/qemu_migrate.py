@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from postcopy.destination.gate import declare_source_frozen
 from postcopy.errors import PostcopyError, UserError
-from postcopy.integrations.qmp import QMPClient, QMPError, open_qmp
+from postcopy.integrations.qmp import QMPError, open_qmp
 
 MIGRATION_DONE_STATES = {"completed", "failed", "cancelled"}
 DEST_WAITING_STATES = {"inmigrate", "prelaunch"}
@@ -88,11 +88,11 @@ class MigrationReport:
         return asdict(self)
 
 
-async def _status(client: QMPClient) -> str:
+async def _status(client: QMPSession) -> str:
     return str((await client.execute("query-status"))["status"])
 
 
-async def _poll_source_migration(source: QMPClient, interval: float) -> dict[str, Any]:
+async def _poll_source_migration(source: QMPSession, interval: float) -> dict[str, Any]:
     while True:
         info: dict[str, Any] = await source.execute("query-migrate")
         if info.get("status") in MIGRATION_DONE_STATES:
@@ -100,7 +100,7 @@ async def _poll_source_migration(source: QMPClient, interval: float) -> dict[str
         await trio.sleep(interval)
 
 
-async def _wait_destination_loaded(dest: QMPClient, interval: float) -> str:
+async def _wait_destination_loaded(dest: QMPSession, interval: float) -> str:
     while True:
         status = await _status(dest)
         if status not in DEST_WAITING_STATES:
@@ -109,7 +109,7 @@ async def _wait_destination_loaded(dest: QMPClient, interval: float) -> str:
 
 
 async def _rollback(
-    source: QMPClient, dest: QMPClient, source_was_running: bool, resume_source: bool = True
+    source: QMPSession, dest: QMPSession, source_was_running: bool, resume_source: bool = True
 ) -> tuple[bool, bool]:
     """Stop the destination, resume the source (unless told not to).
 
@@ -162,6 +162,20 @@ async def _migration_uri(config: MigrationConfig) -> AsyncIterator[str]:
         yield f"unix:{directory}/migration.sock"
 
 
+class QMPSession(Protocol):
+    """What the migration needs of a QMP connection: `QMPClient`, or a remote QEMU's monitor
+    reached through another channel (`postcopy migrate` drives Host B's over its remote command)."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
+
+
+# Called at switchover instead of declaring `config.state_dir` frozen (e.g. on another host).
+SwitchoverHook = Callable[[], Awaitable[None]]
+
+
 async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
     """Migrate the guest from the source QEMU to the destination QEMU; see the module docs."""
     if config.state_dir is not None and not Path(config.state_dir).is_dir():
@@ -169,8 +183,22 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
     async with (
         open_qmp(config.source_qmp) as source,
         open_qmp(config.dest_qmp) as dest,
-        _migration_uri(config) as uri,
     ):
+        return await migrate_with_sessions(source, dest, config)
+
+
+async def migrate_with_sessions(
+    source: QMPSession,
+    dest: QMPSession,
+    config: MigrationConfig,
+    switchover: SwitchoverHook | None = None,
+    failures: list[MigrationFailed] | None = None,
+) -> MigrationReport:
+    """The migration over two open QMP sessions; `switchover` (when given) replaces the local
+    `declare_source_frozen(config.state_dir)` at the switchover.  A cancellation (Ctrl-C) before
+    the destination runs rolls back like a failure, then propagates; the rollback's outcome is
+    appended to `failures` (when given) in either case."""
+    async with _migration_uri(config) as uri:
         try:
             with trio.fail_after(ROLLBACK_SECONDS):
                 source_status = await _status(source)
@@ -204,7 +232,9 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
                         False,
                         False,
                     )
-                if config.state_dir is not None:
+                if switchover is not None:
+                    await switchover()
+                elif config.state_dir is not None:
                     await trio.to_thread.run_sync(declare_source_frozen, config.state_dir)
                 gate_declared = time.monotonic()
                 dest_status = await _wait_destination_loaded(dest, config.poll_interval_seconds)
@@ -220,8 +250,10 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
                             f"destination is {dest_status!r} after cont", False, False
                         )
                 running = time.monotonic()
-        except (PostcopyError, trio.TooSlowError, OSError) as exc:
-            if isinstance(exc, MigrationFailed):
+        except (PostcopyError, trio.TooSlowError, OSError, trio.Cancelled) as exc:
+            if isinstance(exc, trio.Cancelled):
+                reason = "interrupted"
+            elif isinstance(exc, MigrationFailed):
                 reason = exc.reason
             elif isinstance(exc, trio.TooSlowError):
                 reason = f"timed out after {config.timeout_seconds:g} s"
@@ -229,18 +261,25 @@ async def migrate_qemu_domain(config: MigrationConfig) -> MigrationReport:
                 reason = str(exc)
             # With shared storage a destination that may have run (it starts by itself once the
             # RAM is in) may have written the disk: resuming the source then would corrupt it.
-            resume_source = not (source_completed and config.state_dir is None)
+            shared_storage = config.state_dir is None and switchover is None
+            resume_source = not (source_completed and shared_storage)
             if not resume_source:
                 reason += "; the destination may have run on the shared disk: source left paused"
-            elif source_completed and config.state_dir is not None:
-                reason += f"; the gate of {config.state_dir} is open: discard that state directory"
+            elif source_completed:
+                where = config.state_dir or "the destination's state directories"
+                reason += f"; the gate of {where} is open: discard that state directory"
             source_resumed = destination_stopped = False
             with trio.move_on_after(ROLLBACK_SECONDS) as cleanup:
                 cleanup.shield = True
                 source_resumed, destination_stopped = await _rollback(
                     source, dest, source_was_running, resume_source
                 )
-            raise MigrationFailed(reason, source_resumed, destination_stopped) from exc
+            failure = MigrationFailed(reason, source_resumed, destination_stopped)
+            if failures is not None:
+                failures.append(failure)
+            if isinstance(exc, trio.Cancelled):
+                raise
+            raise failure from exc
         ram = info.get("ram", {})
         return MigrationReport(
             status="completed",
