@@ -84,7 +84,7 @@ import trio
 from nbdsrv.errors import CommandError
 from nbdsrv.uri import NBDAddress, parse_nbd_uri
 from postcopy.destination import gate as source_gate
-from postcopy.destination import status
+from postcopy.destination import planner, status
 from postcopy.destination.blockmap import (
     DEFAULT_CHUNK_SIZE,
     GUEST_WRITTEN,
@@ -102,18 +102,21 @@ from postcopy.destination.links import (
     nbd_source_opener,
     percentile,
 )
+from postcopy.destination.planner import (  # moved to the planner: still importable from here
+    EXTENT_HOLE as EXTENT_HOLE,
+)
+from postcopy.destination.planner import (
+    EXTENT_ZERO as EXTENT_ZERO,
+)
+from postcopy.destination.planner import (
+    UNREACHABLE_GRACE_SECONDS as UNREACHABLE_GRACE_SECONDS,
+)
 from postcopy.destination.ratelimit import TokenBucket
 from postcopy.errors import UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# extent types, as nbdkit spells them (nbdkit.EXTENT_HOLE, nbdkit.EXTENT_ZERO)
-EXTENT_HOLE = 1
-EXTENT_ZERO = 2
-# once the source has been unreachable for the whole window, a guest read of missing data waits
-# only this long (for a reconnection attempt made at once) before it fails with EIO
-UNREACHABLE_GRACE_SECONDS = 1.0
 # after a blocking connection failed, misses take the trio path for this long
 BLOCKING_RETRY_SECONDS = 1.0
 # at most this many blocking source connections (one per nbdkit worker thread that missed)
@@ -267,6 +270,15 @@ class Engine:
         except BaseException:
             os.close(self._fd)
             raise
+        self._limits = planner.FetchLimits.compute(
+            self.map.chunk_shift,
+            demand_fetch_bytes=config.demand_fetch_bytes,
+            drain_request_bytes=config.drain_request_bytes,
+            block_status_window_bytes=config.block_status_window_bytes,
+            drain_requests_in_flight=config.drain_requests_in_flight,
+            drain_requests_during_faults=config.drain_requests_during_faults,
+            fault_quiet_seconds=config.fault_quiet_seconds,
+        )
         self._commit_lock = threading.Lock()
         try:
             self._release_fence = release_fence_for(
@@ -504,11 +516,9 @@ class Engine:
 
     def _note_miss(self, first: int, end: int) -> None:
         """Is the guest reading missing data sequentially?  (Then the drain's read-ahead
-        after the miss goes on during the miss burst; see `_wait_demand_quiet`.)"""
-        last_end = self._last_miss_end
-        request_chunks = max(1, self.config.drain_request_bytes >> self.map.chunk_shift)
-        self._sequential_misses = last_end is not None and (
-            last_end <= first <= last_end + request_chunks
+        after the miss goes on during the miss burst; see `planner.drain_yield_until`.)"""
+        self._sequential_misses = planner.is_sequential_miss(
+            self._last_miss_end, first, self._limits.request_chunks
         )
         self._last_miss_end = end
 
@@ -542,7 +552,7 @@ class Engine:
             if not self.map.all_guest_written(first, end):
                 self.map.mark(first, end, GUEST_WRITTEN)
         else:
-            self._fetch_partial_edges(offset, length, first, end)
+            self._fetch_partial_edges(offset, length)
             with self._commit_lock:
                 self._write_local(buf, offset)
                 self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
@@ -573,9 +583,9 @@ class Engine:
         self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, count)
         if not self.map.all_present(first, end):
-            if fast_only and self._partial_edges(offset, count, first, end):
+            if fast_only and self._partial_edges(offset, count):
                 raise EngineIOError(errno.EOPNOTSUPP, "zeroing would need a fetch")
-            self._fetch_partial_edges(offset, count, first, end)
+            self._fetch_partial_edges(offset, count)
         with self._commit_lock:
             if may_trim:
                 try:
@@ -610,13 +620,11 @@ class Engine:
         if count == 0:
             return
         self._refuse_if_failed()
-        chunk = self.map.chunk_size
-        first = -(-offset // chunk)
-        end_offset = min(offset + count, self.size)
-        end = end_offset // chunk if end_offset < self.size else self.map.chunk_count
+        first, end = planner.whole_chunks_within(
+            offset, offset + count, self.map.chunk_size, self.size
+        )
         if first < end:
-            start_byte = first * chunk
-            stop_byte = min(end * chunk, self.size)
+            start_byte, stop_byte = self._chunk_span(first, end)
             with self._commit_lock:
                 try:
                     self._punch_hole(start_byte, stop_byte - start_byte)
@@ -660,20 +668,15 @@ class Engine:
         MISSING chunks are holes only where the source said so, data otherwise."""
         result: list[tuple[int, int, int]] = []
         end = min(offset + count, self.size)
-        position = offset
-        shift = self.map.chunk_shift
-        while position < end and len(result) < 256:
-            chunk = position >> shift
-            run_end_chunk, present, source_hole = self.map.run_from(chunk)
-            run_end = min(run_end_chunk << shift, end)
-            if present:
-                result.extend(self._local_extents(position, run_end))
-            elif source_hole:
-                result.append((position, run_end - position, EXTENT_HOLE | EXTENT_ZERO))
+        runs = planner.extent_runs(offset, end, self.map.chunk_shift, self.map.run_from)
+        for start, stop, kind in runs:
+            if kind is None:
+                result.extend(self._local_extents(start, stop))
             else:
-                result.append((position, run_end - position, 0))
-            position = run_end
-        return _merge_extents(result)
+                result.append((start, stop - start, kind))
+            if len(result) >= 256:
+                break
+        return planner.merge_extents(result)
 
     def _local_extents(self, start: int, end: int) -> list[tuple[int, int, int]]:
         extents: list[tuple[int, int, int]] = []
@@ -695,21 +698,14 @@ class Engine:
             position = data_end
         return extents
 
-    def _fetch_partial_edges(self, offset: int, length: int, first: int, end: int) -> None:
+    def _fetch_partial_edges(self, offset: int, length: int) -> None:
         """Read-modify-write: fetch the MISSING chunks that the range covers only in part."""
-        for chunk in self._partial_edges(offset, length, first, end):
+        for chunk in self._partial_edges(offset, length):
             self._call_trio(self._ensure_present_frozen, chunk, chunk + 1)
 
-    def _partial_edges(self, offset: int, length: int, first: int, end: int) -> list[int]:
+    def _partial_edges(self, offset: int, length: int) -> list[int]:
         """The MISSING chunks that `[offset, offset+length)` covers only in part."""
-        edges = []
-        start_of_first, end_of_first = self.map.chunk_bounds(first)
-        if offset > start_of_first or offset + length < end_of_first:
-            edges.append(first)
-        last = end - 1
-        start_of_last, end_of_last = self.map.chunk_bounds(last)
-        if last != first and offset + length < end_of_last:
-            edges.append(last)
+        edges = planner.partial_edge_chunks(offset, length, self.map.chunk_size, self.size)
         return [chunk for chunk in edges if not self.map.is_present(chunk)]
 
     # ===== the trio side: reads, fetches =========================================================
@@ -743,31 +739,24 @@ class Engine:
     async def _read_passthrough(self, buf: memoryview | bytearray, offset: int) -> None:
         """Before the source is frozen: missing chunks come from the source, nothing is kept."""
         view = memoryview(buf).cast("B")
-        length = len(view)
-        first, end = self.map.chunk_range(offset, length)
-        shift = self.map.chunk_shift
         link = self._demand_link
         if link is None:
             raise EngineIOError(errno.EIO, "no source")
-        position = first
-        while position < end:
-            run_end, present, _ = self.map.run_from(position)
-            run_end = min(run_end, end)
-            start_byte = max(position << shift, offset)
-            stop_byte = min(run_end << shift, offset + length)
+        pieces = planner.read_pieces(
+            offset, len(view), self.map.chunk_shift, self.size, self.map.run_from
+        )
+        for start_byte, stop_byte, whole in pieces:
             part = view[start_byte - offset:stop_byte - offset]
-            if present:
+            if whole is None:
                 self._read_local(part, start_byte)
             else:
-                # whole chunks: sources may refuse reads not aligned to their block size
-                run_start = position << shift
-                whole = bytearray(min(run_end << shift, self.size) - run_start)
-                await self._source_read(link, memoryview(whole), run_start)
-                part[:] = memoryview(whole)[start_byte - run_start:stop_byte - run_start]
+                run_start, run_stop = whole
+                whole_buffer = bytearray(run_stop - run_start)
+                await self._source_read(link, memoryview(whole_buffer), run_start)
+                part[:] = memoryview(whole_buffer)[start_byte - run_start:stop_byte - run_start]
                 with self._flight_lock:
                     self.passthrough_reads += 1
-                    self.transferred_bytes += len(whole)
-            position = run_end
+                    self.transferred_bytes += len(whole_buffer)
 
     async def _source_read(self, link: SourceLink, part: memoryview, offset: int) -> None:
         """Read from the source, retrying over reconnects, within the unreachable window."""
@@ -782,19 +771,15 @@ class Engine:
         raise EngineIOError(errno.EIO, "source unreachable")
 
     def _guest_deadline(self, link: SourceLink | None, waited: float = 0.0) -> float:
-        """When a guest request that needs the source gives up (trio clock): the unreachable
-        window from now, but once the source has been down for longer than the window, only a
-        short grace (`UNREACHABLE_GRACE_SECONDS`, in which the link retries at once), so that
-        reads of missing data fail quickly during a long outage and succeed as soon as the
-        source is back."""
-        window = self.config.unreachable_timeout
-        now = trio.current_time()
-        grace = min(window, UNREACHABLE_GRACE_SECONDS)
-        if link is None or link.down_since is None:
-            return now + max(window - waited, grace)
-        link.retry_now()
-        remaining = window - max(link.seconds_down(), waited)
-        return now + max(remaining, grace)
+        """When a guest request that needs the source gives up (trio clock), see
+        `planner.guest_deadline`; a link that is down is told to retry at once."""
+        down: float | None = None
+        if link is not None and link.down_since is not None:
+            link.retry_now()
+            down = link.seconds_down()
+        return planner.guest_deadline(
+            trio.current_time(), self.config.unreachable_timeout, waited, down
+        )
 
     async def _ensure_present(
         self, first: int, end: int, demand: bool, waited: float = 0.0
@@ -821,29 +806,12 @@ class Engine:
         """Jobs covering every missing chunk of `[first, end)`: existing ones, or new ones."""
         assert self._nursery is not None
         jobs: list[FetchJob] = []
-        max_chunks = max(1, self.config.demand_fetch_bytes >> self.map.chunk_shift)
         with self._flight_lock:
-            self._start_fetches_locked(first, end, demand, jobs, max_chunks)
+            missing = self.map.missing_ranges(first, end)
+            plan = planner.plan_fetches(missing, self._in_flight, self._limits.demand_chunks)
+            for step in plan:
+                jobs.append(step if isinstance(step, FetchJob) else self._new_job(*step, demand))
         return jobs
-
-    def _start_fetches_locked(
-        self, first: int, end: int, demand: bool, jobs: list[FetchJob], max_chunks: int
-    ) -> None:
-        for run_first, run_end in self.map.missing_ranges(first, end):
-            chunk = run_first
-            while chunk < run_end:
-                existing = self._in_flight.get(chunk)
-                if existing is not None:
-                    if not jobs or jobs[-1] is not existing:
-                        jobs.append(existing)
-                    chunk += 1
-                    continue
-                stop = chunk + 1
-                while stop < run_end and stop - chunk < max_chunks and stop not in self._in_flight:
-                    stop += 1
-                job = self._new_job(chunk, stop, demand)
-                jobs.append(job)
-                chunk = stop
 
     def _new_job(self, first: int, end: int, demand: bool) -> FetchJob:
         """Register and start a fetch of chunks `[first, end)` (hold `_flight_lock`)."""
@@ -863,8 +831,11 @@ class Engine:
         return job
 
     def _job_bytes(self, first: int, end: int) -> int:
-        shift = self.map.chunk_shift
-        return min(end << shift, self.size) - (first << shift)
+        start, stop = self._chunk_span(first, end)
+        return stop - start
+
+    def _chunk_span(self, first: int, end: int) -> tuple[int, int]:
+        return planner.chunk_span(first, end, self.map.chunk_shift, self.size)
 
     async def _run_fetch(self, job: FetchJob) -> None:
         link = self._demand_link if job.demand else self._drain_link
@@ -940,12 +911,12 @@ class Engine:
         missing = list(self.map.missing_ranges(first, end))
         if not missing:
             return True, None
-        if len(missing) != 1:
+        run = planner.blocking_fetch_run(
+            missing, self.map.chunk_shift, self._limits.blocking_max_bytes
+        )
+        if run is None:
             return False, None
-        run_first, run_end = missing[0]
-        shift = self.map.chunk_shift
-        if (run_end - run_first) << shift > max(self.config.demand_fetch_bytes, 1 << shift):
-            return False, None
+        run_first, run_end = run
         with self._flight_lock:
             if any(chunk in self._in_flight for chunk in range(run_first, run_end)):
                 return False, None  # a fetch is on its way: the trio path waits for it
@@ -954,8 +925,8 @@ class Engine:
                 self._in_flight[chunk] = job
             self._thread_jobs_in_flight += 1
         self._drain_hint = end
-        start = run_first << shift
-        length = min(run_end << shift, self.size) - start
+        start, stop = self._chunk_span(run_first, run_end)
+        length = stop - start
         token = self._token
         served = False
 
@@ -1093,13 +1064,9 @@ class Engine:
     async def _drain_task(self) -> None:
         assert self._frozen_event is not None and self._drain_link is not None
         await self._frozen_event.wait()
-        config = self.config
-        count = self.map.chunk_count
-        request_chunks = max(1, config.drain_request_bytes >> self.map.chunk_shift)
-        window_chunks = max(1, config.block_status_window_bytes >> self.map.chunk_shift)
-        scanned_windows = bytearray(-(-count // window_chunks))  # holes looked up already?
-        slots = trio.Semaphore(config.drain_requests_in_flight)
-        cursor = 0
+        limits = self._limits
+        walk = planner.DrainWalk(self.map.chunk_count, limits.window_chunks)
+        slots = trio.Semaphore(limits.drain_requests)
         async with trio.open_nursery() as nursery:
             while not self.map.is_complete and self._failure is None:
                 await slots.acquire()
@@ -1107,23 +1074,25 @@ class Engine:
                 if self._bucket is not None:
                     await self._bucket.wait_for_credit()  # the bandwidth cap
                 if self._drain_hint is not None:
-                    cursor, self._drain_hint = self._drain_hint, None
+                    walk.cursor, self._drain_hint = self._drain_hint, None
                 picked = None
-                wrapped = False
+                walk.start_pass()
                 while picked is None:
-                    if cursor >= count:
-                        if wrapped:
-                            break
-                        cursor, wrapped = 0, True
-                    window = cursor // window_chunks
-                    window_end = min((window + 1) * window_chunks, count)
-                    if not scanned_windows[window]:
-                        scanned_windows[window] = 1
-                        if self.map.next_missing_range(window * window_chunks, window_end):
-                            await self._skip_source_holes(window * window_chunks, window_end)
-                    picked = self._pick_drain_range(cursor, window_end, request_chunks)
+                    window = walk.window()
+                    if window is None:
+                        break
+                    window_first, window_end = window
+                    if walk.first_look(window_first) and self.map.next_missing_range(
+                        window_first, window_end
+                    ):
+                        await self._skip_source_holes(window_first, window_end)
+                    picked = planner.pick_drain_range(
+                        self.map.missing_ranges(walk.cursor, window_end),
+                        self._in_flight,
+                        limits.request_chunks,
+                    )
                     if picked is None:
-                        cursor = window_end
+                        walk.cursor = window_end
                 if picked is None:
                     slots.release()
                     if self.map.is_complete:
@@ -1131,16 +1100,12 @@ class Engine:
                     assert self._job_finished is not None
                     with trio.move_on_after(0.2):
                         await self._job_finished.wait()
-                    cursor = 0
+                    walk.cursor = 0
                     continue
                 first, end = picked
-                cursor = end
+                walk.cursor = end
                 with self._flight_lock:  # a worker thread may have taken some chunks since
-                    while first < end and first in self._in_flight:
-                        first += 1
-                    stop = first
-                    while stop < end and stop not in self._in_flight:
-                        stop += 1
+                    first, stop = planner.first_free_run(first, end, self._in_flight)
                     job = self._new_job(first, stop, False) if first < stop else None
                 if job is None:
                     slots.release()
@@ -1151,26 +1116,23 @@ class Engine:
         self._check_complete()
 
     async def _wait_demand_quiet(self) -> None:
-        """Guest misses have priority: while one is being fetched, and for
-        `fault_quiet_seconds` after one (guests miss in bursts), the drain keeps at most
-        `drain_requests_during_faults` requests in flight; at least one while the guest misses
-        sequentially (its read-ahead, from the chunk after the last miss, is what turns the
-        guest's next reads into hits)."""
-        deadline = trio.current_time() + 1.0  # never starve the drain completely
+        """Guest misses have priority: yield while `planner.drain_yield_until` says so, for at
+        most `DRAIN_YIELD_MAX_SECONDS` (never starve the drain completely)."""
+        deadline = trio.current_time() + planner.DRAIN_YIELD_MAX_SECONDS
         while trio.current_time() < deadline:
-            limit = self.config.drain_requests_during_faults
-            if self._sequential_misses:
-                limit = max(limit, 1)
-            if self._drain_jobs_in_flight < limit:
-                return
-            if self._demand_jobs_in_flight or self._thread_jobs_in_flight:
-                wait_until = deadline
-            elif trio.current_time() - self._last_fault_at < self.config.fault_quiet_seconds:
-                wait_until = self._last_fault_at + self.config.fault_quiet_seconds
-            else:
+            until = planner.drain_yield_until(
+                trio.current_time(),
+                deadline,
+                limits=self._limits,
+                drain_jobs=self._drain_jobs_in_flight,
+                demand_jobs=self._demand_jobs_in_flight + self._thread_jobs_in_flight,
+                sequential_misses=self._sequential_misses,
+                last_fault_at=self._last_fault_at,
+            )
+            if until is None:
                 return
             assert self._job_finished is not None
-            with trio.move_on_at(min(wait_until, deadline)):
+            with trio.move_on_at(until):
                 await self._job_finished.wait()
 
     async def _release_when_done(self, job: FetchJob, slots: trio.Semaphore) -> None:
@@ -1182,25 +1144,6 @@ class Engine:
         finally:
             slots.release()
 
-    def _pick_drain_range(
-        self, cursor: int, limit: int, request_chunks: int
-    ) -> tuple[int, int] | None:
-        position = cursor
-        while position < limit:
-            found = self.map.next_missing_range(position, limit)
-            if found is None:
-                return None
-            first, end = found
-            while first < end and first in self._in_flight:
-                first += 1
-            if first < end:
-                stop = first + 1
-                while stop < end and stop - first < request_chunks and stop not in self._in_flight:
-                    stop += 1
-                return first, stop
-            position = end
-        return None
-
     async def _skip_source_holes(self, first: int, end: int) -> None:
         """Ask the source's block status for chunks `[first, end)`; whole chunks that read as
         zeros become PRESENT holes without any transfer (punched locally in case old data lies
@@ -1209,9 +1152,7 @@ class Engine:
         extent is data and is copied."""
         link = self._drain_link
         assert link is not None
-        shift = self.map.chunk_shift
-        start = first << shift
-        stop = min(end << shift, self.size)
+        start, stop = self._chunk_span(first, end)
         try:
             extents = await link.extents(start, stop - start)
         except SourceMismatch as exc:
@@ -1225,17 +1166,17 @@ class Engine:
                 self._mark_source_hole(extent.offset, extent.offset + extent.length)
 
     def _mark_source_hole(self, hole_start: int, hole_end: int) -> None:
-        chunk = self.map.chunk_size
-        first = -(-hole_start // chunk)
-        end = hole_end // chunk if hole_end < self.size else self.map.chunk_count
+        first, end = planner.whole_chunks_within(
+            hole_start, hole_end, self.map.chunk_size, self.size
+        )
         if first >= end:
             return
-        shift = self.map.chunk_shift
         with self._commit_lock:
             for run_first, run_end in list(self.map.missing_ranges(first, end)):
-                for part_first, part_end in self._split_not_in_flight(run_first, run_end):
-                    part_start = part_first << shift
-                    part_stop = min(part_end << shift, self.size)
+                # a fetch in flight commits its own chunks
+                parts = planner.split_around_in_flight(run_first, run_end, self._in_flight)
+                for part_first, part_end in parts:
+                    part_start, part_stop = self._chunk_span(part_first, part_end)
                     try:
                         self._punch_hole(part_start, part_stop - part_start)
                     except OSError as exc:
@@ -1246,23 +1187,6 @@ class Engine:
                     self._mark_present(part_first, part_end, PRESENT | SOURCE_HOLE)
                     self.hole_bytes_skipped += part_stop - part_start
         self._check_complete()
-
-    def _split_not_in_flight(self, first: int, end: int) -> list[tuple[int, int]]:
-        """Sub-runs of `[first, end)` with no fetch in flight (a fetch commits its own)."""
-        if not self._in_flight:
-            return [(first, end)]
-        runs: list[tuple[int, int]] = []
-        run_start: int | None = None
-        for chunk in range(first, end):
-            if chunk in self._in_flight:
-                if run_start is not None:
-                    runs.append((run_start, chunk))
-                    run_start = None
-            elif run_start is None:
-                run_start = chunk
-        if run_start is not None:
-            runs.append((run_start, end))
-        return runs
 
     # ===== durability and status =================================================================
 
@@ -1380,15 +1304,3 @@ class Engine:
             "updated_at": time.time(),
         }
 
-
-def _merge_extents(extents: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    merged: list[tuple[int, int, int]] = []
-    for offset, length, kind in extents:
-        if length <= 0:
-            continue
-        if merged and merged[-1][2] == kind and merged[-1][0] + merged[-1][1] == offset:
-            previous = merged[-1]
-            merged[-1] = (previous[0], previous[1] + length, kind)
-        else:
-            merged.append((offset, length, kind))
-    return merged
