@@ -34,8 +34,9 @@ written without the lock: nothing else writes them.
 
 Durability.  `flush()` (and FUA) call `BlockMap.make_durable` with the data file's fdatasync: data
 first, then the map.  A periodic task does the same every `sync_interval` seconds.  Every change
-to the data file goes through `_write_local`, `_punch_hole` or `_zero_allocated`, and every sync
-through `_sync_data`, so that a test's `DataFileObserver` can simulate a power loss exactly.
+to the data file goes through `LocalDisk` (`postcopy.destination.localdisk`: `write`, `punch_hole`,
+`zero_range`, and every sync through `sync`), so that a test's `DataFileObserver` can simulate a
+power loss exactly.
 A failed sync (of the data file or of the map) fails the engine for good, whoever hit it (the
 periodic task or a guest flush): Linux reports a writeback error only once, so a later sync's
 success proves nothing.  From then on every flush, FUA, read, write, zero and trim fails with
@@ -77,7 +78,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -102,17 +103,33 @@ from postcopy.destination.links import (
     nbd_source_opener,
     percentile,
 )
-from postcopy.destination.planner import (  # moved to the planner: still importable from here
-    EXTENT_HOLE as EXTENT_HOLE,
+from postcopy.destination.localdisk import (
+    DataFileObserver,
+    EngineIOError,
+    LocalDisk,
+    fallocate,
+    punch_hole,
+    release_fence_for,
 )
-from postcopy.destination.planner import (
-    EXTENT_ZERO as EXTENT_ZERO,
-)
-from postcopy.destination.planner import (
-    UNREACHABLE_GRACE_SECONDS as UNREACHABLE_GRACE_SECONDS,
-)
+from postcopy.destination.planner import EXTENT_HOLE, EXTENT_ZERO, UNREACHABLE_GRACE_SECONDS
 from postcopy.destination.ratelimit import TokenBucket
 from postcopy.errors import UserError
+
+__all__ = [  # what moved to the planner and to localdisk stays importable from here
+    "BLOCKING_RETRY_SECONDS",
+    "EXTENT_HOLE",
+    "EXTENT_ZERO",
+    "MAX_BLOCKING_SOURCES",
+    "UNREACHABLE_GRACE_SECONDS",
+    "DataFileObserver",
+    "Engine",
+    "EngineConfig",
+    "EngineIOError",
+    "FetchJob",
+    "fallocate",
+    "punch_hole",
+    "release_fence_for",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,71 +138,6 @@ T = TypeVar("T")
 BLOCKING_RETRY_SECONDS = 1.0
 # at most this many blocking source connections (one per nbdkit worker thread that missed)
 MAX_BLOCKING_SOURCES = 16
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Linux fallocate(2) with a mode (Python's os module offers only posix_fallocate)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-
-
-# The C fast path (plugin/fastpath.c) reads the live map on nbdkit's threads without the GIL: it
-# load-acquires a chunk's byte and, when PRESENT is set, preads the chunk from the data file.  For
-# that to return the data, our data write (a pwrite/fallocate system call: stores the kernel makes
-# into the page cache on this thread) must be visible before the PRESENT store into the mapping.
-# A system call return is no memory barrier on weakly ordered CPUs (arm64, POWER, RISC-V), so a
-# release fence goes between them.  On x86 (TSO) stores are never reordered with older stores:
-# the program order (the system call returns before the mapping store is executed) is enough, and
-# the fence is a no-op.  Elsewhere the fence is C11 `atomic_thread_fence(memory_order_release)`
-# from libatomic (a dependency of gcc, which builds the filter); without it the engine refuses
-# to run, rather than let the filter serve a chunk before its data.  (`BlockMap.mark` takes a
-# lock before the store, but a lock acquire orders only what follows it.  Our own Python readers,
-# `pread_into` on other worker threads, need no fence: they hold the GIL, whose hand-off is a
-# release/acquire pair; a free-threaded build would need acquire loads there too.)
-_TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686"})
-_MEMORY_ORDER_RELEASE = 3  # C11 memory_order_release
-
-
-def release_fence_for(machine: str, libatomic_path: str | None) -> Callable[[], None]:
-    """The release fence to run between a data write and the PRESENT store for CPU `machine`
-    (`platform.machine()`), from libatomic at `libatomic_path` where one is needed."""
-    if machine.lower() in _TSO_MACHINES:
-        return _no_fence
-    fence = None
-    if libatomic_path is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            fence = ctypes.CDLL(libatomic_path).atomic_thread_fence
-    if fence is None:
-        raise UserError(
-            f"libatomic is missing (Debian: apt install libatomic1): on {machine} the block "
-            "map's stores need its release fence"
-        )
-    fence.argtypes = [ctypes.c_int]
-    fence.restype = None
-    return lambda: fence(_MEMORY_ORDER_RELEASE)
-
-
-def _no_fence() -> None:
-    pass
-
-
-class EngineIOError(OSError):
-    """An operation failed; `errno` is what the NBD client should see."""
-
-    def __init__(self, code: int, message: str = "") -> None:
-        super().__init__(code, message or os.strerror(code))
 
 
 @dataclass
@@ -229,17 +181,6 @@ class FetchJob:
     error: BaseException | None = None
 
 
-class DataFileObserver(Protocol):
-    """Sees every change to the local data file and every fdatasync of it (tests simulate power
-    loss with it: they undo the changes no completed fdatasync covered).  Not used in service."""
-
-    def before_change(self, fd: int, offset: int, length: int) -> None: ...
-
-    def before_sync(self) -> object: ...
-
-    def after_sync(self, token: object) -> None: ...
-
-
 class Engine:
     """One destination disk.  Create, `start()`, serve, `stop()`."""
 
@@ -251,13 +192,12 @@ class Engine:
         data_observer: DataFileObserver | None = None,
     ) -> None:
         self.config = config
-        self._data_observer = data_observer
         self._opener = source_opener or nbd_source_opener(config.source_uri, config.export_name)
         try:
-            self._fd = os.open(config.dest_path, os.O_RDWR)
+            fd = os.open(config.dest_path, os.O_RDWR)
         except OSError as exc:
             raise UserError(f"cannot open {config.dest_path}: {exc.strerror}") from None
-        self.size = os.fstat(self._fd).st_size
+        self.size = os.fstat(fd).st_size
         identity = MapIdentity(
             disk_size=self.size,
             chunk_size=config.chunk_size,
@@ -268,7 +208,7 @@ class Engine:
         try:
             self.map = BlockMap.open(config.state_dir, identity, live_mirror=True)
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
             raise
         self._limits = planner.FetchLimits.compute(
             self.map.chunk_shift,
@@ -281,13 +221,14 @@ class Engine:
         )
         self._commit_lock = threading.Lock()
         try:
-            self._release_fence = release_fence_for(
+            release_fence = release_fence_for(
                 platform.machine(), ctypes.util.find_library("atomic")
             )
         except BaseException:
             self.map.close()
-            os.close(self._fd)
+            os.close(fd)
             raise
+        self._disk = LocalDisk(fd, self.size, data_observer, release_fence)
         self._frozen = not config.wait_for_source or source_gate.is_source_frozen(config.state_dir)
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -376,7 +317,7 @@ class Engine:
                     log.warning("postcopy: cannot write the status record: %s", exc)
         finally:
             self.map.close()
-            os.close(self._fd)
+            self._disk.close()
 
     def _cancel_main(self) -> None:
         if self._cancel_scope is not None:
@@ -455,7 +396,7 @@ class Engine:
     def _make_durable(self, *, compact: bool = False) -> None:
         """`BlockMap.make_durable` with the data file's sync; a failed sync fails the engine."""
         try:
-            self.map.make_durable(self._sync_data, compact=compact)
+            self.map.make_durable(self._disk.sync, compact=compact)
         except DurabilityError as exc:
             self._fail(exc.strerror or "a sync failed")
             raise
@@ -496,7 +437,7 @@ class Engine:
             served, notify_trio = self._blocking_miss(first, end)
             if served:
                 try:
-                    self._read_local(buf, offset)
+                    self._disk.read_into(buf, offset)
                 finally:
                     # only now: the trio thread waking up would contend for the GIL meanwhile
                     if notify_trio is not None:
@@ -512,7 +453,7 @@ class Engine:
             self.faults += 1
             if filled:
                 return
-        self._read_local(buf, offset)
+        self._disk.read_into(buf, offset)
 
     def _note_miss(self, first: int, end: int) -> None:
         """Is the guest reading missing data sequentially?  (Then the drain's read-ahead
@@ -522,24 +463,6 @@ class Engine:
         )
         self._last_miss_end = end
 
-    def _read_local(self, buf: memoryview | bytearray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        while view:
-            got = os.preadv(self._fd, [view], offset)
-            if got <= 0:
-                raise EngineIOError(errno.EIO, "short read from the local file")
-            view = view[got:]
-            offset += got
-
-    def _write_local(self, buf: memoryview | bytes | bytearray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        if self._data_observer is not None:
-            self._data_observer.before_change(self._fd, offset, len(view))
-        while view:
-            done = os.pwritev(self._fd, [view], offset)
-            view = view[done:]
-            offset += done
-
     def pwrite(self, buf: memoryview | bytes | bytearray, offset: int, fua: bool = False) -> None:
         """A guest write: it always wins over a fetch of the same chunk."""
         length = len(buf)
@@ -548,23 +471,16 @@ class Engine:
         self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, length)
         if self.map.all_present(first, end):
-            self._write_local(buf, offset)
+            self._disk.write(buf, offset)
             if not self.map.all_guest_written(first, end):
                 self.map.mark(first, end, GUEST_WRITTEN)
         else:
             self._fetch_partial_edges(offset, length)
             with self._commit_lock:
-                self._write_local(buf, offset)
-                self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
+                self._disk.write(buf, offset)
+                self._disk.mark_present(self.map, first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
-
-    def _mark_present(self, first: int, end: int, bits: int) -> None:
-        """Set `bits` (with PRESENT) on chunks whose data write has returned: the release fence
-        first, so that the C fast path never sees the bit before the data (see
-        `release_fence_for`)."""
-        self._release_fence()
-        self.map.mark(first, end, bits)
 
     def zero(
         self,
@@ -589,31 +505,16 @@ class Engine:
         with self._commit_lock:
             if may_trim:
                 try:
-                    self._punch_hole(offset, count)
+                    self._disk.punch_hole(offset, count)
                 except OSError as exc:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
-                    self._zero_allocated(offset, count)
+                    self._disk.zero_range(offset, count)
             else:
-                self._zero_allocated(offset, count)
-            self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
+                self._disk.zero_range(offset, count)
+            self._disk.mark_present(self.map, first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
-
-    def _zero_allocated(self, offset: int, count: int) -> None:
-        try:
-            if self._data_observer is not None:
-                self._data_observer.before_change(self._fd, offset, count)
-            fallocate(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, count)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            zeros = bytes(min(count, 1 << 20))
-            position, end = offset, offset + count
-            while position < end:
-                step = min(len(zeros), end - position)
-                self._write_local(memoryview(zeros)[:step], position)
-                position += step
 
     def trim(self, offset: int, count: int, fua: bool = False) -> None:
         """Discard whole chunks (punch holes, mark PRESENT): advisory, partial chunks are kept."""
@@ -627,12 +528,12 @@ class Engine:
             start_byte, stop_byte = self._chunk_span(first, end)
             with self._commit_lock:
                 try:
-                    self._punch_hole(start_byte, stop_byte - start_byte)
+                    self._disk.punch_hole(start_byte, stop_byte - start_byte)
                 except OSError as exc:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
                     return  # trim is advisory: keep the data and the map as they are
-                self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
+                self._disk.mark_present(self.map, first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
 
@@ -640,20 +541,6 @@ class Engine:
         """Make every acknowledged write durable: data first, then the map.  EIO for good once
         a sync has failed."""
         self._make_durable()
-
-    def _punch_hole(self, offset: int, length: int) -> None:
-        if self._data_observer is not None:
-            self._data_observer.before_change(self._fd, offset, length)
-        punch_hole(self._fd, offset, length)
-
-    def _sync_data(self) -> None:
-        """Step 2 of `BlockMap.make_durable`: every data write made so far reaches the disk."""
-        if self._data_observer is None:
-            os.fdatasync(self._fd)
-            return
-        token = self._data_observer.before_sync()
-        os.fdatasync(self._fd)
-        self._data_observer.after_sync(token)
 
     def cache(self, offset: int, count: int) -> None:
         """Prefetch: fetch the missing chunks of the range now (once the source is frozen)."""
@@ -671,32 +558,12 @@ class Engine:
         runs = planner.extent_runs(offset, end, self.map.chunk_shift, self.map.run_from)
         for start, stop, kind in runs:
             if kind is None:
-                result.extend(self._local_extents(start, stop))
+                result.extend(self._disk.allocated_extents(start, stop))
             else:
                 result.append((start, stop - start, kind))
             if len(result) >= 256:
                 break
         return planner.merge_extents(result)
-
-    def _local_extents(self, start: int, end: int) -> list[tuple[int, int, int]]:
-        extents: list[tuple[int, int, int]] = []
-        position = start
-        while position < end:
-            try:
-                data_start = os.lseek(self._fd, position, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                data_start = end
-            data_start = min(data_start, end)
-            if data_start > position:
-                extents.append((position, data_start - position, EXTENT_HOLE | EXTENT_ZERO))
-            if data_start >= end:
-                break
-            data_end = min(os.lseek(self._fd, data_start, os.SEEK_HOLE), end)
-            extents.append((data_start, data_end - data_start, 0))
-            position = data_end
-        return extents
 
     def _fetch_partial_edges(self, offset: int, length: int) -> None:
         """Read-modify-write: fetch the MISSING chunks that the range covers only in part."""
@@ -748,7 +615,7 @@ class Engine:
         for start_byte, stop_byte, whole in pieces:
             part = view[start_byte - offset:stop_byte - offset]
             if whole is None:
-                self._read_local(part, start_byte)
+                self._disk.read_into(part, start_byte)
             else:
                 run_start, run_stop = whole
                 whole_buffer = bytearray(run_stop - run_start)
@@ -1028,8 +895,8 @@ class Engine:
             for run_first, run_end in self.map.missing_ranges(first, end):
                 run_start = run_first << shift
                 run_stop = min(run_end << shift, self.size)
-                self._write_local(view[run_start - start:run_stop - start], run_start)
-                self._mark_present(run_first, run_end, PRESENT)
+                self._disk.write(view[run_start - start:run_stop - start], run_start)
+                self._disk.mark_present(self.map, run_first, run_end, PRESENT)
                 committed += run_stop - run_start
             self.discarded_fetch_bytes += len(buffer) - committed
 
@@ -1178,13 +1045,13 @@ class Engine:
                 for part_first, part_end in parts:
                     part_start, part_stop = self._chunk_span(part_first, part_end)
                     try:
-                        self._punch_hole(part_start, part_stop - part_start)
+                        self._disk.punch_hole(part_start, part_stop - part_start)
                     except OSError as exc:
                         if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                             log.warning("postcopy: cannot punch a source hole: %s", exc)
                             continue  # stays missing: the drain copies its zeros instead
-                        self._zero_allocated(part_start, part_stop - part_start)
-                    self._mark_present(part_first, part_end, PRESENT | SOURCE_HOLE)
+                        self._disk.zero_range(part_start, part_stop - part_start)
+                    self._disk.mark_present(self.map, part_first, part_end, PRESENT | SOURCE_HOLE)
                     self.hole_bytes_skipped += part_stop - part_start
         self._check_complete()
 
