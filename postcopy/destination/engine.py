@@ -9,7 +9,7 @@ thread, via `trio.from_thread.run` and a token captured at start.
 
 The parts (each module says how it works):
 
-    engine.py     this facade: lifecycle, the guest operations, durability, status
+    engine.py     this facade: lifecycle, the guest operations, durability
     shared.py     SharedState: what the parts share, each field with its invariant
     localdisk.py  LocalDisk: the data file (reads, writes, holes, zeroing, fdatasync, the
                   DataFileObserver seam) and the release fence before a PRESENT mark
@@ -18,6 +18,7 @@ The parts (each module says how it works):
     misses.py     misses served on the worker thread over a blocking connection
     drain.py      the background drain, and holes from the source's block status
     planner.py    the pure decisions (what to fetch, split, skip, answer), tested on their own
+    reporter.py   StatusReporter: the state and the status record, and the task writing it
 
 #### Threads, fields and locks ####
 
@@ -62,9 +63,9 @@ inside `mark` and `make_durable` (so within `commit_lock` too).
     Engine._started (set once)             trio (loop running)      none: an Event   main (start)
     Engine._cancel_scope                   trio                     none             trio (via
                                                                                      run_sync)
-    Engine._progress_samples               trio (status), main      none (deque)     statistics
-                                           (stop), any caller of
-                                           statistics()
+    StatusReporter._progress_samples       any caller of record()   none (a deque)   record()
+                                           (trio's status task, main
+                                           at stop, tests)
 
 #### The rules ####
 
@@ -114,7 +115,6 @@ import os
 import platform
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +123,7 @@ from typing import Any, TypeVar
 import trio
 
 from postcopy.destination import gate as source_gate
-from postcopy.destination import planner, status
+from postcopy.destination import planner
 from postcopy.destination.blockmap import (
     DEFAULT_CHUNK_SIZE,
     GUEST_WRITTEN,
@@ -135,7 +135,7 @@ from postcopy.destination.blockmap import (
 from postcopy.destination.drain import Drain
 from postcopy.destination.fetcher import Fetcher
 from postcopy.destination.inflight import FetchJob
-from postcopy.destination.links import SourceLink, SourceOpener, nbd_source_opener, percentile
+from postcopy.destination.links import SourceLink, SourceOpener, nbd_source_opener
 from postcopy.destination.localdisk import (
     DataFileObserver,
     EngineIOError,
@@ -152,6 +152,7 @@ from postcopy.destination.misses import (
 )
 from postcopy.destination.planner import EXTENT_HOLE, EXTENT_ZERO, UNREACHABLE_GRACE_SECONDS
 from postcopy.destination.ratelimit import TokenBucket
+from postcopy.destination.reporter import StatusReporter
 from postcopy.destination.shared import SharedState
 from postcopy.errors import UserError
 
@@ -265,9 +266,7 @@ class Engine:
         self._thread: threading.Thread | None = None  # the trio thread, once started
         self._started = threading.Event()  # set once the loop runs (or failed to start)
         self._cancel_scope: trio.CancelScope | None = None  # the loop's; cancelled by stop()
-        self._started_at = time.time()  # Unix time, for the status record
-        # (time.monotonic(), present bytes, transferred bytes), for the rates in statistics()
-        self._progress_samples: deque[tuple[float, int, int]] = deque(maxlen=64)
+        self._reporter = StatusReporter(self._shared)
 
     # the fetch tallies, as read-only attributes (the status record has them too; tests read them)
     transferred_bytes = _tally("transferred_bytes")
@@ -314,7 +313,7 @@ class Engine:
                 pass  # failed before or now: nothing is persisted any more (the status says why)
             finally:
                 try:
-                    self._write_status()
+                    self._reporter.write_now()
                 except OSError as exc:
                     log.warning("postcopy: cannot write the status record: %s", exc)
         finally:
@@ -351,7 +350,7 @@ class Engine:
             shared.complete_event.set()
         with trio.CancelScope() as self._cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._status_task)
+                nursery.start_soon(self._reporter.run)
                 nursery.start_soon(self._sync_task)
                 if not self.map.is_complete:
                     await nursery.start(self._source_task)
@@ -592,6 +591,14 @@ class Engine:
 
     # #### durability and status ################################################################
 
+    def state(self) -> str:
+        """waiting-for-source | fetching | source-unreachable | complete | failed"""
+        return self._reporter.state()
+
+    def statistics(self) -> dict[str, Any]:
+        """The status record (see `postcopy.destination.status` for the fields)."""
+        return self._reporter.record()
+
     async def _sync_task(self) -> None:
         while self.map.durability_failure is None:
             await trio.sleep(self.config.sync_interval)
@@ -604,107 +611,3 @@ class Engine:
                     # a write error (ENOSPC...): the journal is back at its last good record
                     # and the changes stay pending; retried here, and a guest flush reports it
                     log.error("postcopy: cannot make the block map durable: %s", exc)
-
-    async def _status_task(self) -> None:
-        last_record: dict[str, Any] | None = None
-        last_written = 0.0
-        while True:
-            self._shared.check_complete()  # guest writes may have made the last chunks present
-            record = self.statistics()
-            changed = last_record is None or {
-                k: v for k, v in record.items() if k != "updated_at"
-            } != {k: v for k, v in last_record.items() if k != "updated_at"}
-            now = time.monotonic()
-            if changed or now - last_written > 5.0:
-                try:
-                    await trio.to_thread.run_sync(
-                        status.write_status, self.config.state_dir, record
-                    )
-                except OSError as exc:  # retried at the next tick
-                    log.warning("postcopy: cannot write the status record: %s", exc)
-                else:
-                    last_record, last_written = record, now
-            await trio.sleep(self.config.status_interval)
-
-    def _write_status(self) -> None:
-        status.write_status(self.config.state_dir, self.statistics())
-
-    def state(self) -> str:
-        shared = self._shared
-        if shared.failure is not None or self.map.durability_failure is not None:
-            return "failed"
-        if self.map.is_complete:
-            return "complete"
-        if not shared.frozen:
-            return "waiting-for-source"
-        if any(link.fatal_error for link in shared.links):
-            return "failed"
-        if any(link.seconds_down() >= 0.5 for link in shared.links):
-            return "source-unreachable"  # (not during the first connection's set-up)
-        return "fetching"
-
-    def statistics(self) -> dict[str, Any]:
-        """The status record (see `postcopy.destination.status` for the fields)."""
-        shared = self._shared
-        counters = shared.counters
-        links = shared.links
-        now = time.monotonic()
-        present = self.map.present_bytes
-        transferred = counters.transferred_bytes
-        self._progress_samples.append((now, present, transferred))
-        oldest = self._progress_samples[0]
-        for sample in self._progress_samples:
-            if now - sample[0] <= 5.0:
-                oldest = sample
-                break
-        elapsed = now - oldest[0]
-        present_rate = (present - oldest[1]) / elapsed if elapsed > 0.2 else 0.0
-        transfer_rate = (transferred - oldest[2]) / elapsed if elapsed > 0.2 else 0.0
-        missing = self.size - present
-        if missing == 0:
-            eta: float | None = 0.0
-        elif present_rate > 0:
-            eta = round(missing / present_rate, 1)
-        else:
-            eta = None
-        latencies = sorted(counters.fault_latencies)
-        p50 = percentile(latencies, 0.5)
-        p99 = percentile(latencies, 0.99)
-        down = max((link.seconds_down() for link in links), default=0.0)
-        errors = [link.fatal_error or link.last_error for link in links if not link.is_connected]
-        return {
-            "state": self.state(),
-            "size_bytes": self.size,
-            "present_bytes": present,
-            "missing_bytes": missing,
-            "transferred_bytes": transferred,
-            "demand_fetches": counters.demand_fetches,
-            "demand_bytes": counters.demand_bytes,
-            "drain_bytes": counters.drain_bytes,
-            "hole_bytes_skipped": counters.hole_bytes_skipped,
-            "discarded_fetch_bytes": counters.discarded_fetch_bytes,
-            "passthrough_reads": counters.passthrough_reads,
-            "faults": counters.faults,
-            "fault_latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
-            "fault_latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
-            "transfer_rate_bytes_per_second": round(transfer_rate),
-            "present_rate_bytes_per_second": round(present_rate),
-            "eta_seconds": eta,
-            "reconnects": sum(max(0, link.connects - 1) for link in shared.links_ever),
-            "stalls": sum(link.stalls for link in shared.links_ever),
-            "bandwidth_bytes_per_second": self.config.bandwidth,
-            "source_down_seconds": round(down, 3),
-            "unreachable_timeout_seconds": self.config.unreachable_timeout,
-            "error": (
-                shared.failure
-                or self.map.durability_failure
-                or (errors[0] if errors and down > 0 else None)
-            ),
-            "chunk_size": self.map.chunk_size,
-            "guest_written_chunks": self.map.guest_written_count,
-            "source": self.config.source_uri,
-            "dest": str(self.config.dest_path),
-            "pid": os.getpid(),
-            "started_at": self._started_at,
-            "updated_at": time.time(),
-        }

@@ -1,9 +1,10 @@
 """The state the engine's parts share, one object: each field with its invariant.
 
 `Engine` (the facade nbdkit's plugin calls) creates one `SharedState` and hands it to its parts:
-the trio-side fetcher (`fetcher`), the worker-thread miss path (`misses`) and the drain
-(`drain`).  Which thread writes which field, and under which lock, is the table at the top of
-`postcopy.destination.engine`; the comment on each field below says what always holds.
+the trio-side fetcher (`fetcher`), the worker-thread miss path (`misses`), the drain
+(`drain`) and the status reporter (`reporter`).  Which thread writes which field, and under
+which lock, is the table at the top of `postcopy.destination.engine`; the comment on each field
+below says what always holds.
 """
 
 from __future__ import annotations
