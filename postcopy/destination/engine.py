@@ -1,48 +1,91 @@
 """The lazy destination engine: serves a disk from a local sparse file, fetching what is missing.
 
-Threads.  nbdkit's worker threads call the synchronous operations (`pread_into`, `pwrite`,
-`flush`, `trim`, `zero`, `extents`, `cache`).  A read whose chunks are all PRESENT never leaves
-the worker thread: it checks the block map (lock-free: bits are only ever set) and `os.preadv`s
-straight into nbdkit's buffer.  Only work that needs the source hops to the engine's trio loop,
-which runs `trio.run` in a daemon thread, via `trio.from_thread.run` and a token captured at start.
+`Engine` is the facade nbdkit's plugin calls: create, `start()`, serve, `stop()`.  nbdkit's worker
+threads call the synchronous operations (`pread_into`, `pwrite`, `flush`, `trim`, `zero`,
+`extents`, `cache`).  A read whose chunks are all PRESENT never leaves the worker thread: it checks
+the block map (lock-free: bits are only ever set) and `os.preadv`s straight into nbdkit's buffer.
+Only work that needs the source hops to the engine's trio loop, which runs `trio.run` in a daemon
+thread, via `trio.from_thread.run` and a token captured at start.
 
-Fetching. Each missing chunk has at most one fetch in flight (`_in_flight`: chunk -> FetchJob,
-changed only under `_flight_lock`, since worker threads register fetches too); a second miss on it
-waits for the same job. Guest misses use their own source connections and are never queued behind
-the drain. A miss whose chunks no fetch covers yet is served on the worker thread itself: it
-registers a job, reads the chunks over that thread's blocking connection
-(`postcopy.destination.links.BlockingSource`, keyed by `threading.get_ident()`), commits them under
-the commit lock, and tells the trio side (`run_sync_soon`, no waiting) that the job is done, so
-misses on the same chunks that went to the trio side meanwhile share it. That saves the worker ->
-trio -> worker hand-off (two cross-thread wake-ups). Anything else (a chunk already in flight, a
-long or split read, the gate closed, any error of the blocking connection, an outage) takes the trio
-path, which owns reconnects, stall deadlines and the unreachable window; a failed blocking attempt
-only counts against that window. While a miss is in flight (and for `fault_quiet_seconds` after) the
-drain keeps at most `drain_requests_during_faults` requests going (default 0: it yields completely,
-but never for more than a second at a time), and drain commits (MiB-sized writes) run in a worker
-thread, so the trio thread answers misses first. The drain (one task, `drain_requests_in_flight`
-requests of up to `drain_request_bytes`) walks the map from a cursor, first asking the source's
-block status for a window so that holes become PRESENT holes without any transfer (the local file
-stays sparse), then fetching coalesced missing runs. After a guest miss the cursor jumps to the
-chunk after it (guests read sequentially more often than not).
+The parts (each module says how it works):
+
+    engine.py     this facade: lifecycle, the guest operations, durability
+    shared.py     SharedState: what the parts share, each field with its invariant
+    localdisk.py  LocalDisk: the data file (reads, writes, holes, zeroing, fdatasync, the
+                  DataFileObserver seam) and the release fence before a PRESENT mark
+    inflight.py   FetchJob, the in-flight table (the one place chunks are handed out), tallies
+    fetcher.py    the trio side: misses that hop there, pass-through, fetch jobs, the commit rule
+    misses.py     misses served on the worker thread over a blocking connection
+    drain.py      the background drain, and holes from the source's block status
+    planner.py    the pure decisions (what to fetch, split, skip, answer), tested on their own
+    reporter.py   StatusReporter: the state and the status record, and the task writing it
+
+#### Threads, fields and locks ####
+
+Three kinds of thread: the *trio* thread (the engine loop and its `trio.to_thread` helpers, which
+run drain commits and syncs), nbdkit's *worker* threads (the guest operations), and the *main*
+thread (nbdkit's: `start` in after_fork, `stop` in cleanup).  Three locks of the engine, never
+held together (and never across an await): `commit_lock` (MISSING -> PRESENT with its data
+write), `in_flight.lock` (the in-flight table and the fetch tallies),
+`BlockingMisses._sources_lock` (the worker threads' connections).  `BlockMap` takes its own lock
+inside `mark` and `make_durable` (so within `commit_lock` too).
+
+    field (owner)                          written by               under            read by
+    map bits MISSING -> PRESENT            trio, worker             commit_lock      all, no lock
+    map GUEST_WRITTEN on PRESENT chunks    worker                   (map's own)      all, no lock
+    data file, MISSING chunks              trio, worker             commit_lock      all
+    data file, PRESENT chunks              worker (guest writes)    none: no fetch   all
+                                                                    writes them
+    in_flight.jobs / demand_jobs /         trio (claim, release),   in_flight.lock   drain: peeks
+      drain_jobs / thread_jobs             worker (blocking miss)                    with no lock,
+                                                                                     claims re-check
+    counters: transferred, demand, drain,  trio, worker             in_flight.lock   statistics
+      demand_fetches, blocking_misses,
+      passthrough_reads
+    counters: discarded_fetch_bytes,       trio, worker             commit_lock      statistics
+      hole_bytes_skipped
+    counters: faults, fault_latencies      worker                   GIL only         statistics
+    frozen (False -> True)                 trio (open_gate)         none             all
+    failure (None -> message)              trio, worker (flush),    none: first      all
+                                           main (stop)              one kept
+    stopped (False -> True)                main (stop)              none             worker
+    token, events, bucket, links           trio (at start; links    none: set        worker reads
+                                           emptied at completion)   before started   links, token
+    drain_hint                             worker, trio             none: a hint     trio (drain)
+    last_fault_at                          trio                     none             trio (drain)
+    last_miss_end, sequential_misses       worker (_note_miss)      none: a hint     trio (drain)
+    Fetcher.nursery                        trio                     none             trio
+    BlockingMisses._sources, _closed       worker, trio/main        _sources_lock    worker
+                                           (close)                  (+ each source's
+                                                                    own lock to use it)
+    BlockingMisses._retry_at               worker                   none: a hint     worker
+    Engine._thread                         main (start)             none             main (stop)
+    Engine._started (set once)             trio (loop running)      none: an Event   main (start)
+    Engine._cancel_scope                   trio                     none             trio (via
+                                                                                     run_sync)
+    StatusReporter._progress_samples       any caller of record()   none (a deque)   record()
+                                           (trio's status task, main
+                                           at stop, tests)
+
+#### The rules ####
 
 The race rule.  A fetched chunk is written only if it is still MISSING, checked and written under
-`_commit_lock`.  Guest writes, zeroes and trims that make a MISSING chunk PRESENT take the same
-lock, so a guest write that lands first always wins and a late fetch is discarded.  Partial writes
-(and zeroes) on a MISSING chunk fetch it first (read-modify-write).  Chunks already PRESENT are
-written without the lock: nothing else writes them.
+`commit_lock` (`Fetcher.commit_fetched`).  Guest writes, zeroes and trims that make a MISSING
+chunk PRESENT take the same lock, so a guest write that lands first always wins and a late fetch
+is discarded.  Partial writes (and zeroes) on a MISSING chunk fetch it first (read-modify-write,
+`planner.partial_edge_chunks`).  Chunks already PRESENT are written without the lock: nothing else
+writes them.
 
 Durability.  `flush()` (and FUA) call `BlockMap.make_durable` with the data file's fdatasync: data
 first, then the map.  A periodic task does the same every `sync_interval` seconds.  Every change
-to the data file goes through `_write_local`, `_punch_hole` or `_zero_allocated`, and every sync
-through `_sync_data`, so that a test's `DataFileObserver` can simulate a power loss exactly.
-A failed sync (of the data file or of the map) fails the engine for good, whoever hit it (the
-periodic task or a guest flush): Linux reports a writeback error only once, so a later sync's
-success proves nothing.  From then on every flush, FUA, read, write, zero and trim fails with
-EIO (reads too: a chunk fetched or written since the last good sync may read back stale bytes
-once its pages are evicted; the block map stops the C filter's fast path as well),
-nothing more is fetched or persisted (the map on disk keeps only what was provably durable, so a
-restart fetches the rest again), and the status says `failed` with the reason.
+to the data file goes through `LocalDisk`, so that a test's `DataFileObserver` can simulate a
+power loss exactly.  A failed sync (of the data file or of the map) fails the engine for good,
+whoever hit it (the periodic task or a guest flush): Linux reports a writeback error only once, so
+a later sync's success proves nothing.  From then on every flush, FUA, read, write, zero and trim
+fails with EIO (reads too: a chunk fetched or written since the last good sync may read back stale
+bytes once its pages are evicted; the block map stops the C filter's fast path as well), nothing
+more is fetched or persisted (the map on disk keeps only what was provably durable, so a restart
+fetches the rest again), and the status says `failed` with the reason.
 
 The gate.  Until the source is frozen (`postcopy.destination.gate`), a read of a MISSING chunk is
 read from the source straight into the guest's buffer: not stored, not marked; the drain waits.
@@ -65,7 +108,6 @@ Bandwidth.  With `bandwidth` set, the drain takes its bytes from a token bucket
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ctypes.util
 import errno
 import logging
@@ -73,100 +115,65 @@ import os
 import platform
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
-from nbdsrv.backend import FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE
-from nbdsrv.backend import FALLOC_FL_ZERO_RANGE as _FALLOC_FL_ZERO_RANGE
-from nbdsrv.backend import fallocate, punch_hole
-from nbdsrv.errors import CommandError
-from nbdsrv.uri import NBDAddress, parse_nbd_uri
 from postcopy.destination import gate as source_gate
-from postcopy.destination import status
+from postcopy.destination import planner
 from postcopy.destination.blockmap import (
     GUEST_WRITTEN,
     PRESENT,
-    SOURCE_HOLE,
     BlockMap,
     DurabilityError,
     MapIdentity,
 )
-from postcopy.destination.links import (
-    BlockingSource,
-    SourceLink,
-    SourceMismatch,
-    SourceOpener,
-    nbd_source_opener,
-    percentile,
+from postcopy.destination.drain import Drain
+from postcopy.destination.fetcher import Fetcher
+from postcopy.destination.inflight import FetchJob
+from postcopy.destination.links import SourceLink, SourceOpener, nbd_source_opener
+from postcopy.destination.localdisk import (
+    DataFileObserver,
+    EngineIOError,
+    LocalDisk,
+    fallocate,
+    punch_hole,
+    release_fence_for,
 )
+from postcopy.destination.misses import (
+    BLOCKING_RETRY_SECONDS,
+    MAX_BLOCKING_SOURCES,
+    BlockingMisses,
+    blocking_address,
+)
+from postcopy.destination.planner import EXTENT_HOLE, EXTENT_ZERO, UNREACHABLE_GRACE_SECONDS
 from postcopy.destination.ratelimit import TokenBucket
+from postcopy.destination.reporter import StatusReporter
 from postcopy.destination.settings import DestinationSettings, setting_default
+from postcopy.destination.shared import SharedState
 from postcopy.errors import UserError
+
+__all__ = [  # what moved to the parts stays importable from here
+    "BLOCKING_RETRY_SECONDS",
+    "EXTENT_HOLE",
+    "EXTENT_ZERO",
+    "MAX_BLOCKING_SOURCES",
+    "UNREACHABLE_GRACE_SECONDS",
+    "DataFileObserver",
+    "Engine",
+    "EngineConfig",
+    "EngineIOError",
+    "FetchJob",
+    "fallocate",
+    "punch_hole",
+    "release_fence_for",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# extent types, as nbdkit spells them (nbdkit.EXTENT_HOLE, nbdkit.EXTENT_ZERO)
-EXTENT_HOLE = 1
-EXTENT_ZERO = 2
-# once the source has been unreachable for the whole window, a guest read of missing data waits
-# only this long (for a reconnection attempt made at once) before it fails with EIO
-UNREACHABLE_GRACE_SECONDS = 1.0
-# after a blocking connection failed, misses take the trio path for this long
-BLOCKING_RETRY_SECONDS = 1.0
-# at most this many blocking source connections (one per nbdkit worker thread that missed)
-MAX_BLOCKING_SOURCES = 16
-
-# The C fast path (plugin/fastpath.c) reads the live map on nbdkit's threads without the GIL: it
-# load-acquires a chunk's byte and, when PRESENT is set, preads the chunk from the data file.  For
-# that to return the data, our data write (a pwrite/fallocate system call: stores the kernel makes
-# into the page cache on this thread) must be visible before the PRESENT store into the mapping.
-# A system call return is no memory barrier on weakly ordered CPUs (arm64, POWER, RISC-V), so a
-# release fence goes between them.  On x86 (TSO) stores are never reordered with older stores:
-# the program order (the system call returns before the mapping store is executed) is enough, and
-# the fence is a no-op.  Elsewhere the fence is C11 `atomic_thread_fence(memory_order_release)`
-# from libatomic (a dependency of gcc, which builds the filter); without it the engine refuses
-# to run, rather than let the filter serve a chunk before its data.  (`BlockMap.mark` takes a
-# lock before the store, but a lock acquire orders only what follows it.  Our own Python readers,
-# `pread_into` on other worker threads, need no fence: they hold the GIL, whose hand-off is a
-# release/acquire pair; a free-threaded build would need acquire loads there too.)
-_TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686"})
-_MEMORY_ORDER_RELEASE = 3  # C11 memory_order_release
-
-
-def release_fence_for(machine: str, libatomic_path: str | None) -> Callable[[], None]:
-    """The release fence to run between a data write and the PRESENT store for CPU `machine`
-    (`platform.machine()`), from libatomic at `libatomic_path` where one is needed."""
-    if machine.lower() in _TSO_MACHINES:
-        return _no_fence
-    fence = None
-    if libatomic_path is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            fence = ctypes.CDLL(libatomic_path).atomic_thread_fence
-    if fence is None:
-        raise UserError(
-            f"libatomic is missing (Debian: apt install libatomic1): on {machine} the block "
-            "map's stores need its release fence"
-        )
-    fence.argtypes = [ctypes.c_int]
-    fence.restype = None
-    return lambda: fence(_MEMORY_ORDER_RELEASE)
-
-
-def _no_fence() -> None:
-    pass
-
-
-class EngineIOError(OSError):
-    """An operation failed; `errno` is what the NBD client should see."""
-
-    def __init__(self, code: int, message: str = "") -> None:
-        super().__init__(code, message or os.strerror(code))
 
 
 @dataclass
@@ -235,26 +242,9 @@ class EngineConfig:
         )
 
 
-@dataclass
-class FetchJob:
-    """One read from the source covering chunks `[first, end)`."""
-
-    first: int
-    end: int
-    demand: bool
-    done: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
-
-
-class DataFileObserver(Protocol):
-    """Sees every change to the local data file and every fdatasync of it (tests simulate power
-    loss with it: they undo the changes no completed fdatasync covered).  Not used in service."""
-
-    def before_change(self, fd: int, offset: int, length: int) -> None: ...
-
-    def before_sync(self) -> object: ...
-
-    def after_sync(self, token: object) -> None: ...
+def _tally(name: str) -> property:
+    """A read-only attribute of Engine: the `FetchCounters` field `name`."""
+    return property(lambda engine: getattr(engine._shared.counters, name))
 
 
 class Engine:
@@ -267,14 +257,14 @@ class Engine:
         *,
         data_observer: DataFileObserver | None = None,
     ) -> None:
-        self.config = config
-        self._data_observer = data_observer
+        self.config = config  # read only
+        # opens a trio connection to the source (the links call it on every (re)connect)
         self._opener = source_opener or nbd_source_opener(config.source_uri, config.export_name)
         try:
-            self._fd = os.open(config.dest_path, os.O_RDWR)
+            fd = os.open(config.dest_path, os.O_RDWR)
         except OSError as exc:
             raise UserError(f"cannot open {config.dest_path}: {exc.strerror}") from None
-        self.size = os.fstat(self._fd).st_size
+        self.size = os.fstat(fd).st_size  # the disk's size (the data file's)
         identity = MapIdentity(
             disk_size=self.size,
             chunk_size=config.chunk_size,
@@ -283,75 +273,54 @@ class Engine:
             source_id=config.source_id or config.source_uri,
         )
         try:
+            # which chunks are PRESENT (bits only ever set); also `_shared.map`
             self.map = BlockMap.open(config.state_dir, identity, live_mirror=True)
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
             raise
-        self._commit_lock = threading.Lock()
         try:
-            self._release_fence = release_fence_for(
+            release_fence = release_fence_for(
                 platform.machine(), ctypes.util.find_library("atomic")
             )
         except BaseException:
             self.map.close()
-            os.close(self._fd)
+            os.close(fd)
             raise
-        self._frozen = not config.wait_for_source or source_gate.is_source_frozen(config.state_dir)
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._started = threading.Event()
-        self._stopped = False
-        self._cancel_scope: trio.CancelScope | None = None
-        self._nursery: trio.Nursery | None = None
-        self._in_flight: dict[int, FetchJob] = {}
-        self._flight_lock = threading.Lock()  # `_in_flight`, `_thread_jobs_in_flight`, byte counts
-        self._thread_jobs_in_flight = 0
-        self._blocking_address: NBDAddress | None = None
-        self._blocking_export = ""
-        if config.blocking_misses and source_opener is None:
-            try:
-                address = parse_nbd_uri(config.source_uri)
-            except ValueError:
-                address = None
-            if address is not None and not address.tls:
-                self._blocking_address = address
-                self._blocking_export = (
-                    address.export_name if config.export_name is None else config.export_name
-                )
-        self._blocking_sources: dict[int, BlockingSource] = {}
-        self._blocking_sources_lock = threading.Lock()
-        self._blocking_closed = False
-        self._blocking_retry_at = 0.0
-        self.blocking_misses = 0  # misses served on a worker thread (statistics for tests)
-        self._demand_jobs_in_flight = 0
-        self._drain_jobs_in_flight = 0
-        self._last_fault_at = -1e9
-        self._last_miss_end: int | None = None  # chunk after the last guest miss
-        self._sequential_misses = False  # the last miss started where the one before ended
-        self._drain_hint: int | None = None
-        self._failure: str | None = None
-        # statistics (ints updated under the GIL from the trio thread; see statistics())
-        self._started_at = time.time()
-        self.transferred_bytes = 0
-        self.demand_bytes = 0
-        self.drain_bytes = 0
-        self.demand_fetches = 0
-        self.passthrough_reads = 0
-        self.hole_bytes_skipped = 0
-        self.discarded_fetch_bytes = 0
-        self.faults = 0
-        self._fault_latencies: deque[float] = deque(maxlen=2048)
-        self._progress_samples: deque[tuple[float, int, int]] = deque(maxlen=64)
-        self._links: list[SourceLink] = []
-        self._links_ever: list[SourceLink] = []
-        self._demand_link: SourceLink | None = None
-        self._drain_link: SourceLink | None = None
-        self._frozen_event: trio.Event | None = None
-        self._complete_event: trio.Event | None = None
-        self._job_finished: trio.Event | None = None
-        self._bucket: TokenBucket | None = None
+        self._disk = LocalDisk(fd, self.size, data_observer, release_fence)  # closed by stop()
+        frozen = not config.wait_for_source or source_gate.is_source_frozen(config.state_dir)
+        # the parts, made once; they share `_shared` (its fields: see SharedState)
+        self._shared = SharedState(config, self.map, self._disk, frozen=frozen)
+        self._fetcher = Fetcher(self._shared)
+        self._misses = BlockingMisses(
+            self._shared,
+            self._fetcher,
+            blocking_address(config.source_uri, config.export_name)
+            if config.blocking_misses and source_opener is None
+            else None,
+        )
+        self._drain = Drain(self._shared, self._fetcher)
+        self._thread: threading.Thread | None = None  # the trio thread, once started
+        self._started = threading.Event()  # set once the loop runs (or failed to start)
+        self._cancel_scope: trio.CancelScope | None = None  # the loop's; cancelled by stop()
+        self._reporter = StatusReporter(self._shared)
 
-    # ===== lifecycle =============================================================================
+    # the fetch tallies, as read-only attributes (the status record has them too; tests read them)
+    transferred_bytes = _tally("transferred_bytes")
+    demand_bytes = _tally("demand_bytes")
+    drain_bytes = _tally("drain_bytes")
+    demand_fetches = _tally("demand_fetches")
+    blocking_misses = _tally("blocking_misses")  # misses served on a worker thread
+    passthrough_reads = _tally("passthrough_reads")
+    hole_bytes_skipped = _tally("hole_bytes_skipped")
+    discarded_fetch_bytes = _tally("discarded_fetch_bytes")
+    faults = _tally("faults")
+
+    @property
+    def _in_flight(self) -> dict[int, FetchJob]:
+        """Chunk -> its fetch in flight (tests peek at it; changed under the table's lock)."""
+        return self._shared.in_flight.jobs
+
+    # #### lifecycle ############################################################################
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the trio thread (call it in the process that serves: after nbdkit forks)."""
@@ -364,13 +333,14 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop fetching, make everything durable, close.  Idempotent."""
-        if self._stopped:
+        shared = self._shared
+        if shared.stopped:
             return
-        self._stopped = True
-        self._close_blocking_sources()
-        if self._thread is not None and self._thread.is_alive() and self._token is not None:
+        shared.stopped = True
+        self._misses.close()
+        if self._thread is not None and self._thread.is_alive() and shared.token is not None:
             with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(self._cancel_main, trio_token=self._token)
+                trio.from_thread.run_sync(self._cancel_main, trio_token=shared.token)
             self._thread.join(timeout)
         try:
             try:
@@ -379,12 +349,12 @@ class Engine:
                 pass  # failed before or now: nothing is persisted any more (the status says why)
             finally:
                 try:
-                    self._write_status()
+                    self._reporter.write_now()
                 except OSError as exc:
                     log.warning("postcopy: cannot write the status record: %s", exc)
         finally:
             self.map.close()
-            os.close(self._fd)
+            self._disk.close()
 
     def _cancel_main(self) -> None:
         if self._cancel_scope is not None:
@@ -395,27 +365,28 @@ class Engine:
             trio.run(self._main)
         except BaseException:  # pragma: no cover - logged, the thread must not die silently
             log.exception("postcopy engine loop failed")
-            self._failure = self._failure or "engine loop crashed"
+            self._shared.failure = self._shared.failure or "engine loop crashed"
         finally:
             self._started.set()
 
     async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._frozen_event = trio.Event()
-        self._complete_event = trio.Event()
-        self._job_finished = trio.Event()
+        shared = self._shared
+        shared.token = trio.lowlevel.current_trio_token()
+        shared.frozen_event = trio.Event()
+        shared.complete_event = trio.Event()
+        shared.job_finished = trio.Event()
         if self.config.bandwidth:
-            self._bucket = TokenBucket(
+            shared.bucket = TokenBucket(
                 self.config.bandwidth,
                 capacity=max(self.config.bandwidth // 4, self.config.drain_request_bytes),
             )
-        if self._frozen:
-            self._frozen_event.set()
+        if shared.frozen:
+            shared.frozen_event.set()
         if self.map.is_complete:
-            self._complete_event.set()
+            shared.complete_event.set()
         with trio.CancelScope() as self._cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._status_task)
+                nursery.start_soon(self._reporter.run)
                 nursery.start_soon(self._sync_task)
                 if not self.map.is_complete:
                     await nursery.start(self._source_task)
@@ -425,30 +396,31 @@ class Engine:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Everything that needs the source (links, fetch jobs, drain), torn down at completion."""
-        assert self._complete_event is not None and self._frozen_event is not None
+        shared = self._shared
+        assert shared.complete_event is not None and shared.frozen_event is not None
         timeouts = {
             "request_timeout": self.config.request_timeout,
             "connect_timeout": self.config.request_timeout,
         }
-        self._demand_link = SourceLink("demand", self._opener, self.size, **timeouts)
-        self._drain_link = SourceLink("drain", self._opener, self.size, **timeouts)
-        self._links = [self._demand_link, self._drain_link]
-        self._links_ever = list(self._links)  # (`_links` empties at completion)
+        shared.demand_link = SourceLink("demand", self._opener, self.size, **timeouts)
+        shared.drain_link = SourceLink("drain", self._opener, self.size, **timeouts)
+        shared.links = [shared.demand_link, shared.drain_link]
+        shared.links_ever = list(shared.links)  # (`links` empties at completion)
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for link in self._links:
+            self._fetcher.nursery = nursery
+            for link in shared.links:
                 await nursery.start(link.run)
             task_status.started()
-            if not self._frozen:
+            if not shared.frozen:
                 nursery.start_soon(self._gate_task)
             if self.config.drain:
-                nursery.start_soon(self._drain_task)
-            await self._complete_event.wait()
+                nursery.start_soon(self._drain.run)
+            await shared.complete_event.wait()
             nursery.cancel_scope.cancel()
-        self._nursery = None
+        self._fetcher.nursery = None
         # complete: every chunk is present; the connections are closed by now
-        self._links = []
-        await trio.to_thread.run_sync(self._close_blocking_sources)
+        shared.links = []
+        await trio.to_thread.run_sync(self._misses.close)
         try:
             await trio.to_thread.run_sync(self._make_durable_compact)
         except DurabilityError:
@@ -457,15 +429,23 @@ class Engine:
             log.error("postcopy: cannot compact the block map: %s", exc)
         log.info("postcopy: complete, source closed")
 
+    async def _gate_task(self) -> None:
+        shared = self._shared
+        while not shared.frozen:
+            if source_gate.is_source_frozen(self.config.state_dir):
+                shared.open_gate()
+                return
+            await trio.sleep(self.config.gate_poll_interval)
+
     def _make_durable_compact(self) -> None:
         self._make_durable(compact=True)
 
     def _make_durable(self, *, compact: bool = False) -> None:
         """`BlockMap.make_durable` with the data file's sync; a failed sync fails the engine."""
         try:
-            self.map.make_durable(self._sync_data, compact=compact)
+            self.map.make_durable(self._disk.sync, compact=compact)
         except DurabilityError as exc:
-            self._fail(exc.strerror or "a sync failed")
+            self._shared.fail(exc.strerror or "a sync failed")
             raise
 
     def _refuse_if_failed(self) -> None:
@@ -475,13 +455,14 @@ class Engine:
         if failure is not None:
             raise EngineIOError(errno.EIO, failure)
 
-    # ===== calls from nbdkit's worker threads ====================================================
+    # #### calls from nbdkit's worker threads ###################################################
 
     def _call_trio(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        if self._token is None or self._stopped:
+        token = self._shared.token
+        if token is None or self._shared.stopped:
             raise EngineIOError(errno.ESHUTDOWN, "engine not running")
         try:
-            return trio.from_thread.run(async_fn, *args, trio_token=self._token)
+            return trio.from_thread.run(async_fn, *args, trio_token=token)
         except EngineIOError:
             raise
         except trio.RunFinishedError:
@@ -499,56 +480,38 @@ class Engine:
         self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, length)
         if not self.map.all_present(first, end):
+            counters = self._shared.counters
             started = time.monotonic()
             self._note_miss(first, end)
-            served, notify_trio = self._blocking_miss(first, end)
+            served, notify_trio = self._misses.serve(first, end)
             if served:
                 try:
-                    self._read_local(buf, offset)
+                    self._disk.read_into(buf, offset)
                 finally:
                     # only now: the trio thread waking up would contend for the GIL meanwhile
                     if notify_trio is not None:
                         notify_trio()
-                    self._fault_latencies.append(time.monotonic() - started)
-                    self.faults += 1
+                    counters.fault_latencies.append(time.monotonic() - started)
+                    counters.faults += 1
                 return
             if notify_trio is not None:
                 notify_trio()
             waited = time.monotonic() - started
-            filled = self._call_trio(self._prepare_read, buf, offset, first, end, waited)
-            self._fault_latencies.append(time.monotonic() - started)
-            self.faults += 1
+            filled = self._call_trio(self._fetcher.prepare_read, buf, offset, first, end, waited)
+            counters.fault_latencies.append(time.monotonic() - started)
+            counters.faults += 1
             if filled:
                 return
-        self._read_local(buf, offset)
+        self._disk.read_into(buf, offset)
 
     def _note_miss(self, first: int, end: int) -> None:
         """Is the guest reading missing data sequentially?  (Then the drain's read-ahead
-        after the miss goes on during the miss burst; see `_wait_demand_quiet`.)"""
-        last_end = self._last_miss_end
-        request_chunks = max(1, self.config.drain_request_bytes >> self.map.chunk_shift)
-        self._sequential_misses = last_end is not None and (
-            last_end <= first <= last_end + request_chunks
+        after the miss goes on during the miss burst; see `planner.drain_yield_until`.)"""
+        shared = self._shared
+        shared.sequential_misses = planner.is_sequential_miss(
+            shared.last_miss_end, first, shared.limits.request_chunks
         )
-        self._last_miss_end = end
-
-    def _read_local(self, buf: memoryview | bytearray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        while view:
-            got = os.preadv(self._fd, [view], offset)
-            if got <= 0:
-                raise EngineIOError(errno.EIO, "short read from the local file")
-            view = view[got:]
-            offset += got
-
-    def _write_local(self, buf: memoryview | bytes | bytearray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        if self._data_observer is not None:
-            self._data_observer.before_change(self._fd, offset, len(view))
-        while view:
-            done = os.pwritev(self._fd, [view], offset)
-            view = view[done:]
-            offset += done
+        shared.last_miss_end = end
 
     def pwrite(self, buf: memoryview | bytes | bytearray, offset: int, fua: bool = False) -> None:
         """A guest write: it always wins over a fetch of the same chunk."""
@@ -558,23 +521,16 @@ class Engine:
         self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, length)
         if self.map.all_present(first, end):
-            self._write_local(buf, offset)
+            self._disk.write(buf, offset)
             if not self.map.all_guest_written(first, end):
                 self.map.mark(first, end, GUEST_WRITTEN)
         else:
-            self._fetch_partial_edges(offset, length, first, end)
-            with self._commit_lock:
-                self._write_local(buf, offset)
-                self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
+            self._fetch_partial_edges(offset, length)
+            with self._shared.commit_lock:
+                self._disk.write(buf, offset)
+                self._disk.mark_present(self.map, first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
-
-    def _mark_present(self, first: int, end: int, bits: int) -> None:
-        """Set `bits` (with PRESENT) on chunks whose data write has returned: the release fence
-        first, so that the C fast path never sees the bit before the data (see
-        `release_fence_for`)."""
-        self._release_fence()
-        self.map.mark(first, end, bits)
 
     def zero(
         self,
@@ -593,58 +549,41 @@ class Engine:
         self._refuse_if_failed()
         first, end = self.map.chunk_range(offset, count)
         if not self.map.all_present(first, end):
-            if fast_only and self._partial_edges(offset, count, first, end):
+            if fast_only and self._partial_edges(offset, count):
                 raise EngineIOError(errno.EOPNOTSUPP, "zeroing would need a fetch")
-            self._fetch_partial_edges(offset, count, first, end)
-        with self._commit_lock:
+            self._fetch_partial_edges(offset, count)
+        with self._shared.commit_lock:
             if may_trim:
                 try:
-                    self._punch_hole(offset, count)
+                    self._disk.punch_hole(offset, count)
                 except OSError as exc:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
-                    self._zero_allocated(offset, count)
+                    self._disk.zero_range(offset, count)
             else:
-                self._zero_allocated(offset, count)
-            self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
+                self._disk.zero_range(offset, count)
+            self._disk.mark_present(self.map, first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
-
-    def _zero_allocated(self, offset: int, count: int) -> None:
-        try:
-            if self._data_observer is not None:
-                self._data_observer.before_change(self._fd, offset, count)
-            fallocate(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, count)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            zeros = bytes(min(count, 1 << 20))
-            position, end = offset, offset + count
-            while position < end:
-                step = min(len(zeros), end - position)
-                self._write_local(memoryview(zeros)[:step], position)
-                position += step
 
     def trim(self, offset: int, count: int, fua: bool = False) -> None:
         """Discard whole chunks (punch holes, mark PRESENT): advisory, partial chunks are kept."""
         if count == 0:
             return
         self._refuse_if_failed()
-        chunk = self.map.chunk_size
-        first = -(-offset // chunk)
-        end_offset = min(offset + count, self.size)
-        end = end_offset // chunk if end_offset < self.size else self.map.chunk_count
+        first, end = planner.whole_chunks_within(
+            offset, offset + count, self.map.chunk_size, self.size
+        )
         if first < end:
-            start_byte = first * chunk
-            stop_byte = min(end * chunk, self.size)
-            with self._commit_lock:
+            start_byte, stop_byte = self._shared.chunk_span(first, end)
+            with self._shared.commit_lock:
                 try:
-                    self._punch_hole(start_byte, stop_byte - start_byte)
+                    self._disk.punch_hole(start_byte, stop_byte - start_byte)
                 except OSError as exc:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
                     return  # trim is advisory: keep the data and the map as they are
-                self._mark_present(first, end, PRESENT | GUEST_WRITTEN)
+                self._disk.mark_present(self.map, first, end, PRESENT | GUEST_WRITTEN)
         if fua:
             self.flush()
 
@@ -653,638 +592,48 @@ class Engine:
         a sync has failed."""
         self._make_durable()
 
-    def _punch_hole(self, offset: int, length: int) -> None:
-        if self._data_observer is not None:
-            self._data_observer.before_change(self._fd, offset, length)
-        punch_hole(self._fd, offset, length)
-
-    def _sync_data(self) -> None:
-        """Step 2 of `BlockMap.make_durable`: every data write made so far reaches the disk."""
-        if self._data_observer is None:
-            os.fdatasync(self._fd)
-            return
-        token = self._data_observer.before_sync()
-        os.fdatasync(self._fd)
-        self._data_observer.after_sync(token)
-
     def cache(self, offset: int, count: int) -> None:
         """Prefetch: fetch the missing chunks of the range now (once the source is frozen)."""
         if count == 0:
             return
         first, end = self.map.chunk_range(offset, min(count, self.size - offset))
-        if not self.map.all_present(first, end) and self._frozen:
-            self._call_trio(self._ensure_present, first, end, True)
+        if not self.map.all_present(first, end) and self._shared.frozen:
+            self._call_trio(self._fetcher.ensure_present, first, end, True)
 
     def extents(self, offset: int, count: int) -> list[tuple[int, int, int]]:
         """(offset, length, type) runs from `offset`: local allocation for PRESENT chunks;
         MISSING chunks are holes only where the source said so, data otherwise."""
         result: list[tuple[int, int, int]] = []
         end = min(offset + count, self.size)
-        position = offset
-        shift = self.map.chunk_shift
-        while position < end and len(result) < 256:
-            chunk = position >> shift
-            run_end_chunk, present, source_hole = self.map.run_from(chunk)
-            run_end = min(run_end_chunk << shift, end)
-            if present:
-                result.extend(self._local_extents(position, run_end))
-            elif source_hole:
-                result.append((position, run_end - position, EXTENT_HOLE | EXTENT_ZERO))
+        runs = planner.extent_runs(offset, end, self.map.chunk_shift, self.map.run_from)
+        for start, stop, kind in runs:
+            if kind is None:
+                result.extend(self._disk.allocated_extents(start, stop))
             else:
-                result.append((position, run_end - position, 0))
-            position = run_end
-        return _merge_extents(result)
-
-    def _local_extents(self, start: int, end: int) -> list[tuple[int, int, int]]:
-        extents: list[tuple[int, int, int]] = []
-        position = start
-        while position < end:
-            try:
-                data_start = os.lseek(self._fd, position, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                data_start = end
-            data_start = min(data_start, end)
-            if data_start > position:
-                extents.append((position, data_start - position, EXTENT_HOLE | EXTENT_ZERO))
-            if data_start >= end:
+                result.append((start, stop - start, kind))
+            if len(result) >= 256:
                 break
-            data_end = min(os.lseek(self._fd, data_start, os.SEEK_HOLE), end)
-            extents.append((data_start, data_end - data_start, 0))
-            position = data_end
-        return extents
+        return planner.merge_extents(result)
 
-    def _fetch_partial_edges(self, offset: int, length: int, first: int, end: int) -> None:
+    def _fetch_partial_edges(self, offset: int, length: int) -> None:
         """Read-modify-write: fetch the MISSING chunks that the range covers only in part."""
-        for chunk in self._partial_edges(offset, length, first, end):
-            self._call_trio(self._ensure_present_frozen, chunk, chunk + 1)
+        for chunk in self._partial_edges(offset, length):
+            self._call_trio(self._fetcher.ensure_present_frozen, chunk, chunk + 1)
 
-    def _partial_edges(self, offset: int, length: int, first: int, end: int) -> list[int]:
+    def _partial_edges(self, offset: int, length: int) -> list[int]:
         """The MISSING chunks that `[offset, offset+length)` covers only in part."""
-        edges = []
-        start_of_first, end_of_first = self.map.chunk_bounds(first)
-        if offset > start_of_first or offset + length < end_of_first:
-            edges.append(first)
-        last = end - 1
-        start_of_last, end_of_last = self.map.chunk_bounds(last)
-        if last != first and offset + length < end_of_last:
-            edges.append(last)
+        edges = planner.partial_edge_chunks(offset, length, self.map.chunk_size, self.size)
         return [chunk for chunk in edges if not self.map.is_present(chunk)]
 
-    # ===== the trio side: reads, fetches =========================================================
+    # #### durability and status ################################################################
 
-    async def _prepare_read(
-        self, buf: memoryview | bytearray, offset: int, first: int, end: int, waited: float = 0.0
-    ) -> bool:
-        """Make the read servable.  Returns True when it filled `buf` itself (pass-through).
-        `waited`: seconds the read already spent on a failed blocking attempt (counted against
-        the unreachable window)."""
-        if not self._frozen and source_gate.is_source_frozen(self.config.state_dir):
-            self._open_gate()
-        if not self._frozen:
-            await self._read_passthrough(buf, offset)
-            return True
-        self._drain_hint = end
-        await self._ensure_present(first, end, True, waited)
-        return False
+    def state(self) -> str:
+        """waiting-for-source | fetching | source-unreachable | complete | failed"""
+        return self._reporter.state()
 
-    async def _ensure_present_frozen(self, first: int, end: int) -> None:
-        """Fetch for a read-modify-write: waits (bounded) for the gate first."""
-        assert self._frozen_event is not None
-        if not self._frozen and source_gate.is_source_frozen(self.config.state_dir):
-            self._open_gate()
-        with trio.move_on_after(self.config.unreachable_timeout):
-            await self._frozen_event.wait()
-        if not self._frozen:
-            raise EngineIOError(errno.EIO, "partial write to a missing chunk before source-frozen")
-        await self._ensure_present(first, end, True)
-
-    async def _read_passthrough(self, buf: memoryview | bytearray, offset: int) -> None:
-        """Before the source is frozen: missing chunks come from the source, nothing is kept."""
-        view = memoryview(buf).cast("B")
-        length = len(view)
-        first, end = self.map.chunk_range(offset, length)
-        shift = self.map.chunk_shift
-        link = self._demand_link
-        if link is None:
-            raise EngineIOError(errno.EIO, "no source")
-        position = first
-        while position < end:
-            run_end, present, _ = self.map.run_from(position)
-            run_end = min(run_end, end)
-            start_byte = max(position << shift, offset)
-            stop_byte = min(run_end << shift, offset + length)
-            part = view[start_byte - offset:stop_byte - offset]
-            if present:
-                self._read_local(part, start_byte)
-            else:
-                # whole chunks: sources may refuse reads not aligned to their block size
-                run_start = position << shift
-                whole = bytearray(min(run_end << shift, self.size) - run_start)
-                await self._source_read(link, memoryview(whole), run_start)
-                part[:] = memoryview(whole)[start_byte - run_start:stop_byte - run_start]
-                with self._flight_lock:
-                    self.passthrough_reads += 1
-                    self.transferred_bytes += len(whole)
-            position = run_end
-
-    async def _source_read(self, link: SourceLink, part: memoryview, offset: int) -> None:
-        """Read from the source, retrying over reconnects, within the unreachable window."""
-        with trio.move_on_at(self._guest_deadline(link)):
-            try:
-                await link.pread_into(part, offset)
-            except SourceMismatch as exc:
-                raise EngineIOError(errno.EIO, str(exc)) from None
-            except CommandError as exc:
-                raise EngineIOError(exc.errno, str(exc)) from None
-            return
-        raise EngineIOError(errno.EIO, "source unreachable")
-
-    def _guest_deadline(self, link: SourceLink | None, waited: float = 0.0) -> float:
-        """When a guest request that needs the source gives up (trio clock): the unreachable
-        window from now, but once the source has been down for longer than the window, only a
-        short grace (`UNREACHABLE_GRACE_SECONDS`, in which the link retries at once), so that
-        reads of missing data fail quickly during a long outage and succeed as soon as the
-        source is back."""
-        window = self.config.unreachable_timeout
-        now = trio.current_time()
-        grace = min(window, UNREACHABLE_GRACE_SECONDS)
-        if link is None or link.down_since is None:
-            return now + max(window - waited, grace)
-        link.retry_now()
-        remaining = window - max(link.seconds_down(), waited)
-        return now + max(remaining, grace)
-
-    async def _ensure_present(
-        self, first: int, end: int, demand: bool, waited: float = 0.0
-    ) -> None:
-        """Wait until chunks `[first, end)` are PRESENT, starting fetches for uncovered ones."""
-        if self._failure is not None:
-            raise EngineIOError(errno.EIO, self._failure)
-        link = self._demand_link if demand else self._drain_link
-        with trio.move_on_at(self._guest_deadline(link, waited)) as timeout_scope:
-            while not self.map.all_present(first, end):
-                jobs = self._start_fetches(first, end, demand)
-                for job in jobs:
-                    await job.done.wait()
-                for job in jobs:
-                    if job.error is not None:
-                        error = job.error
-                        if isinstance(error, OSError):
-                            raise EngineIOError(error.errno or errno.EIO, str(error))
-                        raise EngineIOError(errno.EIO, str(error))
-        if timeout_scope.cancelled_caught:
-            raise EngineIOError(errno.EIO, "source unreachable: missing data not fetched in time")
-
-    def _start_fetches(self, first: int, end: int, demand: bool) -> list[FetchJob]:
-        """Jobs covering every missing chunk of `[first, end)`: existing ones, or new ones."""
-        assert self._nursery is not None
-        jobs: list[FetchJob] = []
-        max_chunks = max(1, self.config.demand_fetch_bytes >> self.map.chunk_shift)
-        with self._flight_lock:
-            self._start_fetches_locked(first, end, demand, jobs, max_chunks)
-        return jobs
-
-    def _start_fetches_locked(
-        self, first: int, end: int, demand: bool, jobs: list[FetchJob], max_chunks: int
-    ) -> None:
-        for run_first, run_end in self.map.missing_ranges(first, end):
-            chunk = run_first
-            while chunk < run_end:
-                existing = self._in_flight.get(chunk)
-                if existing is not None:
-                    if not jobs or jobs[-1] is not existing:
-                        jobs.append(existing)
-                    chunk += 1
-                    continue
-                stop = chunk + 1
-                while stop < run_end and stop - chunk < max_chunks and stop not in self._in_flight:
-                    stop += 1
-                job = self._new_job(chunk, stop, demand)
-                jobs.append(job)
-                chunk = stop
-
-    def _new_job(self, first: int, end: int, demand: bool) -> FetchJob:
-        """Register and start a fetch of chunks `[first, end)` (hold `_flight_lock`)."""
-        assert self._nursery is not None
-        job = FetchJob(first, end, demand)
-        for chunk in range(first, end):
-            self._in_flight[chunk] = job
-        if demand:
-            if self._bucket is not None:
-                self._bucket.take(self._job_bytes(first, end))  # counted, never waited for
-            self.demand_fetches += 1
-            self._demand_jobs_in_flight += 1
-            self._last_fault_at = trio.current_time()
-        else:
-            self._drain_jobs_in_flight += 1
-        self._nursery.start_soon(self._run_fetch, job)
-        return job
-
-    def _job_bytes(self, first: int, end: int) -> int:
-        shift = self.map.chunk_shift
-        return min(end << shift, self.size) - (first << shift)
-
-    async def _run_fetch(self, job: FetchJob) -> None:
-        link = self._demand_link if job.demand else self._drain_link
-        start = job.first << self.map.chunk_shift
-        stop = min(job.end << self.map.chunk_shift, self.size)
-        buffer = bytearray(stop - start)
-        try:
-            assert link is not None
-            try:
-                # re-sent on every new connection until it succeeds (a stalled request is
-                # dropped at its deadline): a fetch is never lost across a reconnect
-                await link.pread_into(buffer, start)
-            except SourceMismatch as exc:
-                self._fail(str(exc))
-                raise EngineIOError(errno.EIO, str(exc)) from None
-            except CommandError as exc:
-                raise EngineIOError(exc.errno, f"source: {exc}") from None
-            self._count_fetched(len(buffer), job.demand)
-            if job.demand:
-                self._commit_fetched(job.first, job.end, buffer, start)
-            else:
-                # a drain commit writes MiBs: off the trio thread, so that guest misses
-                # arriving meanwhile are not held up behind it
-                await trio.to_thread.run_sync(
-                    self._commit_fetched, job.first, job.end, buffer, start
-                )
-            self._check_complete()
-        except Exception as exc:
-            job.error = exc
-        finally:
-            with self._flight_lock:
-                for chunk in range(job.first, job.end):
-                    if self._in_flight.get(chunk) is job:
-                        del self._in_flight[chunk]
-            if job.demand:
-                self._demand_jobs_in_flight -= 1
-            else:
-                self._drain_jobs_in_flight -= 1
-            job.done.set()
-            self._signal_job_finished()
-
-    def _count_fetched(self, length: int, demand: bool) -> None:
-        with self._flight_lock:
-            self.transferred_bytes += length
-            if demand:
-                self.demand_bytes += length
-            else:
-                self.drain_bytes += length
-
-    # ===== guest misses served on the worker thread ==============================================
-
-    def _blocking_miss(self, first: int, end: int) -> tuple[bool, Callable[[], None] | None]:
-        """Serve a miss on the calling worker thread.  (True, notify): chunks `[first, end)` are
-        PRESENT now.  (False, notify): take the trio path (nothing was left half done).  The
-        caller must call `notify` (when not None) soon, and before waiting for the trio side: it
-        wakes the misses that shared this fetch and the drain."""
-        link = self._demand_link
-        if (
-            self._blocking_address is None
-            or not self._frozen
-            or self._failure is not None
-            or self._stopped
-            or self._blocking_closed
-            or self._token is None
-            or link is None
-            or time.monotonic() < self._blocking_retry_at
-        ):
-            return False, None
-        if link.down_since is not None and (
-            link.connects > 0 or link.seconds_down() > BLOCKING_RETRY_SECONDS
-        ):
-            return False, None
-        missing = list(self.map.missing_ranges(first, end))
-        if not missing:
-            return True, None
-        if len(missing) != 1:
-            return False, None
-        run_first, run_end = missing[0]
-        shift = self.map.chunk_shift
-        if (run_end - run_first) << shift > max(self.config.demand_fetch_bytes, 1 << shift):
-            return False, None
-        with self._flight_lock:
-            if any(chunk in self._in_flight for chunk in range(run_first, run_end)):
-                return False, None  # a fetch is on its way: the trio path waits for it
-            job = FetchJob(run_first, run_end, True)
-            for chunk in range(run_first, run_end):
-                self._in_flight[chunk] = job
-            self._thread_jobs_in_flight += 1
-        self._drain_hint = end
-        start = run_first << shift
-        length = min(run_end << shift, self.size) - start
-        token = self._token
-        served = False
-
-        def notify_trio() -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._blocking_job_finished, job, length if served else 0)
-
-        failed = True
-        try:
-            buffer = self._blocking_read(length, start)
-            if buffer is not None:
-                self._count_fetched(length, True)
-                # a local write error here reaches the guest (as on the trio path)
-                self._commit_fetched(run_first, run_end, buffer, start)
-                served = True
-            failed = False
-        finally:
-            with self._flight_lock:
-                for chunk in range(run_first, run_end):
-                    if self._in_flight.get(chunk) is job:
-                        del self._in_flight[chunk]
-                self._thread_jobs_in_flight -= 1
-                if served:
-                    self.demand_fetches += 1
-                    self.blocking_misses += 1
-            if failed:
-                notify_trio()  # the error goes to the guest: wake the sharers now
-        return served, notify_trio
-
-    def _blocking_read(self, length: int, offset: int) -> bytearray | None:
-        """Read from the source over this thread's blocking connection; None on any failure
-        (the connection is dropped and the trio path is used for a while)."""
-        try:
-            source = self._blocking_source()
-            if source is None:
-                return None
-            with source.lock:
-                return None if source.closed else source.pread(length, offset)
-        except Exception as exc:
-            log.info("postcopy: blocking source read failed (%s); using the trio path", exc)
-            self._blocking_retry_at = time.monotonic() + BLOCKING_RETRY_SECONDS
-            self._drop_blocking_source()
-            return None
-
-    def _blocking_job_finished(self, job: FetchJob, fetched: int) -> None:
-        """(trio thread) Wake the misses that shared a worker thread's fetch, and the drain."""
-        job.done.set()
-        self._last_fault_at = trio.current_time()
-        if fetched and self._bucket is not None:
-            self._bucket.take(fetched)  # counted, never waited for
-        self._check_complete()
-        self._signal_job_finished()
-
-    def _blocking_source(self) -> BlockingSource | None:
-        """This worker thread's blocking connection (connected on first use), or None."""
-        key = threading.get_ident()
-        with self._blocking_sources_lock:
-            source = self._blocking_sources.get(key)
-            if source is not None or len(self._blocking_sources) >= MAX_BLOCKING_SOURCES:
-                return source
-        assert self._blocking_address is not None
-        timeout = min(self.config.request_timeout, self.config.unreachable_timeout)
-        source = BlockingSource(
-            self._blocking_address,
-            self._blocking_export,
-            self.size,
-            connect_timeout=timeout,
-            request_timeout=timeout,
-        )
-        with self._blocking_sources_lock:
-            if self._blocking_closed:
-                source.close()
-                return None
-            self._blocking_sources[key] = source
-        return source
-
-    def _drop_blocking_source(self) -> None:
-        with self._blocking_sources_lock:
-            source = self._blocking_sources.pop(threading.get_ident(), None)
-        if source is not None:
-            source.close()
-
-    def _close_blocking_sources(self) -> None:
-        """Close every blocking connection (at completion and stop; waits for reads in use)."""
-        with self._blocking_sources_lock:
-            self._blocking_closed = True
-            sources = list(self._blocking_sources.values())
-            self._blocking_sources.clear()
-        for source in sources:
-            with source.lock:
-                source.close()
-
-    def _commit_fetched(self, first: int, end: int, buffer: bytearray, start: int) -> None:
-        """Write the fetched chunks that are still MISSING; a guest write that came first wins."""
-        shift = self.map.chunk_shift
-        view = memoryview(buffer)
-        with self._commit_lock:
-            committed = 0
-            for run_first, run_end in self.map.missing_ranges(first, end):
-                run_start = run_first << shift
-                run_stop = min(run_end << shift, self.size)
-                self._write_local(view[run_start - start:run_stop - start], run_start)
-                self._mark_present(run_first, run_end, PRESENT)
-                committed += run_stop - run_start
-            self.discarded_fetch_bytes += len(buffer) - committed
-
-    def _check_complete(self) -> None:
-        if self.map.is_complete and self._complete_event is not None:
-            self._complete_event.set()
-
-    def _signal_job_finished(self) -> None:
-        if self._job_finished is not None:
-            self._job_finished.set()
-            self._job_finished = trio.Event()
-
-    def _fail(self, message: str) -> None:
-        if self._failure is None:
-            self._failure = message
-            log.error("postcopy: %s", message)
-
-    def _open_gate(self) -> None:
-        self._frozen = True
-        if self._frozen_event is not None:
-            self._frozen_event.set()
-
-    async def _gate_task(self) -> None:
-        while not self._frozen:
-            if source_gate.is_source_frozen(self.config.state_dir):
-                self._open_gate()
-                return
-            await trio.sleep(self.config.gate_poll_interval)
-
-    # ===== the drain =============================================================================
-
-    async def _drain_task(self) -> None:
-        assert self._frozen_event is not None and self._drain_link is not None
-        await self._frozen_event.wait()
-        config = self.config
-        count = self.map.chunk_count
-        request_chunks = max(1, config.drain_request_bytes >> self.map.chunk_shift)
-        window_chunks = max(1, config.block_status_window_bytes >> self.map.chunk_shift)
-        scanned_windows = bytearray(-(-count // window_chunks))  # holes looked up already?
-        slots = trio.Semaphore(config.drain_requests_in_flight)
-        cursor = 0
-        async with trio.open_nursery() as nursery:
-            while not self.map.is_complete and self._failure is None:
-                await slots.acquire()
-                await self._wait_demand_quiet()
-                if self._bucket is not None:
-                    await self._bucket.wait_for_credit()  # the bandwidth cap
-                if self._drain_hint is not None:
-                    cursor, self._drain_hint = self._drain_hint, None
-                picked = None
-                wrapped = False
-                while picked is None:
-                    if cursor >= count:
-                        if wrapped:
-                            break
-                        cursor, wrapped = 0, True
-                    window = cursor // window_chunks
-                    window_end = min((window + 1) * window_chunks, count)
-                    if not scanned_windows[window]:
-                        scanned_windows[window] = 1
-                        if self.map.next_missing_range(window * window_chunks, window_end):
-                            await self._skip_source_holes(window * window_chunks, window_end)
-                    picked = self._pick_drain_range(cursor, window_end, request_chunks)
-                    if picked is None:
-                        cursor = window_end
-                if picked is None:
-                    slots.release()
-                    if self.map.is_complete:
-                        break
-                    assert self._job_finished is not None
-                    with trio.move_on_after(0.2):
-                        await self._job_finished.wait()
-                    cursor = 0
-                    continue
-                first, end = picked
-                cursor = end
-                with self._flight_lock:  # a worker thread may have taken some chunks since
-                    while first < end and first in self._in_flight:
-                        first += 1
-                    stop = first
-                    while stop < end and stop not in self._in_flight:
-                        stop += 1
-                    job = self._new_job(first, stop, False) if first < stop else None
-                if job is None:
-                    slots.release()
-                    continue
-                if self._bucket is not None:
-                    self._bucket.take(self._job_bytes(first, stop))
-                nursery.start_soon(self._release_when_done, job, slots)
-        self._check_complete()
-
-    async def _wait_demand_quiet(self) -> None:
-        """Guest misses have priority: while one is being fetched, and for
-        `fault_quiet_seconds` after one (guests miss in bursts), the drain keeps at most
-        `drain_requests_during_faults` requests in flight; at least one while the guest misses
-        sequentially (its read-ahead, from the chunk after the last miss, is what turns the
-        guest's next reads into hits)."""
-        deadline = trio.current_time() + 1.0  # never starve the drain completely
-        while trio.current_time() < deadline:
-            limit = self.config.drain_requests_during_faults
-            if self._sequential_misses:
-                limit = max(limit, 1)
-            if self._drain_jobs_in_flight < limit:
-                return
-            if self._demand_jobs_in_flight or self._thread_jobs_in_flight:
-                wait_until = deadline
-            elif trio.current_time() - self._last_fault_at < self.config.fault_quiet_seconds:
-                wait_until = self._last_fault_at + self.config.fault_quiet_seconds
-            else:
-                return
-            assert self._job_finished is not None
-            with trio.move_on_at(min(wait_until, deadline)):
-                await self._job_finished.wait()
-
-    async def _release_when_done(self, job: FetchJob, slots: trio.Semaphore) -> None:
-        try:
-            await job.done.wait()
-            if job.error is not None:
-                log.warning("postcopy: drain fetch failed: %s", job.error)
-                await trio.sleep(0.5)  # do not spin on a source that refuses a range
-        finally:
-            slots.release()
-
-    def _pick_drain_range(
-        self, cursor: int, limit: int, request_chunks: int
-    ) -> tuple[int, int] | None:
-        position = cursor
-        while position < limit:
-            found = self.map.next_missing_range(position, limit)
-            if found is None:
-                return None
-            first, end = found
-            while first < end and first in self._in_flight:
-                first += 1
-            if first < end:
-                stop = first + 1
-                while stop < end and stop - first < request_chunks and stop not in self._in_flight:
-                    stop += 1
-                return first, stop
-            position = end
-        return None
-
-    async def _skip_source_holes(self, first: int, end: int) -> None:
-        """Ask the source's block status for chunks `[first, end)`; whole chunks that read as
-        zeros become PRESENT holes without any transfer (punched locally in case old data lies
-        there).  Only the ZERO flag says that (NBD `base:allocation`): HOLE alone means
-        "unallocated", whose bytes may be anything (a backing file's, a plugin's), so a HOLE-only
-        extent is data and is copied."""
-        link = self._drain_link
-        assert link is not None
-        shift = self.map.chunk_shift
-        start = first << shift
-        stop = min(end << shift, self.size)
-        try:
-            extents = await link.extents(start, stop - start)
-        except SourceMismatch as exc:
-            self._fail(str(exc))
-            return
-        except CommandError as exc:
-            log.info("postcopy: source block status failed (%s); copying everything", exc)
-            return
-        for extent in extents:
-            if extent.flags & EXTENT_ZERO:
-                self._mark_source_hole(extent.offset, extent.offset + extent.length)
-
-    def _mark_source_hole(self, hole_start: int, hole_end: int) -> None:
-        chunk = self.map.chunk_size
-        first = -(-hole_start // chunk)
-        end = hole_end // chunk if hole_end < self.size else self.map.chunk_count
-        if first >= end:
-            return
-        shift = self.map.chunk_shift
-        with self._commit_lock:
-            for run_first, run_end in list(self.map.missing_ranges(first, end)):
-                for part_first, part_end in self._split_not_in_flight(run_first, run_end):
-                    part_start = part_first << shift
-                    part_stop = min(part_end << shift, self.size)
-                    try:
-                        self._punch_hole(part_start, part_stop - part_start)
-                    except OSError as exc:
-                        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                            log.warning("postcopy: cannot punch a source hole: %s", exc)
-                            continue  # stays missing: the drain copies its zeros instead
-                        self._zero_allocated(part_start, part_stop - part_start)
-                    self._mark_present(part_first, part_end, PRESENT | SOURCE_HOLE)
-                    self.hole_bytes_skipped += part_stop - part_start
-        self._check_complete()
-
-    def _split_not_in_flight(self, first: int, end: int) -> list[tuple[int, int]]:
-        """Sub-runs of `[first, end)` with no fetch in flight (a fetch commits its own)."""
-        if not self._in_flight:
-            return [(first, end)]
-        runs: list[tuple[int, int]] = []
-        run_start: int | None = None
-        for chunk in range(first, end):
-            if chunk in self._in_flight:
-                if run_start is not None:
-                    runs.append((run_start, chunk))
-                    run_start = None
-            elif run_start is None:
-                run_start = chunk
-        if run_start is not None:
-            runs.append((run_start, end))
-        return runs
-
-    # ===== durability and status =================================================================
+    def statistics(self) -> dict[str, Any]:
+        """The status record (see `postcopy.destination.status` for the fields)."""
+        return self._reporter.record()
 
     async def _sync_task(self) -> None:
         while self.map.durability_failure is None:
@@ -1298,117 +647,3 @@ class Engine:
                     # a write error (ENOSPC...): the journal is back at its last good record
                     # and the changes stay pending; retried here, and a guest flush reports it
                     log.error("postcopy: cannot make the block map durable: %s", exc)
-
-    async def _status_task(self) -> None:
-        last_record: dict[str, Any] | None = None
-        last_written = 0.0
-        while True:
-            self._check_complete()  # guest writes may have made the last chunks present
-            record = self.statistics()
-            changed = last_record is None or {
-                k: v for k, v in record.items() if k != "updated_at"
-            } != {k: v for k, v in last_record.items() if k != "updated_at"}
-            now = time.monotonic()
-            if changed or now - last_written > 5.0:
-                try:
-                    await trio.to_thread.run_sync(
-                        status.write_status, self.config.state_dir, record
-                    )
-                except OSError as exc:  # retried at the next tick
-                    log.warning("postcopy: cannot write the status record: %s", exc)
-                else:
-                    last_record, last_written = record, now
-            await trio.sleep(self.config.status_interval)
-
-    def _write_status(self) -> None:
-        status.write_status(self.config.state_dir, self.statistics())
-
-    def state(self) -> str:
-        if self._failure is not None or self.map.durability_failure is not None:
-            return "failed"
-        if self.map.is_complete:
-            return "complete"
-        if not self._frozen:
-            return "waiting-for-source"
-        if any(link.fatal_error for link in self._links):
-            return "failed"
-        if any(link.seconds_down() >= 0.5 for link in self._links):
-            return "source-unreachable"  # (not during the first connection's set-up)
-        return "fetching"
-
-    def statistics(self) -> dict[str, Any]:
-        """The status record (see `postcopy.destination.status` for the fields)."""
-        now = time.monotonic()
-        present = self.map.present_bytes
-        self._progress_samples.append((now, present, self.transferred_bytes))
-        oldest = self._progress_samples[0]
-        for sample in self._progress_samples:
-            if now - sample[0] <= 5.0:
-                oldest = sample
-                break
-        elapsed = now - oldest[0]
-        present_rate = (present - oldest[1]) / elapsed if elapsed > 0.2 else 0.0
-        transfer_rate = (self.transferred_bytes - oldest[2]) / elapsed if elapsed > 0.2 else 0.0
-        missing = self.size - present
-        if missing == 0:
-            eta: float | None = 0.0
-        elif present_rate > 0:
-            eta = round(missing / present_rate, 1)
-        else:
-            eta = None
-        latencies = sorted(self._fault_latencies)
-        p50 = percentile(latencies, 0.5)
-        p99 = percentile(latencies, 0.99)
-        down = max((link.seconds_down() for link in self._links), default=0.0)
-        errors = [
-            link.fatal_error or link.last_error for link in self._links if not link.is_connected
-        ]
-        return {
-            "state": self.state(),
-            "size_bytes": self.size,
-            "present_bytes": present,
-            "missing_bytes": missing,
-            "transferred_bytes": self.transferred_bytes,
-            "demand_fetches": self.demand_fetches,
-            "demand_bytes": self.demand_bytes,
-            "drain_bytes": self.drain_bytes,
-            "hole_bytes_skipped": self.hole_bytes_skipped,
-            "discarded_fetch_bytes": self.discarded_fetch_bytes,
-            "passthrough_reads": self.passthrough_reads,
-            "faults": self.faults,
-            "fault_latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
-            "fault_latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
-            "transfer_rate_bytes_per_second": round(transfer_rate),
-            "present_rate_bytes_per_second": round(present_rate),
-            "eta_seconds": eta,
-            "reconnects": sum(max(0, link.connects - 1) for link in self._links_ever),
-            "stalls": sum(link.stalls for link in self._links_ever),
-            "bandwidth_bytes_per_second": self.config.bandwidth,
-            "source_down_seconds": round(down, 3),
-            "unreachable_timeout_seconds": self.config.unreachable_timeout,
-            "error": (
-                self._failure
-                or self.map.durability_failure
-                or (errors[0] if errors and down > 0 else None)
-            ),
-            "chunk_size": self.map.chunk_size,
-            "guest_written_chunks": self.map.guest_written_count,
-            "source": self.config.source_uri,
-            "dest": str(self.config.dest_path),
-            "pid": os.getpid(),
-            "started_at": self._started_at,
-            "updated_at": time.time(),
-        }
-
-
-def _merge_extents(extents: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    merged: list[tuple[int, int, int]] = []
-    for offset, length, kind in extents:
-        if length <= 0:
-            continue
-        if merged and merged[-1][2] == kind and merged[-1][0] + merged[-1][1] == offset:
-            previous = merged[-1]
-            merged[-1] = (previous[0], previous[1] + length, kind)
-        else:
-            merged.append((offset, length, kind))
-    return merged
