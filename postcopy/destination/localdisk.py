@@ -29,7 +29,6 @@ from postcopy.destination.planner import EXTENT_HOLE, EXTENT_ZERO
 from postcopy.errors import UserError
 
 
-
 class EngineIOError(OSError):
     """An operation failed; `errno` is what the NBD client should see."""
 
