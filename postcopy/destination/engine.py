@@ -55,8 +55,8 @@ inside `mark` and `make_durable` (so within `commit_lock` too).
     last_fault_at                          trio                     none             trio (drain)
     last_miss_end, sequential_misses       worker (_note_miss)      none: a hint     trio (drain)
     Fetcher.nursery                        trio                     none             trio
-    BlockingMisses._sources, _closed       worker, trio/main        _sources_lock    worker
-                                           (close)                  (+ each source's
+    BlockingMisses._sources, _idle,        worker, trio/main        _sources_lock    worker
+      _opening, _closed                    (close)                  (+ each source's
                                                                     own lock to use it)
     BlockingMisses._retry_at               worker                   none: a hint     worker
     Engine._thread                         main (start)             none             main (stop)

@@ -1,12 +1,14 @@
 """Guest misses served on nbdkit's worker thread itself, over a blocking source connection.
 
 A miss whose chunks no fetch covers yet is served on the worker thread that got it: it claims
-the whole run in the in-flight table (`InFlightTable.claim_whole_run`), reads the chunks over that
-thread's own blocking connection (`postcopy.destination.links.BlockingSource`, libnbd, keyed by
-`threading.get_ident()`, at most `MAX_BLOCKING_SOURCES`), commits them with the fetcher's commit
-rule, and tells the trio side (`run_sync_soon`, no waiting) that the job is done, so misses on
-the same chunks that went to the trio side meanwhile share it.  That saves the worker -> trio ->
-worker hand-off (two cross-thread wake-ups).
+the whole run in the in-flight table (`InFlightTable.claim_whole_run`), reads the chunks over a
+blocking connection (`postcopy.destination.links.BlockingSource`, libnbd) checked out of a pool
+that all worker threads share (at most `MAX_BLOCKING_SOURCES`, connected on first need: nbdkit
+runs up to 128 threads per connection, and a connection per thread would leave most misses on
+the slow path), commits them with the fetcher's commit rule, and tells the trio side
+(`run_sync_soon`, no waiting) that the job is done, so misses on the same chunks that went to the
+trio side meanwhile share it.  That saves the worker -> trio -> worker hand-off (two cross-thread
+wake-ups).
 
 Anything else takes the trio path (`Fetcher.prepare_read`), which owns reconnects, stall
 deadlines and the unreachable window: a chunk already in flight, a long or split read
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # after a blocking connection failed, misses take the trio path for this long
 BLOCKING_RETRY_SECONDS = 1.0
-# at most this many blocking source connections (one per nbdkit worker thread that missed)
+# at most this many blocking source connections (one per miss served on a worker thread at once)
 MAX_BLOCKING_SOURCES = 16
 
 
@@ -63,9 +65,13 @@ class BlockingMisses:
         self._shared = shared
         self._fetcher = fetcher
         self._source_address = source  # None: every miss takes the trio path
-        # thread id -> that worker thread's connection; under `_sources_lock`, and each
-        # connection is used only under its own `lock` (close() waits for a read in use)
-        self._sources: dict[int, BlockingSource] = {}
+        # every open connection, and those not checked out by a worker thread; both under
+        # `_sources_lock`; `_opening` counts connections being made (outside the lock), so that
+        # len(_sources) + _opening <= MAX_BLOCKING_SOURCES; a connection is used only under its
+        # own `lock` (close() waits for a read in use)
+        self._sources: set[BlockingSource] = set()
+        self._idle: list[BlockingSource] = []
+        self._opening = 0
         self._sources_lock = threading.Lock()
         self._closed = False  # close() began: no new connections; False -> True, under the lock
         self._retry_at = 0.0  # time.monotonic() before which misses take the trio path
@@ -129,18 +135,22 @@ class BlockingMisses:
         return served, notify_trio
 
     def _read(self, length: int, offset: int) -> bytearray | None:
-        """Read from the source over this thread's blocking connection; None on any failure
-        (the connection is dropped and the trio path is used for a while)."""
+        """Read from the source over a pooled blocking connection; None when none is free or on
+        any failure (then the connection is dropped and the trio path is used for a while)."""
+        source = None
         try:
-            source = self._source()
+            source = self._check_out()
             if source is None:
                 return None
             with source.lock:
-                return None if source.closed else source.pread(length, offset)
+                data = None if source.closed else source.pread(length, offset)
+            self._check_in(source)
+            return data
         except Exception as exc:
             log.info("postcopy: blocking source read failed (%s); using the trio path", exc)
             self._retry_at = time.monotonic() + BLOCKING_RETRY_SECONDS
-            self._drop_source()
+            if source is not None:
+                self._discard(source)
             return None
 
     def _job_finished(self, job: FetchJob, fetched: int) -> None:
@@ -155,43 +165,57 @@ class BlockingMisses:
 
     # #### the connections #########################################################################
 
-    def _source(self) -> BlockingSource | None:
-        """This worker thread's blocking connection (connected on first use), or None."""
-        key = threading.get_ident()
-        with self._sources_lock:
-            source = self._sources.get(key)
-            if source is not None or len(self._sources) >= MAX_BLOCKING_SOURCES:
-                return source
-        assert self._source_address is not None
-        address, export = self._source_address
-        config = self._shared.config
-        timeout = min(config.request_timeout, config.unreachable_timeout)
-        source = BlockingSource(
-            address,
-            export,
-            self._shared.size,
-            connect_timeout=timeout,
-            request_timeout=timeout,
-        )
+    def _check_out(self) -> BlockingSource | None:
+        """An idle connection of the pool, a new one while the pool is not full, else None."""
         with self._sources_lock:
             if self._closed:
-                source.close()
                 return None
-            self._sources[key] = source
-        return source
-
-    def _drop_source(self) -> None:
+            if self._idle:
+                return self._idle.pop()
+            if len(self._sources) + self._opening >= MAX_BLOCKING_SOURCES:
+                return None
+            self._opening += 1
+        try:
+            assert self._source_address is not None
+            address, export = self._source_address
+            config = self._shared.config
+            timeout = min(config.request_timeout, config.unreachable_timeout)
+            source = BlockingSource(
+                address,
+                export,
+                self._shared.size,
+                connect_timeout=timeout,
+                request_timeout=timeout,
+            )
+        finally:
+            with self._sources_lock:
+                self._opening -= 1
         with self._sources_lock:
-            source = self._sources.pop(threading.get_ident(), None)
-        if source is not None:
+            if not self._closed:
+                self._sources.add(source)
+                return source
+        source.close()
+        return None
+
+    def _check_in(self, source: BlockingSource) -> None:
+        """Give a connection back to the pool (close() may have closed it meanwhile)."""
+        with self._sources_lock:
+            if not self._closed and not source.closed:
+                self._idle.append(source)
+
+    def _discard(self, source: BlockingSource) -> None:
+        with self._sources_lock:
+            self._sources.discard(source)
+        with source.lock:
             source.close()
 
     def close(self) -> None:
         """Close every blocking connection (at completion and stop; waits for reads in use)."""
         with self._sources_lock:
             self._closed = True
-            sources = list(self._sources.values())
+            sources = list(self._sources)
             self._sources.clear()
+            self._idle.clear()
         for source in sources:
             with source.lock:
                 source.close()

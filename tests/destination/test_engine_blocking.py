@@ -168,3 +168,38 @@ def test_disabled_or_gated_misses_take_the_trio_path(
         assert read(engine, CHUNK, 4096) == data[CHUNK:CHUNK + 4096]
         assert engine.blocking_misses == 0 and engine.demand_fetches == 1
         engine.stop()
+
+
+def test_misses_from_many_worker_threads_share_a_bounded_pool_of_connections(
+    make_engine: EngineFactory, source_image: tuple[Path, bytes]
+) -> None:
+    """nbdkit runs up to 128 worker threads per connection: a miss on a thread that never
+    missed before still takes the worker path (a connection per thread, capped at 16, sent the
+    misses of every later thread over the trio hop), and the pool never outgrows its cap."""
+    from postcopy.destination.misses import MAX_BLOCKING_SOURCES
+
+    path, data = source_image
+    chunks = SIZE // CHUNK - 8  # more than the cap, and not the whole disk (which would close it)
+    assert chunks > MAX_BLOCKING_SOURCES
+    with running_nbdkit(["file", str(path)]) as uri:
+        engine = make_engine(uri, disk_size=SIZE)
+        # every thread stays alive until all have missed (as nbdkit's do), and they miss one
+        # after the other: each on a thread that has no connection of its own yet
+        turns = [threading.Event() for _ in range(chunks + 1)]
+        turns[0].set()
+
+        def miss(chunk: int) -> bytes:
+            assert turns[chunk].wait(10), "the previous miss did not finish"
+            try:
+                return read(engine, chunk * CHUNK + 512, 4096)
+            finally:
+                turns[chunk + 1].set()
+                assert turns[chunks].wait(20)
+
+        results = run_threads([functools.partial(miss, chunk) for chunk in range(chunks)], 30)
+        for chunk, result in enumerate(results):
+            assert result == data[chunk * CHUNK + 512:chunk * CHUNK + 4608]
+        assert engine.blocking_misses == chunks
+        pool = engine._misses._sources  # noqa: SLF001 (the pool's size is the point)
+        assert 1 <= len(pool) <= MAX_BLOCKING_SOURCES
+        engine.stop()  # closes the pool before nbdkit stops (it waits for connected clients)

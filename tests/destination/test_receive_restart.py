@@ -55,7 +55,9 @@ def copy_of(completed: CompletedDisk, tmp_path: Path) -> None:
     shutil.copyfile(completed.workdir / "dest.img", tmp_path / "dest.img")
     # without the first run's status record: a restart is judged by the record it writes itself
     shutil.copytree(
-        completed.workdir / "state", tmp_path / "state", ignore=shutil.ignore_patterns("status.json")
+        completed.workdir / "state",
+        tmp_path / "state",
+        ignore=shutil.ignore_patterns("status.json"),
     )
 
 
