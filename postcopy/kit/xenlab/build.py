@@ -48,7 +48,7 @@ from postcopy.kit.guestkit.build import (
 )
 
 KIT_DIR = Path(__file__).resolve().parent  # the shell scripts ship next to this module
-BUILDER_VERSION = "1"  # bump to invalidate every cached lab
+BUILDER_VERSION = "2"  # bump to invalidate every cached lab
 SUITE = "bookworm"
 XEN_BRANCH = "4.17"
 XEN_UTILS_PACKAGE = f"xen-utils-{XEN_BRANCH}"
@@ -57,6 +57,8 @@ ROOTFS_PACKAGES = (
     XEN_UTILS_PACKAGE,
     "qemu-system-xen",  # the qdisk backend (only the negative test needs it)
     "nbdkit",
+    "nbdkit-plugin-python",  # `postcopy receive` in dom0 (the project comes over 9p, see lab.py)
+    "python3-libnbd",  # the engine's blocking source connection
     "nbd-client",
     "kmod",
     "dmsetup",
