@@ -67,7 +67,9 @@ FASTPATH_STATS_FILENAME = "fastpath.stats"
 # by the client's queue depth, whatever this number.
 DEFAULT_THREADS = 128
 SOURCE_PROBE_TIMEOUT = 15.0
-LISTEN_TIMEOUT = 30.0
+# how long nbdkit may take to load the plugin and listen; a slow host (nested emulation: the Xen
+# lab's dom0 needs minutes under load) sets POSTCOPY_LISTEN_TIMEOUT (seconds)
+LISTEN_TIMEOUT = float(os.environ.get("POSTCOPY_LISTEN_TIMEOUT") or 30.0)
 
 
 def plugin_file(name: str) -> Path:
