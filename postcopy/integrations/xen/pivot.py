@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +105,19 @@ def _refuse(message: str) -> PivotRefused:
     return PivotRefused(message)
 
 
+def _dm_table(name: str) -> str:
+    return run_tool(["dmsetup", "table", name])
+
+
 def check_pivot(
-    target: str, local_file: Path, state_dir: Path, sys_root: Path = SYS
+    target: str,
+    local_file: Path,
+    state_dir: Path,
+    sys_root: Path = SYS,
+    read_table: Callable[[str], str] = _dm_table,
 ) -> XenPivotPlan:
-    """Check that the disk `<domain>-<device>` can be pivoted onto `local_file`; the plan."""
+    """Check that the disk `<domain>-<device>` can be pivoted onto `local_file`; the plan.
+    (`sys_root` and `read_table`, which gives `dmsetup table NAME`, are for tests.)"""
     name = dm_name(target)
     dm = find_dm_device(name, sys_root=sys_root)
     if dm is None:
@@ -115,7 +125,7 @@ def check_pivot(
     if not dm.is_postcopy:
         raise _refuse(f"device-mapper device {name} is not a postcopy disk (uuid {dm.uuid!r})")
     try:
-        table = parse_linear_table(run_tool(["dmsetup", "table", name]))
+        table = parse_linear_table(read_table(name))
     except DeviceError as exc:
         raise _refuse(f"{name}: {exc}") from None
     local_file = Path(local_file).absolute()
