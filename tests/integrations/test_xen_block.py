@@ -192,6 +192,15 @@ def test_a_failing_dmsetup_disconnects_nbd_again_and_keeps_the_gate_shut(
     assert not is_source_frozen(host.root / "state/du/xvda")
 
 
+def test_an_unwritable_lock_file_is_reported_like_any_failure(
+    host: Host, receive_socket: Path
+) -> None:
+    done = host.run("add", BLOCK_POSTCOPY_LOCK=str(host.root / "a/du.img/lock"))
+    assert done.returncode == 1
+    assert "cannot open" in (host.xs(f"{BACKEND}/hotplug-error") or ""), done.stderr
+    assert host.connected_nbd() == []
+
+
 def test_incoming_add_needs_the_state_directory(host: Host, receive_socket: Path) -> None:
     (host.root / "state/du/xvda").rmdir()
     assert host.run("add").returncode == 1
