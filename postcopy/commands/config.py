@@ -1,16 +1,17 @@
 """`postcopy config`: rewrite a domain's xl, libvirt or QEMU config so its disks use NBD.
 
-    postcopy config [--domain NAME] [--config F] (--xl FILE | --libvirt FILE | --qemu-args FILE)
-                    [--in-place]
+    postcopy config [--domain NAME] [--config F] (--xl FILE [--local] | --libvirt FILE |
+                    --qemu-args FILE) [--in-place]
     postcopy config --domain NAME [--config F] --plan [--json]
 
 The domain's policy comes from the policy file (`postcopy.policy`); the rewriting from
-`postcopy.integrations`. FILE may be `-` for standard input. The result goes to standard output,
-or with `--in-place` back into FILE: first the original is copied to `FILE.postcopy-bak`, then the
-new text replaces FILE; both writes go through a temporary file in the same directory, fsync and
-rename, so a crash leaves either the old or the new file, never half of one. A domain that is not
-in postcopy mode is printed unchanged (and an `--in-place` file is left untouched), with a note on
-standard error.
+`postcopy.integrations` (for xl: `script=block-postcopy` disks; `--local`: the config for the
+destination's next start once the disks are local). FILE may be `-` for standard input. The result goes to standard output, or with
+`--in-place` back into FILE: first the original is copied to `FILE.postcopy-bak`, then the new
+text replaces FILE; both writes go through a temporary file in the same directory, fsync and
+rename, so a crash leaves either the old or the new file, never half of one. A domain that is
+not in postcopy mode is printed unchanged (and an `--in-place` file is left untouched), with a
+note on standard error.
 
 Without `--domain`, the domain is the one the config names (`name = ...`, `<name>`, `-name`); with
 both, they must agree.
@@ -24,6 +25,7 @@ both, they must agree.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -62,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="print the serve/receive/source-frozen commands and URIs of the domain's migration",
     )
     parser.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="with --xl: the config for the destination once the disks are local (after the "
+        "pivot): each postcopy disk opens its dest_file",
+    )
     parser.add_argument(
         "--in-place",
         action="store_true",
@@ -180,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
         "qemu_args": (qemu.rewrite_qemu_args, qemu.domain_name),
     }
     kind = next(k for k in rewriters if getattr(args, k) is not None)
+    if args.local:
+        if kind != "xl":
+            raise UserError("--local is for --xl configs")
+        rewriters["xl"] = (functools.partial(xl.rewrite_xl, local=True), xl.domain_name)
     source = getattr(args, kind)
     if args.in_place and source == "-":
         raise UserError("--in-place needs a file, not standard input")

@@ -62,7 +62,9 @@ FASTPATH_FILTER_NAME = "postcopy-fastpath.so"
 # where the fast path filter's hit and miss counts land when nbdkit exits (tests read them)
 FASTPATH_STATS_FILENAME = "fastpath.stats"
 SOURCE_PROBE_TIMEOUT = 15.0
-LISTEN_TIMEOUT = 30.0
+# how long nbdkit may take to load the plugin and listen; a slow host (nested emulation: the Xen
+# lab's dom0 needs minutes under load) sets POSTCOPY_LISTEN_TIMEOUT (seconds)
+LISTEN_TIMEOUT = float(os.environ.get("POSTCOPY_LISTEN_TIMEOUT") or 30.0)
 
 
 def plugin_file(name: str) -> Path:

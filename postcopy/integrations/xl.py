@@ -13,10 +13,26 @@ Disk specs follow xl-disk-configuration(5): comma-separated `key=value` pairs, f
 included. The deprecated forms (`phy:/dev/x`, `tap:aio:/img`, `raw:/img`, `hdc:cdrom`, access `w`)
 are understood. A rewritten disk reads
 
-    format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=nbd+unix:///EXPORT?socket=PATH
+    format=raw, vdev=xvda, access=rw, script=block-postcopy, target=web1-xvda
 
-keeping the disk's format (the NBD export carries the image file's bytes, so a qcow2 image stays
-qcow2), its access mode, device type and other options, and dropping `script=` (a qdisk needs none).
+keeping the disk's access mode, device type and other options. The target names the disk in the
+policy (`<domain>-<device>`); libxl hands it to the `block-postcopy` hotplug script
+(`postcopy.integrations.xen.hotplug`), which on the destination connects a kernel NBD device to
+`postcopy receive` under a device-mapper linear device (and on a fresh start attaches the image
+through a loop device). `script=` makes libxl use the phy (blkback) backend, which serves raw
+blocks, so a policy disk must be raw: another format is refused.
+
+Why not `backendtype=qdisk, target=nbd+unix:///...` (what this module wrote before): QEMU 7.2's
+xen-block backend (hw/block/xen-block.c, `xen_block_drive_create`) `stat()`s the target as a
+file and forces the `file` or `host_device` driver, so an NBD URI fails with "Could not stat file"
+while `xl create` still returns 0 and the guest waits for a disk that never connects (shown in
+the nested Xen lab, tests/kit/test_xenlab.py). A Xen disk reaches a lazy destination as a block
+device.
+
+`rewrite_xl(..., local=True)` writes the config for a start on the destination once the disk
+is local (after `postcopy.integrations.xen.pivot`): each policy disk (plain, or in the
+block-postcopy form) becomes `format=raw, vdev=..., access=..., target=<dest_file>`, which libxl
+attaches with Xen's own `block` script (a loop device).
 """
 
 from __future__ import annotations
@@ -26,10 +42,12 @@ from dataclasses import dataclass, field
 
 from postcopy.errors import UserError
 from postcopy.integrations import DiskMatcher, Rewrite, not_postcopy_note
-from postcopy.policy import DomainPolicy
+from postcopy.policy import DiskPolicy, DomainPolicy
 
 __all__ = [
+    "BLOCK_SCRIPT",
     "XlDiskSpec",
+    "block_script_target",
     "XlToken",
     "domain_name",
     "parse_disk_spec",
@@ -47,8 +65,9 @@ _TARGET_PREFIXES = {
     "qcow:": "qcow", "vhd:": "vhd",
 }  # fmt: skip
 _ACCESS = {"rw": "rw", "w": "rw", "ro": "ro", "r": "ro", "": "rw"}
-# Options that belong to the old backend and mean nothing to a qdisk on NBD.
+# Options that belong to the old backend: the new spec sets its own script (or none).
 _DROPPED_KEYS = ("script", "backendtype", "target", "format", "vdev", "access", "devtype")
+BLOCK_SCRIPT = "block-postcopy"
 
 
 @dataclass(frozen=True)
@@ -241,8 +260,23 @@ def domain_name(text: str, name: str = "<xl config>") -> str | None:
     return None
 
 
-def rewrite_xl(text: str, domain: DomainPolicy, name: str = "<xl config>") -> Rewrite:
-    """Rewrite the disk list of an xl config for a postcopy domain (see the module docstring)."""
+def block_script_target(domain: DomainPolicy, disk: DiskPolicy) -> str:
+    """The `target=` of a postcopy disk in the block-postcopy form: `<domain>-<device>`."""
+    return f"{domain.name}-{disk.device}"
+
+
+def _script_disk(spec: XlDiskSpec, domain: DomainPolicy) -> DiskPolicy | None:
+    """The policy disk a spec in the block-postcopy form names by its target, if any."""
+    if (dict(spec.options).get("script")) != BLOCK_SCRIPT:
+        return None
+    return next((d for d in domain.disks if block_script_target(domain, d) == spec.target), None)
+
+
+def rewrite_xl(
+    text: str, domain: DomainPolicy, name: str = "<xl config>", local: bool = False
+) -> Rewrite:
+    """Rewrite the disk list of an xl config for a postcopy domain (see the module docstring);
+    with `local`, for a start on the destination with the disks local."""
     if not domain.is_postcopy:
         return Rewrite(text, (), (not_postcopy_note(domain),))
     matcher = DiskMatcher(domain, name)
@@ -268,21 +302,31 @@ def rewrite_xl(text: str, domain: DomainPolicy, name: str = "<xl config>") -> Re
                 spec = parse_disk_spec(spec_text)
             except ValueError as exc:
                 raise UserError(f"{name}:{line}: {exc}") from None
-            policy_disk = matcher.match(spec.vdev, [spec.target])
+            named = _script_disk(spec, domain)
+            policy_disk = matcher.match(named.device if named else spec.vdev, [spec.target])
             if policy_disk is None:
                 continue
-            endpoint = domain.dest_endpoint(policy_disk)
-            script = [value for key, value in spec.options if key == "script"]
-            if script:
-                notes.append(f"{name}:{line}: dropped script={script[0]} (a qdisk needs none)")
+            if (spec.format or "raw") != "raw":
+                raise UserError(
+                    f"{name}:{line}: disk {policy_disk.device} is {spec.format}: a Xen postcopy "
+                    "disk is a raw block device (phy backend); convert the image to raw"
+                )
+            script = dict(spec.options).get("script")
             options = [(k, v) for k, v in spec.options if k not in _DROPPED_KEYS]
+            if local:
+                target, script_options = str(policy_disk.dest_file), []
+            else:
+                if script not in (None, BLOCK_SCRIPT):
+                    notes.append(f"{name}:{line}: replaced script={script} by {BLOCK_SCRIPT}")
+                target = block_script_target(domain, policy_disk)
+                script_options = [("script", BLOCK_SCRIPT)]
             new_spec = XlDiskSpec(
-                target=endpoint.uri(),
-                format=spec.format or "raw",
+                target=target,
+                format="raw",
                 vdev=spec.vdev or policy_disk.device,
                 access=_ACCESS.get(spec.access or "", spec.access),
                 devtype=spec.devtype,
-                options=[*options, ("backendtype", "qdisk")],
+                options=[*options, *script_options],
                 flags=spec.flags,
             )
             new_text = new_spec.to_text()

@@ -95,14 +95,15 @@ def test_xl_rewrite_touches_only_the_policy_disks_strings() -> None:
     # The comment after the first disk string and the indentation survive.
     assert after[16].startswith("    '") and after[16].endswith("',  # root fs")
     assert after[16] == (
-        "    'format=raw, vdev=xvda, access=rw, backendtype=qdisk, "
-        "target=nbd+unix:///web1-xvda?socket=/run/postcopy/web1-xvda.sock',  # root fs"
+        "    'format=raw, vdev=xvda, access=rw, script=block-postcopy, target=web1-xvda',"
+        "  # root fs"
     )
-    assert after[17] == (
-        '    "format=raw, vdev=xvdb, access=rw, backendtype=qdisk, '
-        'target=nbd+unix:///web1-data?socket=/run/postcopy/web1-xvdb.sock",'
+    assert (
+        after[17]
+        == '    "format=raw, vdev=xvdb, access=rw, script=block-postcopy, target=web1-xvdb",'
     )
-    assert any("script=block" in note for note in result.notes)
+    assert any("replaced script=block by block-postcopy" in note for note in result.notes)
+    assert "nbd" not in result.text and "qdisk" not in result.text  # the old form is gone
     assert xl.domain_name(result.text) == "web1"
 
 
@@ -120,24 +121,50 @@ def _policy(extra: str = "", mode: str = "postcopy") -> DomainPolicy:
     return parse_config(text, "t.toml").domain("g")
 
 
-def test_xl_rewrite_keeps_format_options_and_uses_tcp_when_listening() -> None:
+def test_xl_rewrite_keeps_options_and_names_the_disk_whatever_its_endpoint() -> None:
     cfg = (
         'name="g"\n'
-        'disk=["tap:qcow2:/img/g.qcow2,xvda,w,discard", "/img/swap.img,raw,xvdb"];memory=512\n'
+        'disk=["tap:aio:/img/g.qcow2,xvda,w,discard", "/img/swap.img,raw,xvdb"];memory=512\n'
     )
+    # A disk served on TCP has the same spec: the hotplug script finds the listener in the policy.
     result = xl.rewrite_xl(cfg, _policy('listen = "127.0.0.1:10900"\n'))
     assert result.text == (
         'name="g"\n'
-        'disk=["format=qcow2, vdev=xvda, access=rw, backendtype=qdisk, discard, '
-        'target=nbd://127.0.0.1:10900/g-xvda", "/img/swap.img,raw,xvdb"];memory=512\n'
+        'disk=["format=raw, vdev=xvda, access=rw, script=block-postcopy, discard, '
+        'target=g-xvda", "/img/swap.img,raw,xvdb"];memory=512\n'
     )
 
 
+def test_xl_rewrite_refuses_a_disk_that_is_not_raw() -> None:
+    """The phy backend a block script forces serves raw blocks: a qcow2 disk cannot be one."""
+    with pytest.raises(UserError, match=r"^t.cfg:1: disk xvda is qcow2: .* convert the image"):
+        xl.rewrite_xl("disk = [ 'tap:qcow2:/img/g.qcow2,xvda,w' ]\n", _policy(), "t.cfg")
+
+
+def test_xl_local_rewrite_opens_the_destination_file_for_the_next_start() -> None:
+    postcopy_form = xl.rewrite_xl((DATA / "web1.xl.cfg").read_text(), domain("web1")).text
+    local = xl.rewrite_xl(postcopy_form, domain("web1"), local=True)
+    assert local.changed == ("xvda", "xvdb")
+    assert "'format=raw, vdev=xvda, access=rw, target=/srv/xen/web1-root.img',  # root fs" in (
+        local.text
+    )
+    assert '"format=raw, vdev=xvdb, access=rw, target=/srv/xen/incoming/web1-data.img",' in (
+        local.text
+    )
+    assert "script=" not in local.text
+    # The original form (before any rewrite) gives the same local config.
+    original = xl.rewrite_xl((DATA / "web1.xl.cfg").read_text(), domain("web1"), local=True)
+    assert original.text == local.text
+
+
 def test_xl_rewrite_matches_by_path_when_device_names_differ() -> None:
-    cfg = "disk = [ '/img/g.qcow2,qcow2,hda,rw' ]\n"
+    cfg = "disk = [ '/img/g.qcow2,raw,hda,rw' ]\n"
     result = xl.rewrite_xl(cfg, _policy())
     assert result.changed == ("xvda",)
-    assert "vdev=hda" in result.text and "socket=/run/pc/g-xvda.sock" in result.text
+    assert "vdev=hda" in result.text and "target=g-xvda" in result.text
+    # Rewriting it again finds the disk by its block script target (no path to match any more).
+    again = xl.rewrite_xl(result.text, _policy())
+    assert again.text == result.text and again.changed == ("xvda",)
 
 
 def test_xl_missing_policy_disk_is_an_error() -> None:
@@ -483,7 +510,7 @@ def test_cli_prints_the_rewritten_config(capsys: pytest.CaptureFixture[str]) -> 
     out, err = capsys.readouterr()
     assert status == 0
     assert out == xl.rewrite_xl((DATA / "web1.xl.cfg").read_text(), domain("web1")).text
-    assert "dropped script=block" in err
+    assert "replaced script=block by block-postcopy" in err
 
 
 def test_cli_in_place_keeps_a_backup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -657,12 +684,11 @@ def test_qemu_drive_with_nested_file_options_is_matched_by_filename() -> None:
 
 
 def test_xl_disk_append_statement_is_rewritten_too() -> None:
-    cfg = "disk = [ '/other.img,raw,xvdb' ]\ndisk += [ '/img/g.qcow2,qcow2,xvda' ]\n"
+    cfg = "disk = [ '/other.img,raw,xvdb' ]\ndisk += [ '/img/g.qcow2,raw,xvda' ]\n"
     result = xl.rewrite_xl(cfg, _policy())
     assert result.text == (
         "disk = [ '/other.img,raw,xvdb' ]\n"
-        "disk += [ 'format=qcow2, vdev=xvda, access=rw, backendtype=qdisk, "
-        "target=nbd+unix:///g-xvda?socket=/run/pc/g-xvda.sock' ]\n"
+        "disk += [ 'format=raw, vdev=xvda, access=rw, script=block-postcopy, target=g-xvda' ]\n"
     )
 
 

@@ -143,6 +143,12 @@ def test_domu_config_and_qemu_command_carry_the_facts(tmp_path: Path) -> None:
         "ctl",
     ]
     assert shares[0].endswith(",readonly=on") and not shares[2].endswith(",readonly=on")
+    with_project = qemu_command(files, tmp_path, 1536, 512, project=tmp_path / "checkout")
+    project_share = [a for a in with_project if "mount_tag=project" in a]
+    assert project_share == [
+        f"local,path={tmp_path / 'checkout'},mount_tag=project,security_model=none,id=project"
+        ",readonly=on"
+    ]
     modules = command[command.index("-initrd") + 1]
     assert (
         modules

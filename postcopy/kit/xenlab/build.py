@@ -2,9 +2,11 @@
 
 How it works (nothing Xen is ever installed on the host; everything lands in the cache):
 1. dom0's root file system is a `debootstrap --variant=minbase` tree of the host's Debian suite with
-   the Xen tools, nbdkit, nbd-client, kmod, dmsetup and QEMU's Xen device model (for the qdisk
-   backend); documentation, locales and apt's caches are deleted.  It is shared read-only into the
-   nested VM over 9p; dom0 puts a tmpfs overlay over it, so a run never writes to the cache.
+   the Xen tools, nbdkit with its python plugin and python3-libnbd (so that a checkout shared
+   into dom0 runs `postcopy receive` there), nbd-client, kmod, dmsetup and QEMU's Xen device model
+   (for the qdisk backend); documentation, locales and apt's caches are deleted.  It is shared
+   read-only into the nested VM over 9p; dom0 puts a tmpfs overlay over it, so a run never writes
+   to the cache.
 2. The hypervisor is the `xen-hypervisor-4.17-amd64` package at exactly the version of the tools
    debootstrap installed (`apt-get download PKG=VERSION`, `dpkg -x`), gunzipped: QEMU's `-kernel`
    boots the ELF32 multiboot image.
@@ -48,7 +50,7 @@ from postcopy.kit.guestkit.build import (
 )
 
 KIT_DIR = Path(__file__).resolve().parent  # the shell scripts ship next to this module
-BUILDER_VERSION = "1"  # bump to invalidate every cached lab
+BUILDER_VERSION = "2"  # bump to invalidate every cached lab
 SUITE = "bookworm"
 XEN_BRANCH = "4.17"
 XEN_UTILS_PACKAGE = f"xen-utils-{XEN_BRANCH}"
@@ -57,6 +59,8 @@ ROOTFS_PACKAGES = (
     XEN_UTILS_PACKAGE,
     "qemu-system-xen",  # the qdisk backend (only the negative test needs it)
     "nbdkit",
+    "nbdkit-plugin-python",  # `postcopy receive` in dom0 (the project comes over 9p, see lab.py)
+    "python3-libnbd",  # the engine's blocking source connection
     "nbd-client",
     "kmod",
     "dmsetup",

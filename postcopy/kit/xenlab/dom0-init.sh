@@ -24,6 +24,13 @@ for module in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback n
     modprobe "$module" || echo "XENLAB modprobe $module failed"
 done
 mount -t xenfs xenfs /proc/xen || echo "XENLAB FATAL xenfs mount failed"
+# The project's checkout (9p tag "project"), at the host's path so that its venv works unchanged.
+if [ -r /ctl/project-path ]; then
+    project=$(cat /ctl/project-path)
+    mkdir -p "$project"
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro project "$project" \
+        || echo "XENLAB FATAL 9p project mount failed"
+fi
 mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen /var/lib/xen /var/lib/xenstored \
     /ctl/console /ctl/cmd /ctl/out
 hostname dom0

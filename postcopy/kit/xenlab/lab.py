@@ -4,8 +4,9 @@ How it works: `run_xen_lab` starts `qemu-system-x86_64` (TCG, `-cpu qemu64,+svm,
 NPT Xen has no HAP and a PVH domU cannot migrate) with the hypervisor as `-kernel`, dom0's kernel
 and initramfs as multiboot modules, and three 9p shares: the cached root file system ("root",
 read-only), the cached lab files ("kit", read-only, at /xenlab in dom0) and a per-run control
-directory ("ctl", read-write and uncached, at /ctl).  The serial console (Xen's and dom0's) goes to
-`serial.log` in the work directory.
+directory ("ctl", read-write and uncached, at /ctl); optionally a checkout ("project", read-only,
+at its own absolute path, so that its venv's `postcopy` runs in dom0).  The serial console (Xen's
+and dom0's) goes to `serial.log` in the work directory.
 
 The control channel is the command directory `ctl/cmd` that dom0-init.sh's agent polls: `start`
 writes `N.limit` then `N.sh` (atomically, by rename); the agent runs it under `timeout` and writes
@@ -253,7 +254,9 @@ def domu_config(
     )
 
 
-def qemu_command(files: LabFiles, workdir: Path, memory_mib: int, dom0_mib: int) -> list[str]:
+def qemu_command(
+    files: LabFiles, workdir: Path, memory_mib: int, dom0_mib: int, project: Path | None = None
+) -> list[str]:
     xen_args = XEN_ARGS.format(dom0_mib=dom0_mib)
     multiboot_modules = f"{files.dom0_kernel} {DOM0_ARGS.replace(',', ',,')},{files.dom0_initramfs}"
 
@@ -276,6 +279,7 @@ def qemu_command(files: LabFiles, workdir: Path, memory_mib: int, dom0_mib: int)
         *share("root", files.rootfs, True),
         *share("kit", files.cache_dir, True),
         *share("ctl", workdir / "ctl", False),
+        *(share("project", project, True) if project is not None else []),
         "-net", "none",
     ]  # fmt: skip
 
@@ -287,15 +291,23 @@ def run_xen_lab(
     boot_timeout: float = 120,
     memory_mib: int = 1536,
     dom0_mib: int = 512,
+    project: Path | None = None,
 ) -> Iterator[XenLab]:
-    """Boot the lab and wait for dom0's agent; yield a `XenLab`; kill QEMU on exit."""
+    """Boot the lab and wait for dom0's agent; yield a `XenLab`; kill QEMU on exit.
+
+    With `project` (a checkout whose `.venv` `make venv` built), dom0 mounts it read-only at the
+    same absolute path, so its `.venv/bin/postcopy` runs there as on the host: dom0's root file
+    system is the same Debian release with the same Python, nbdkit's python plugin and libnbd."""
     ctl = workdir / "ctl"
     for sub in ("cmd", "out", "console"):
         (ctl / sub).mkdir(parents=True, exist_ok=True)
     for script in ("dom0-init.sh", "ssh-localhost.sh"):
         shutil.copy2(KIT_DIR / script, ctl / script)
         (ctl / script).chmod(0o755)
-    command = qemu_command(files, workdir, memory_mib, dom0_mib)
+    if project is not None:
+        project = project.resolve()
+        (ctl / "project-path").write_text(f"{project}\n")
+    command = qemu_command(files, workdir, memory_mib, dom0_mib, project)
     (workdir / "qemu.cmdline").write_text(" ".join(command) + "\n")
     process = start_logged(command, workdir / "qemu.stderr")
     lab = XenLab(files=files, workdir=workdir, process=process, started_at=time.monotonic())
