@@ -6,12 +6,12 @@
 
 The domain's policy comes from the policy file (`postcopy.policy`); the rewriting from
 `postcopy.integrations` (for xl: `script=block-postcopy` disks; `--local`: the config for the
-destination's next start once the disks are local). FILE may be `-` for standard input. The result goes to standard output, or with
-`--in-place` back into FILE: first the original is copied to `FILE.postcopy-bak`, then the new
-text replaces FILE; both writes go through a temporary file in the same directory, fsync and
-rename, so a crash leaves either the old or the new file, never half of one. A domain that is
-not in postcopy mode is printed unchanged (and an `--in-place` file is left untouched), with a
-note on standard error.
+destination's next start once the disks are local). FILE may be `-` for standard input. The result
+goes to standard output, or with `--in-place` back into FILE: first the original is copied to
+`FILE.postcopy-bak`, then the new text replaces FILE; both writes go through a temporary file in the
+same directory, fsync and rename, so a crash leaves either the old or the new file, never half of
+one. A domain that is not in postcopy mode is printed unchanged (and an `--in-place` file is left
+untouched), with a note on standard error.
 
 Without `--domain`, the domain is the one the config names (`name = ...`, `<name>`, `-name`); with
 both, they must agree.
