@@ -256,19 +256,39 @@ def test_qemu_runs_the_rewritten_command_line_on_nbd(
     assert os.path.getsize(raw_image) == IMAGE_SIZE
 
 
-def test_xl_target_uri_is_openable_by_qemu(short_dir: Path, raw_image: Path) -> None:
-    """The `target=` an xl qdisk gets is handed to QEMU (Xen's device model): QEMU opens it."""
+def test_xl_block_script_target_resolves_to_a_socket_qemu_opens(
+    short_dir: Path, raw_image: Path
+) -> None:
+    """An xl disk reaches the lazy destination through `block-postcopy` (QEMU's xen-block cannot
+    open an NBD URI): its `target=` names the disk, and the script's disk table, sourced by a
+    real shell as the script does, maps that name to the receive socket, which QEMU opens."""
     from postcopy.integrations import xl
+    from postcopy.integrations.xen.disktable import render_disk_table
 
-    policy = _policy(short_dir, f'disks = [{{device = "xvda", source_image = "{raw_image}"}}]\n')
+    disks = f'disks = [{{device = "xvda", source_image = "{raw_image}"}}]\n'
+    config = parse_config(
+        f'[domains.qg]\nmode = "postcopy"\nsocket_dir = "{short_dir}"\n{disks}', "test.toml"
+    )
+    policy = config.domain("qg")
     cfg = f"name = 'qg'\ndisk = [ '{raw_image},raw,xvda,w' ]\n"
     spec = xl.parse_disk_spec(xl.rewrite_xl(cfg, policy).text.split("'")[3])
-    assert spec.target == f"nbd+unix:///qg-xvda?socket={short_dir}/qg-xvda.sock"
-    assert spec.options == [("backendtype", "qdisk")] and spec.format == "raw"
+    assert spec.target == "qg-xvda"
+    assert ("script", "block-postcopy") in spec.options
+    table = short_dir / "disks.sh"
+    table.write_text(render_disk_table(config))
+    looked_up = subprocess.run(
+        ["sh", "-c", f'. {table} && postcopy_disk "$1" && printf %s "$socket"', "sh", spec.target],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert looked_up.returncode == 0, looked_up.stderr
+    socket_path = looked_up.stdout
+    assert socket_path == f"{short_dir}/qg-xvda.sock"
     with nbd_server(policy.dest_endpoint(policy.disk("xvda")), raw_image):
         reads = ["-c", "read -P 0xab 0 1M", "-c", "read -P 0 1M 4k"]
         result = subprocess.run(
-            ["qemu-io", "-f", "raw", *reads, spec.target],
+            ["qemu-io", "-f", "raw", *reads, f"nbd+unix:///qg-xvda?socket={socket_path}"],
             capture_output=True,
             text=True,
             timeout=30,
